@@ -1,0 +1,130 @@
+"""The run folder and immutable adapter versions (DESIGN.md, "Artifacts").
+
+::
+
+    <run>/run.json                      config, seed, base model sha256, split and shard of every
+                                        sample, K-means centres
+    <run>/samples.parquet               every sample with its split, shard and prompts
+    <run>/adapters/shard-<k>/v<n>/      adapter_config.json, adapter_model.safetensors,
+                                        manifest.json, valid_predictions.json
+    <run>/single/v<n>/                  the one-adapter baseline (never served)
+    <run>/cache/embeddings/             embedding cache
+    <run>/memory/valid.npz              validation memory (embeddings, labels, sample ids)
+
+A version folder is built in a temporary folder beside its final place and renamed into place, so it
+appears whole or not at all, and is never written again.
+"""
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from apa.errors import RunNotFound
+from apa.hashing import sha256_json
+from apa.samples import Sample
+
+_VERSION = re.compile(r"^v(\d+)$")
+SINGLE = "single"
+
+
+def utc_stamp() -> str:
+    return datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+
+
+def shard_dir(run_dir: Path, shard: int | str) -> Path:
+    """``adapters/shard-<k>`` for a shard number, ``single`` for the baseline."""
+    return run_dir / SINGLE if shard == SINGLE else run_dir / "adapters" / f"shard-{shard}"
+
+
+def versions(folder: Path) -> list[int]:
+    if not folder.is_dir():
+        return []
+    found = (_VERSION.match(p.name) for p in folder.iterdir() if p.is_dir())
+    return sorted(int(m.group(1)) for m in found if m)
+
+
+def latest_version(run_dir: Path, shard: int | str) -> int | None:
+    found = versions(shard_dir(run_dir, shard))
+    return found[-1] if found else None
+
+
+def version_dir(run_dir: Path, shard: int | str, version: int) -> Path:
+    return shard_dir(run_dir, shard) / f"v{version}"
+
+
+def manifest(
+    *, shard: int | str, samples: Sequence[Sample], config: dict[str, Any], seed: int, base_model_sha256: str
+) -> dict[str, Any]:
+    """The training manifest of one adapter; ``manifest_sha256`` covers samples, config, seed and base."""
+    content = [s.content() for s in sorted(samples, key=lambda s: s.sample_id)]
+    hashed = {"samples": content, "config": config, "seed": seed, "base_model_sha256": base_model_sha256}
+    return {"shard": shard, **hashed, "n_samples": len(content), "manifest_sha256": sha256_json(hashed)}
+
+
+def write_version(
+    run_dir: Path, shard: int | str, fill: Callable[[Path], None], manifest_doc: dict[str, Any]
+) -> tuple[int, Path]:
+    """Write the next version of ``shard``: ``fill(tmp)`` writes the files, then one atomic rename.
+
+    Returns ``(version, path)``. Two writers racing for the same number both succeed: the loser
+    takes the next number (a rename onto an existing, non-empty folder fails).
+    """
+    parent = shard_dir(run_dir, shard)
+    parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=parent))
+    try:
+        fill(tmp)
+        version = (versions(parent) or [0])[-1] + 1
+        while True:
+            doc = {**manifest_doc, "version": version, "created_at": datetime.now(UTC).isoformat()}
+            (tmp / "manifest.json").write_text(json.dumps(doc, indent=1, ensure_ascii=False))
+            try:
+                os.rename(tmp, parent / f"v{version}")
+                return version, parent / f"v{version}"
+            except OSError:
+                if not (parent / f"v{version}").exists():
+                    raise
+                version += 1
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def clean_temp_dirs(run_dir: Path) -> int:
+    """Remove ``.tmp-*`` folders a crashed writer left behind; returns how many."""
+    removed = 0
+    for tmp in run_dir.glob("**/.tmp-*"):
+        shutil.rmtree(tmp, ignore_errors=True)
+        removed += 1
+    return removed
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(path.read_text())
+
+
+def write_json_atomic(path: Path, value: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    with os.fdopen(fd, "w") as handle:
+        json.dump(value, handle, indent=1, ensure_ascii=False)
+    os.replace(tmp, path)
+
+
+def newest_run(runs_dir: Path) -> Path:
+    runs = sorted(p for p in runs_dir.glob("*") if (p / "run.json").is_file()) if runs_dir.is_dir() else []
+    if not runs:
+        raise RunNotFound(f"no run under {runs_dir}: train one with `apa train`")
+    return runs[-1]
+
+
+def require_run(run_dir: Path) -> Path:
+    if not (run_dir / "run.json").is_file():
+        raise RunNotFound(f"{run_dir} is not a run folder (no run.json)")
+    return run_dir

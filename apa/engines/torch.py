@@ -1,0 +1,236 @@
+"""The torch engine: K shard LoRAs stacked per target module, mixed per sample in one forward pass.
+
+For each target module (``q_proj``, ``v_proj``) the K adapters are concatenated along the rank::
+
+    A: [K*r, in]      (lora_A of shard 0, then shard 1, ...)
+    B: [out, K*r]     (lora_B * scaling, same order)
+
+and the wrapped linear layer adds, for a sample with shard weights ``w`` ([K]):
+
+* APA(ND), exact:  x A^T diag(w ⊗ 1_r) B^T  =  x (Σ_k w_k B_k A_k)^T
+* APA(D):          x (Σ_k w_k A_k)^T (Σ_k w_k B_k)^T
+
+The stacks live in an immutable ``_Stack``; the engine holds one reference to the live
+(stack, active shards) pair and replaces it whole, so a swap or a quarantine is atomic for
+concurrent callers and an in-flight call finishes on the tensors it started with. The wrapped layers
+hold no adapter state: the stack and weights reach them through a context variable set per batch,
+so outside ``score`` the model is exactly the base model (embeddings use it that way).
+"""
+
+import contextlib
+import json
+import threading
+from collections.abc import Iterator, Sequence
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from apa.engines.base import AdapterRef, Mode, ShardState
+from apa.errors import AdapterMismatch, AllShardsQuarantined
+from apa.model import BaseModel, forward_last_hidden, score_hidden
+
+_PREFIX = "base_model.model."
+
+
+@dataclass(frozen=True)
+class _Stack:
+    adapters: tuple[AdapterRef, ...]  # shard order 0..K-1
+    r: int
+    modules: dict[str, tuple[torch.Tensor, torch.Tensor]]  # name -> (A [K*r, in], B*scaling [out, K*r])
+
+
+@dataclass(frozen=True)
+class _Live:
+    stack: _Stack | None
+    active: frozenset[int]
+
+
+@dataclass(frozen=True)
+class _Mix:
+    stack: _Stack
+    weights: torch.Tensor  # [batch, K]
+    mode: Mode
+
+
+_MIX: ContextVar[_Mix | None] = ContextVar("apa_mixture", default=None)
+
+
+class MixtureLoRALinear(nn.Module):
+    """A base ``nn.Linear`` plus the per-sample mixture of the stacked shard LoRAs (when one is set)."""
+
+    def __init__(self, base: nn.Linear, name: str) -> None:
+        super().__init__()
+        self.base = base
+        self.name = name
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [batch, seq, in]
+        y = self.base(x)  # [batch, seq, out]
+        mix = _MIX.get()
+        if mix is None or self.name not in mix.stack.modules:
+            return y
+        a, b = mix.stack.modules[self.name]  # [K*r, in], [out, K*r]
+        w = mix.weights.to(x.dtype)  # [batch, K]
+        r = mix.stack.r
+        if mix.mode == "nd":
+            h = x @ a.T  # [batch, seq, K*r]
+            h = h * w.repeat_interleave(r, dim=1)[:, None, :]  # scale each rank block by its shard weight
+            return y + h @ b.T  # [batch, seq, out]
+        k = w.shape[1]
+        a_mix = torch.einsum("bk,kri->bri", w, a.view(k, r, -1))  # [batch, r, in]
+        b_mix = torch.einsum("bk,okr->bor", w, b.view(b.shape[0], k, r))  # [batch, out, r]
+        h = torch.einsum("bsi,bri->bsr", x, a_mix)  # [batch, seq, r]
+        return y + torch.einsum("bsr,bor->bso", h, b_mix)  # [batch, seq, out]
+
+
+def install_mixture(model: nn.Module, target_modules: Sequence[str]) -> list[str]:
+    """Wrap every ``nn.Linear`` whose last name is a target (idempotent); returns the wrapped names."""
+    wrapped = []
+    for name, module in list(model.named_modules()):
+        if isinstance(module, MixtureLoRALinear):
+            wrapped.append(module.name)
+            continue
+        if name.rsplit(".", 1)[-1] in target_modules and isinstance(module, nn.Linear):
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, child, MixtureLoRALinear(module, name))
+            wrapped.append(name)
+    return sorted(set(wrapped))
+
+
+def strip_mixture(model: nn.Module) -> nn.Module:
+    """Undo ``install_mixture`` in place (training wants plain linear layers for PEFT)."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, MixtureLoRALinear):
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, child, module.base)
+    return model
+
+
+def read_adapter(ref: AdapterRef) -> tuple[dict[str, Any], dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """An adapter's config and, per module, (lora_A [r, in], lora_B * scaling [out, r])."""
+    config = json.loads((ref.path / "adapter_config.json").read_text())
+    if config.get("use_rslora") or config.get("use_dora"):
+        raise AdapterMismatch(f"{ref.path}: rsLoRA/DoRA adapters are not supported")
+    scaling = float(config["lora_alpha"]) / int(config["r"])
+    tensors = load_file(str(ref.path / "adapter_model.safetensors"))
+    modules: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for key, a in tensors.items():
+        if not key.endswith(".lora_A.weight"):
+            continue
+        name = key.removeprefix(_PREFIX).removesuffix(".lora_A.weight")
+        b = tensors[key.replace(".lora_A.", ".lora_B.")]
+        modules[name] = (a, b * scaling)
+    if not modules:
+        raise AdapterMismatch(f"{ref.path}: no LoRA tensors found")
+    return config, modules
+
+
+class TorchEngine:
+    """One forward pass per batch, whatever K (see module docstring)."""
+
+    def __init__(self, base: BaseModel) -> None:
+        self.base = base
+        self._lock = threading.Lock()
+        self._live = _Live(stack=None, active=frozenset())
+        self._wrapped: set[str] = set()
+
+    # -- loading -------------------------------------------------------------------------------
+    def _build(self, refs: Sequence[AdapterRef], reuse: _Stack | None = None) -> _Stack:
+        refs = sorted(refs, key=lambda a: a.shard)
+        if [a.shard for a in refs] != list(range(len(refs))):
+            raise AdapterMismatch(f"shards must be numbered 0..K-1, got {[a.shard for a in refs]}")
+        loaded = [read_adapter(ref) for ref in refs]
+        ranks = {int(cfg["r"]) for cfg, _ in loaded}
+        names = {frozenset(mods) for _, mods in loaded}
+        if len(ranks) != 1 or len(names) != 1:
+            raise AdapterMismatch("every shard adapter must have the same rank and target modules")
+        targets = sorted({n.rsplit(".", 1)[-1] for n in next(iter(names))})
+        self._wrapped.update(install_mixture(self.base.model, targets))
+        missing = next(iter(names)) - self._wrapped
+        if missing:
+            raise AdapterMismatch(f"adapter targets modules the base model lacks: {sorted(missing)[:3]}")
+        device, dtype = self.base.device, next(self.base.model.parameters()).dtype
+        modules = {}
+        for name in next(iter(names)):
+            a = torch.cat([mods[name][0] for _, mods in loaded], dim=0)  # [K*r, in]
+            b = torch.cat([mods[name][1] for _, mods in loaded], dim=1)  # [out, K*r]
+            modules[name] = (a.to(device, dtype), b.to(device, dtype))
+        return _Stack(adapters=tuple(refs), r=ranks.pop(), modules=modules)
+
+    def load(self, adapters: Sequence[AdapterRef]) -> None:
+        stack = self._build(adapters)
+        with self._lock:
+            self._live = _Live(stack=stack, active=frozenset(a.shard for a in stack.adapters))
+
+    def load_shard(self, adapter: AdapterRef) -> None:
+        """Build the new stack aside (no lock held while reading files), then switch one reference."""
+        while True:
+            current = self._live
+            if current.stack is None or not 0 <= adapter.shard < len(current.stack.adapters):
+                raise AdapterMismatch(f"no shard {adapter.shard} to swap; load all shards first")
+            refs = [adapter if a.shard == adapter.shard else a for a in current.stack.adapters]
+            stack = self._build(refs)
+            with self._lock:
+                if self._live.stack is current.stack:  # nobody swapped meanwhile
+                    self._live = _Live(stack=stack, active=self._live.active)
+                    return
+
+    def quarantine(self, shard: int) -> None:
+        with self._lock:
+            self._live = _Live(stack=self._live.stack, active=self._live.active - {shard})
+
+    def release(self, shard: int) -> None:
+        with self._lock:
+            self._live = _Live(stack=self._live.stack, active=self._live.active | {shard})
+
+    def live(self) -> list[ShardState]:
+        live = self._live
+        if live.stack is None:
+            return []
+        return [ShardState(shard=a.shard, version=a.version, active=a.shard in live.active)
+                for a in live.stack.adapters]
+
+    # -- scoring -------------------------------------------------------------------------------
+    @staticmethod
+    def effective_weights(weights: np.ndarray, active: frozenset[int]) -> np.ndarray:
+        """Zero the quarantined shards and renormalise each row over the active ones: [n, K].
+
+        A row with no weight left on an active shard falls back to uniform over the active shards.
+        """
+        k = weights.shape[1]
+        mask = np.array([s in active for s in range(k)], dtype=np.float64)  # [K]
+        if not mask.any():
+            raise AllShardsQuarantined("every shard is quarantined")
+        w = np.clip(weights.astype(np.float64), 0.0, None) * mask  # [n, K]
+        totals = w.sum(axis=1, keepdims=True)  # [n, 1]
+        uniform = np.broadcast_to(mask / mask.sum(), w.shape)
+        return np.where(totals > 0, w / np.where(totals > 0, totals, 1.0), uniform)
+
+    def score(self, prompts: Sequence[str], weights: np.ndarray, *, mode: Mode = "nd",
+              batch_size: int = 8, desc: str | None = None) -> np.ndarray:
+        live = self._live  # one consistent (stack, quarantine) view for the whole call
+        if live.stack is None:
+            raise AdapterMismatch("no adapters loaded")
+        if weights.shape != (len(prompts), len(live.stack.adapters)):
+            raise AdapterMismatch(
+                f"weights shape {weights.shape} != ({len(prompts)}, {len(live.stack.adapters)})"
+            )
+        w = torch.from_numpy(self.effective_weights(weights, live.active)).float()  # [n, K]
+        stack = live.stack
+
+        @contextlib.contextmanager
+        def mixing(index: list[int]) -> Iterator[None]:
+            token = _MIX.set(_Mix(stack=stack, weights=w[index].to(self.base.device), mode=mode))
+            try:
+                yield
+            finally:
+                _MIX.reset(token)
+
+        hidden = forward_last_hidden(self.base, prompts, batch_size=batch_size, desc=desc, around=mixing)
+        return score_hidden(self.base, hidden).numpy()
