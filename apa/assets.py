@@ -127,7 +127,7 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
         )
         # The GGUF loader leaves a quantizer marker that makes save_pretrained refuse; the weights
         # are already dequantised fp32, so dropping the marker is exact.
-        model.hf_quantizer = None
+        model.hf_quantizer = None  # type: ignore[assignment]
         del model.config.quantization_config
         model.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
@@ -184,3 +184,9 @@ def base_model_sha256(model_dir: Path) -> str:
     with contextlib.suppress(OSError):  # a read-only model folder still works, it just rehashes
         cache.write_text(json.dumps({"key": key, "sha256": digest}))
     return digest
+
+
+def asset_name(model_dir: Path) -> str:
+    """The base model's name as recorded at conversion (the folder name for other models)."""
+    marker = model_dir / _MARKER
+    return str(json.loads(marker.read_text())["name"]) if marker.is_file() else model_dir.name

@@ -75,8 +75,8 @@ def normalise(interactions: pd.DataFrame, items: pd.DataFrame, *, source: str) -
 
 
 def _read_table(path: Path) -> pd.DataFrame:
-    if path.suffix == ".csv":
-        return pd.read_csv(path)
+    if path.suffix == ".csv":  # ids and titles stay text: "007" must not become user 7
+        return pd.read_csv(path, dtype={"user_id": str, "item_id": str, "title": str})
     return pd.read_parquet(path)
 
 

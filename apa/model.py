@@ -16,7 +16,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from apa import prompts
-from apa.assets import base_model_sha256
+from apa.assets import asset_name, base_model_sha256
 from apa.errors import AssetError
 
 MAX_PROMPT_TOKENS = 1024
@@ -59,13 +59,13 @@ def load_base_model(model_dir: Path, *, device: str = "cpu", dtype: torch.dtype 
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "right"
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype).to(device)
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype)
+    model.to(device)  # type: ignore[arg-type]
     model.eval()
     model.requires_grad_(False)
     yes_id, no_id = answer_token_ids(tokenizer)
-    name = getattr(model.config, "_name_or_path", "") or model_dir.name
     return BaseModel(model=model, tokenizer=tokenizer, sha256=base_model_sha256(model_dir),
-                     name=model_dir.name if "/" in name or not name else name, yes_id=yes_id, no_id=no_id)
+                     name=asset_name(model_dir), yes_id=yes_id, no_id=no_id)
 
 
 @dataclass

@@ -1,0 +1,122 @@
+"""Aggregation weights by hand: four validation samples in 2-D, two shards.
+
+    sample  embedding    history emb.  label  p(shard 0)  p(shard 1)  |err| 0  |err| 1
+    v0      [1, 0]       [-1, 0]       1      0.9         0.6         0.1      0.4
+    v1      [.8, .6]     [0, 1]        0      0.2         0.5         0.2      0.5
+    v2      [0, 1]       [.8, .6]      1      0.4         0.8         0.6      0.2
+    v3      [-1, 0]      [1, 0]        0      0.1         0.3         0.1      0.3
+"""
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from apa.aggregation import ValidationMemory, attention_weights, shard_errors, weights
+from apa.errors import AllShardsQuarantined, ConfigError
+
+
+@pytest.fixture
+def memory() -> ValidationMemory:
+    return ValidationMemory(
+        sample_ids=("v0", "v1", "v2", "v3"),
+        embeddings=np.array([[1.0, 0.0], [0.8, 0.6], [0.0, 1.0], [-1.0, 0.0]]),
+        history_embeddings=np.array([[-1.0, 0.0], [0.0, 1.0], [0.8, 0.6], [1.0, 0.0]]),
+        labels=np.array([1, 0, 1, 0]),
+        predictions=np.array([[0.9, 0.6], [0.2, 0.5], [0.4, 0.8], [0.1, 0.3]]),
+    )
+
+
+QUERIES = np.array([[1.0, 0.0], [0.0, 2.0]])  # the second is not unit length: cosine ignores scale
+
+
+def test_shard_errors_by_hand(memory: ValidationMemory) -> None:
+    errors = shard_errors(memory, QUERIES, mode="per-sample", knn=2)
+    # query 0: nearest v0, v1 -> (0.1+0.2)/2, (0.4+0.5)/2; query 1: nearest v2, v1 -> (0.6+0.2)/2, (0.2+0.5)/2
+    np.testing.assert_allclose(errors, [[0.15, 0.45], [0.4, 0.35]], atol=1e-12)
+
+
+def test_knn_larger_than_memory_uses_all(memory: ValidationMemory) -> None:
+    errors = shard_errors(memory, QUERIES[:1], mode="per-sample", knn=50)
+    np.testing.assert_allclose(errors, [[0.25, 0.35]], atol=1e-12)  # mean of all four rows
+
+
+def test_per_user_mode_uses_history_embeddings(memory: ValidationMemory) -> None:
+    per_user = shard_errors(memory, QUERIES[:1], mode="per-user", knn=1)
+    per_sample = shard_errors(memory, QUERIES[:1], mode="per-sample", knn=1)
+    np.testing.assert_allclose(per_user, [[0.1, 0.3]], atol=1e-12)  # v3's history is [1, 0]
+    np.testing.assert_allclose(per_sample, [[0.1, 0.4]], atol=1e-12)  # v0's prompt is [1, 0]
+
+
+def test_attention_weights_are_softmax_of_minus_tau_error() -> None:
+    errors = np.array([[0.15, 0.45], [0.4, 0.35]])
+    got = attention_weights(errors, tau=10.0)
+    first = 1 / (1 + math.exp(-10 * 0.3))
+    second = 1 / (1 + math.exp(10 * 0.05))
+    np.testing.assert_allclose(got, [[first, 1 - first], [second, 1 - second]], atol=1e-12)
+    assert got[0, 0] == pytest.approx(0.9525741268, abs=1e-9)
+    np.testing.assert_allclose(attention_weights(errors, tau=0.0), 0.5, atol=1e-12)
+
+
+def test_large_tau_is_stable_and_picks_the_best_shard() -> None:
+    got = attention_weights(np.array([[0.15, 0.45, 0.2]]), tau=1000.0)
+    assert np.isfinite(got).all()
+    np.testing.assert_allclose(got, [[1.0, 0.0, 0.0]], atol=1e-12)
+
+
+def test_inactive_shards_get_zero_weight() -> None:
+    errors = np.array([[0.1, 0.2, 0.3], [0.3, 0.2, 0.1]])
+    got = attention_weights(errors, tau=10.0, active=[True, False, True])
+    assert (got[:, 1] == 0.0).all()
+    np.testing.assert_allclose(got.sum(axis=1), 1.0, atol=1e-12)
+    expected = 1 / (1 + math.exp(-10 * 0.2))  # shards 0 and 2 only
+    np.testing.assert_allclose(got[:, [0, 2]], [[expected, 1 - expected], [1 - expected, expected]], atol=1e-12)
+    with pytest.raises(AllShardsQuarantined):
+        attention_weights(errors, tau=10.0, active=[False, False, False])
+
+
+def test_weights_end_to_end(memory: ValidationMemory) -> None:
+    got = weights(memory, QUERIES, knn=2, tau=10.0)
+    np.testing.assert_allclose(got, attention_weights(np.array([[0.15, 0.45], [0.4, 0.35]]), tau=10.0),
+                               atol=1e-12)
+    np.testing.assert_allclose(weights(memory, QUERIES, knn=2, tau=10.0, active=[False, True]), [[0, 1], [0, 1]])
+
+
+def test_weights_reject_bad_arguments(memory: ValidationMemory) -> None:
+    with pytest.raises(ConfigError, match="weights mode"):
+        weights(memory, QUERIES, mode="per-item")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError):
+        weights(memory, QUERIES, knn=0)
+    with pytest.raises(ConfigError):
+        weights(memory, QUERIES, tau=-1.0)
+    with pytest.raises(ConfigError, match="empty"):
+        weights(memory.without(set(memory.sample_ids)), QUERIES)
+
+
+def test_memory_save_load_joins_predictions(memory: ValidationMemory, tmp_path: Path) -> None:
+    path = tmp_path / "memory" / "valid.npz"
+    memory.save(path)
+    shard0 = {"v0": 0.9, "v1": 0.2, "v2": 0.4, "v3": 0.1}
+    shard1 = {"v0": 0.6, "v2": 0.8, "v3": 0.3}  # no prediction for v1: it drops out
+    loaded = ValidationMemory.load(path, [shard0, shard1])
+    assert loaded.sample_ids == ("v0", "v2", "v3")
+    np.testing.assert_array_equal(loaded.embeddings, memory.embeddings[[0, 2, 3]])
+    np.testing.assert_array_equal(loaded.history_embeddings, memory.history_embeddings[[0, 2, 3]])
+    np.testing.assert_array_equal(loaded.labels, [1, 1, 0])
+    np.testing.assert_allclose(loaded.predictions, [[0.9, 0.6], [0.4, 0.8], [0.1, 0.3]])
+
+    full = ValidationMemory.load(path, [shard0, {**shard1, "v1": 0.5}])
+    np.testing.assert_allclose(full.predictions, memory.predictions)
+    assert ValidationMemory.load(path, []).predictions.shape == (4, 0)
+
+
+def test_memory_without(memory: ValidationMemory) -> None:
+    smaller = memory.without({"v1", "unknown"})
+    assert smaller.sample_ids == ("v0", "v2", "v3")
+    np.testing.assert_allclose(smaller.predictions, memory.predictions[[0, 2, 3]])
+    np.testing.assert_array_equal(smaller.labels, [1, 1, 0])
+    # v1 no longer counts among the neighbours: query 0's two nearest are now v0 and v2
+    np.testing.assert_allclose(shard_errors(smaller, QUERIES[:1], mode="per-sample", knn=2), [[0.35, 0.3]],
+                               atol=1e-12)
+    assert memory.sample_ids == ("v0", "v1", "v2", "v3")  # the original is untouched
