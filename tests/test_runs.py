@@ -1,6 +1,7 @@
 """End to end on the tiny model: ``train_run`` then ``evaluate``; and ``apa data import`` via the CLI."""
 
 import dataclasses
+import json
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,6 +15,7 @@ from apa import artifacts, data, training
 from apa.cli import app
 from apa.errors import ConfigError
 from apa.evaluation import METHODS, evaluate
+from apa.integrity import check_run
 from apa.model import BaseModel
 from apa.runs import RunConfig, RunData, read_run, train_run
 from apa.settings import get_settings
@@ -270,3 +272,19 @@ def test_cli_import_malformed_gives_one_line_error(apa_home: Path, tmp_path: Pat
     assert lines[0].startswith("error: ")
     assert "Traceback" not in result.output
     assert not (apa_home / "datasets" / name).exists()
+
+
+def test_check_run_passes_then_catches_tampering(trained: TrainedRun, tmp_path: Path) -> None:
+    report = check_run(trained.run_dir, trained.base)
+    assert report.ok, report.problems
+    assert sum("loads with peft.PeftModel.from_pretrained" in line for line in report.checked) == K + 1
+
+    copy = tmp_path / "run"
+    shutil.copytree(trained.run_dir, copy)
+    path = artifacts.version_dir(copy, 1, 1) / "manifest.json"
+    doc = artifacts.read_json(path)
+    doc["samples"].append(_manifest(copy, 0)["samples"][0])  # shard 1 now claims a sample of shard 0
+    path.write_text(json.dumps(doc))
+    problems = check_run(copy).problems
+    assert any("manifest_sha256 does not recompute" in p for p in problems)
+    assert any("is in shards 0 and 1" in p for p in problems)
