@@ -2,7 +2,9 @@
 
 import dataclasses
 import json
+import os
 import shutil
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -144,7 +146,9 @@ def test_resume_trains_only_the_missing_shard(trained: TrainedRun, tmp_path: Pat
     copy = tmp_path / "run"
     shutil.copytree(trained.run_dir, copy)
     shutil.rmtree(artifacts.shard_dir(copy, 1))
-    (artifacts.shard_dir(copy, 0) / ".tmp-crashed").mkdir()  # left by a killed writer
+    crashed = artifacts.shard_dir(copy, 0) / ".tmp-crashed"  # left by a writer killed an hour ago
+    crashed.mkdir()
+    os.utime(crashed, (time.time() - 3600, time.time() - 3600))
     kept = (artifacts.version_dir(copy, 0, 1) / "manifest.json").read_text()
     train_run(CONFIG, copy, trained.base, datasets_dir=trained.datasets_dir, assets_dir=trained.assets_dir)
     assert _all_versions(copy) == {"0": [1], "1": [1], "single": [1]}
