@@ -32,6 +32,7 @@ from apa.samples import Sample
 
 _VERSION = re.compile(r"^v(\d+)$")
 SINGLE = "single"
+MANIFEST_HASHED_FIELDS = ("samples", "config", "seed", "base_model_sha256")
 
 
 def utc_stamp() -> str:
@@ -64,8 +65,14 @@ def manifest(
 ) -> dict[str, Any]:
     """The training manifest of one adapter; ``manifest_sha256`` covers samples, config, seed and base."""
     content = [s.content() for s in sorted(samples, key=lambda s: s.sample_id)]
-    hashed = {"samples": content, "config": config, "seed": seed, "base_model_sha256": base_model_sha256}
-    return {"shard": shard, **hashed, "n_samples": len(content), "manifest_sha256": sha256_json(hashed)}
+    doc = {"shard": shard, "samples": content, "config": config, "seed": seed,
+           "base_model_sha256": base_model_sha256, "n_samples": len(content)}
+    return {**doc, "manifest_sha256": manifest_sha256(doc)}
+
+
+def manifest_sha256(doc: dict[str, Any]) -> str:
+    """sha256 of the canonical JSON of the manifest's hashed fields (DESIGN.md, "Artifacts")."""
+    return sha256_json({key: doc[key] for key in MANIFEST_HASHED_FIELDS})
 
 
 def write_version(

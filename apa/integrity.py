@@ -9,10 +9,8 @@ Checks, for the newest version of every shard (and the single baseline):
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from apa import artifacts
-from apa.hashing import sha256_json
 from apa.model import BaseModel
 from apa.runs import read_run
 
@@ -25,11 +23,6 @@ class CheckReport:
     @property
     def ok(self) -> bool:
         return not self.problems
-
-
-def manifest_hash_ok(doc: dict[str, Any]) -> bool:
-    hashed = {key: doc[key] for key in ("samples", "config", "seed", "base_model_sha256")}
-    return sha256_json(hashed) == doc["manifest_sha256"]
 
 
 def check_run(run_dir: Path, base: BaseModel | None = None) -> CheckReport:
@@ -46,7 +39,7 @@ def check_run(run_dir: Path, base: BaseModel | None = None) -> CheckReport:
         folder = artifacts.version_dir(run_dir, shard, version)
         folders.append(folder)
         doc = artifacts.read_json(folder / "manifest.json")
-        if not manifest_hash_ok(doc):
+        if artifacts.manifest_sha256(doc) != doc["manifest_sha256"]:
             report.problems.append(f"shard {shard} v{version}: manifest_sha256 does not recompute")
         if doc["base_model_sha256"] != run.base_model_sha256:
             report.problems.append(f"shard {shard} v{version}: trained on another base model")
