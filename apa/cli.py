@@ -16,8 +16,11 @@ app = typer.Typer(help="APA-Rec: LLM recommendation with exact unlearning (Adapt
                   no_args_is_help=True, pretty_exceptions_enable=False)
 assets_app = typer.Typer(help="Fetch and verify the pinned base model and MovieLens-100K.", no_args_is_help=True)
 data_app = typer.Typer(help="Import user datasets.", no_args_is_help=True)
+ledger_app = typer.Typer(help="The SQL ledger (APA_DATABASE_URL; default sqlite:///<APA_HOME>/apa.db).",
+                         no_args_is_help=True)
 app.add_typer(assets_app, name="assets")
 app.add_typer(data_app, name="data")
+app.add_typer(ledger_app, name="ledger")
 
 
 def _fail(exc: Exception) -> None:
@@ -83,9 +86,10 @@ def train(
     out: Annotated[Path | None, typer.Option(help="Run folder (default <APA_HOME>/runs/<UTC time>); "
                                              "an existing one is resumed")] = None,
     single: Annotated[bool, typer.Option(help="Also train the one-adapter baseline")] = True,
+    ledger: Annotated[bool, typer.Option(help="Record the run in the ledger (to serve it)")] = True,
     device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
 ) -> None:
-    """Train K shard adapters (and the single baseline) from scratch."""
+    """Train K shard adapters (and the single baseline) from scratch, and record the run in the ledger."""
     from apa import artifacts
     from apa.partition import PARTITIONERS
     from apa.runs import RunConfig, train_run
@@ -103,10 +107,26 @@ def train(
         base = _load_base(device)
         run = train_run(cfg, run_dir, base, datasets_dir=settings.datasets_dir,
                         assets_dir=settings.assets_dir, single=single)
+        sizes = [len(run.shard_samples(k)) for k in range(shards)]
+        typer.echo(f"run: {run_dir}  shard sizes {sizes}  ({time.perf_counter() - started:.0f} s)")
+        if ledger:
+            _record(run_dir)
     except APAError as exc:
         _fail(exc)
-    sizes = [len(run.shard_samples(k)) for k in range(shards)]
-    typer.echo(f"run: {run_dir}  shard sizes {sizes}  ({time.perf_counter() - started:.0f} s)")
+
+
+def _record(run_dir: Path) -> None:
+    from apa.ledger import db
+    from apa.record import import_run
+
+    settings = get_settings()
+    db.upgrade(settings.ledger_url)
+    with db.session_scope(settings.ledger_url) as session:
+        summary = import_run(session, run_dir, settings)
+    what = "recorded" if summary.created else "already recorded; updated"
+    typer.echo(f"ledger ({db.redact(settings.ledger_url)}): {what} run {run_dir.name}: "
+               f"{summary.interactions} interactions, {summary.samples} samples, "
+               f"{summary.versions_added} adapter version(s) added, {summary.skipped_forgotten} forgotten skipped")
 
 
 @app.command("eval")
@@ -162,6 +182,82 @@ def check(
         typer.secho(f"FAIL {line}", fg=typer.colors.RED)
     if not report.ok:
         raise typer.Exit(code=1)
+
+
+@ledger_app.command("upgrade")
+def ledger_upgrade(revision: Annotated[str, typer.Argument(help="Target migration")] = "head") -> None:
+    """Create or migrate the ledger's tables (Alembic)."""
+    from apa.ledger import db
+
+    url = get_settings().ledger_url
+    db.upgrade(url, revision)
+    typer.echo(f"ledger {db.redact(url)} at migration {db.current_revision(url)}")
+
+
+@ledger_app.command("downgrade")
+def ledger_downgrade(revision: Annotated[str, typer.Argument(help="Target migration")] = "base") -> None:
+    """Undo migrations (``base`` drops every ledger table)."""
+    from apa.ledger import db
+
+    url = get_settings().ledger_url
+    db.downgrade(url, revision)
+    typer.echo(f"ledger {db.redact(url)} at migration {db.current_revision(url)}")
+
+
+@ledger_app.command("import")
+def ledger_import(
+    run: Annotated[Path, typer.Argument(help="Run folder written by `apa train`")],
+) -> None:
+    """Record a run in the ledger (migrates it first). Safe to run again; forgotten data stays out."""
+    try:
+        _record(_run_dir(run))
+    except APAError as exc:
+        _fail(exc)
+
+
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option(help="Address to bind")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535)] = 8000,
+) -> None:
+    """Run the gateway (FastAPI + uvicorn). Needs APA_ADMIN_TOKEN; see README for the other settings."""
+    import uvicorn
+
+    from service.app import create_app
+
+    try:
+        application = create_app()
+    except APAError as exc:
+        _fail(exc)
+    uvicorn.run(application, host=host, port=port, log_level="info")
+
+
+@app.command("worker")
+def run_worker(
+    burst: Annotated[bool, typer.Option(help="Exit once the queue is empty")] = False,
+) -> None:
+    """Run the retraining worker (RQ SimpleWorker; loads the base model once)."""
+    from worker.main import run
+    from worker.settings import get_worker_settings
+
+    try:
+        run(get_worker_settings(), burst=burst)
+    except APAError as exc:
+        _fail(exc)
+
+
+@app.command()
+def audit(request_id: Annotated[str, typer.Argument(help="A deletion request id")]) -> None:
+    """Print a deletion request: status history, certificate and its audit-log entries (JSON)."""
+    from apa.ledger import db
+    from apa.ledger.audit import deletion_report
+
+    try:
+        with db.session_scope(get_settings().ledger_url) as session:
+            report = deletion_report(session=session, request_id=request_id)
+    except APAError as exc:
+        _fail(exc)
+    typer.echo(json.dumps(report, indent=2, default=str))
 
 
 def main() -> None:

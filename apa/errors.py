@@ -27,3 +27,35 @@ class AllShardsQuarantined(APAError):
 
 class AdapterMismatch(APAError):
     """An adapter does not fit the engine (rank, target modules or shapes differ)."""
+
+
+class LedgerError(APAError):
+    """The ledger is missing, not migrated, or holds another run."""
+
+
+class UserNotFound(APAError):
+    """No such user, or a user with no live (non-deleted) interactions."""
+
+
+class ItemsNotFound(APAError):
+    """Some requested items are not in the catalogue."""
+
+    def __init__(self, item_ids: list[str]) -> None:
+        super().__init__(f"unknown item(s): {item_ids}")
+        self.item_ids = item_ids
+
+
+class DeletionNotFound(APAError):
+    """No deletion request with that id."""
+
+
+class ShardNotFound(APAError):
+    """No shard with that number."""
+
+
+class NothingToRetrain(APAError):
+    """A retrain was asked for a shard that holds no deleted data."""
+
+
+class GateFailed(APAError):
+    """A retrained version failed its validation gate; it is not served."""

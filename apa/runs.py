@@ -5,6 +5,7 @@ version already written and trains only the missing ones.
 """
 
 import logging
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -138,10 +139,13 @@ def _prepare(cfg: RunConfig, run_dir: Path, base: BaseModel, dataset: data.Datas
 
 def train_version(
     run: RunData, run_dir: Path, base: BaseModel, shard: int | str, samples: list[Sample],
+    valid: list[Sample] | None = None, gate: Callable[[dict[str, float]], None] | None = None,
 ) -> tuple[int, Path]:
     """Train one adapter from scratch on ``samples`` and write it as the shard's next version.
 
-    Shard versions also carry their p(yes) on every validation sample (the aggregation memory).
+    Shard versions also carry their p(yes) on every validation sample in ``valid`` (default: the
+    run's validation split), which the aggregation memory reads. ``gate(predictions)`` may raise to
+    refuse the version before it is written.
     """
     cfg = run.config
     seed = training.derive_seed(cfg.seed, shard)
@@ -150,12 +154,14 @@ def train_version(
         base, [run.prompts[s.sample_id] for s in samples], [s.label for s in samples], cfg.train,
         seed=seed, desc=f"train {name} ({len(samples)} samples)",
     )
-    valid = run.splits["valid"]
+    valid = run.splits["valid"] if valid is None else valid
     predictions: dict[str, float] = {}
     if shard != artifacts.SINGLE:
         scores = training.predict(base, model, [run.prompts[s.sample_id] for s in valid],
                                   batch_size=cfg.batch_size, desc=f"validate {name}")
         predictions = {s.sample_id: p for s, p in zip(valid, scores, strict=True)}
+        if gate is not None:
+            gate(predictions)
     doc = artifacts.manifest(shard=shard, samples=samples, config=cfg.train.as_dict(), seed=seed,
                              base_model_sha256=base.sha256)
     doc["training"] = stats.summary()

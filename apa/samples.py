@@ -49,6 +49,20 @@ class Sample:
         return record
 
 
+def recent_history(
+    history: Sequence[tuple[str, float]], titles: dict[str, str], *, max_history: int = 10,
+    like_threshold: float = 3.0,
+) -> tuple[list[str], list[str]]:
+    """Liked and disliked titles among the ``max_history`` most recent (item_id, rating) pairs.
+
+    The serving side of :meth:`Sample.prompt`: a user's live history, oldest first, as a query.
+    """
+    recent = history[-max_history:] if max_history else []
+    liked = [titles[i] for i, rating in recent if rating > like_threshold]
+    disliked = [titles[i] for i, rating in recent if rating <= like_threshold]
+    return liked, disliked
+
+
 def build_samples(
     dataset: Dataset, *, max_history: int = 10, min_history: int = 1, like_threshold: float = 3.0
 ) -> list[Sample]:

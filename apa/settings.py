@@ -1,17 +1,30 @@
-"""Core settings, built on demand (never at import time)."""
+"""Core settings, built on demand (never at import time).
 
+The service and the worker extend :class:`CoreSettings` with their own process settings
+(``service.settings``, ``worker.settings``); everything here is shared by every process.
+"""
+
+import os
+import secrets
 from functools import lru_cache
 from pathlib import Path
 
+from pydantic import SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
 class CoreSettings(BaseSettings):
-    """Where assets, datasets and runs live. Environment: ``APA_HOME`` (default ``./var``)."""
+    """Where assets, datasets, runs and the ledger live. Environment variables are prefixed ``APA_``."""
 
     model_config = SettingsConfigDict(env_prefix="APA_")
 
     home: Path = Path("var")
+    database_url: str | None = None  # unset: sqlite:///<home>/apa.db
+    hmac_key: SecretStr | None = None  # unset: a random key kept in <home>/hmac.key (mode 0600)
+    base_model_path: Path | None = None  # unset: <home>/assets/smollm2-135m-instruct
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_prefix: str = "apa:"  # every queue name, lock and channel starts with it
+    retrain_timeout_s: int = 6 * 3600  # RQ job timeout: above the longest retrain
 
     @property
     def assets_dir(self) -> Path:
@@ -19,7 +32,7 @@ class CoreSettings(BaseSettings):
 
     @property
     def base_model_dir(self) -> Path:
-        return self.assets_dir / "smollm2-135m-instruct"
+        return self.base_model_path or self.assets_dir / "smollm2-135m-instruct"
 
     @property
     def datasets_dir(self) -> Path:
@@ -28,6 +41,24 @@ class CoreSettings(BaseSettings):
     @property
     def runs_dir(self) -> Path:
         return self.home / "runs"
+
+    @property
+    def ledger_url(self) -> str:
+        return self.database_url or f"sqlite:///{(self.home / 'apa.db').resolve()}"
+
+    def hmac_secret(self) -> bytes:
+        """The key that identifies deleted data afterwards (DESIGN.md: HMAC-SHA256, never plain hashes)."""
+        if self.hmac_key is not None:
+            return self.hmac_key.get_secret_value().encode()
+        path = self.home / "hmac.key"
+        if not path.is_file():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                with open(path, "x", opener=lambda p, flags: os.open(p, flags, 0o600)) as handle:
+                    handle.write(secrets.token_hex(32))
+            except FileExistsError:  # another process made it first
+                pass
+        return path.read_text().strip().encode()
 
 
 @lru_cache

@@ -5,23 +5,33 @@ toy sizes, so every code path runs in milliseconds. Its tokenizer is a word-leve
 from the prompt template and the dataset's titles, so ``### Response:\\nYes`` ends in one token.
 """
 
+import os
 import random
-from collections.abc import Callable
+import shutil
+import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
+from redis import Redis
+from sqlalchemy import create_engine, text
+from sqlalchemy.exc import OperationalError
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 import apa.engines.torch as torch_engine
 from apa import prompts
-from apa.data import Dataset, normalise
+from apa.data import Dataset, normalise, save
 from apa.engines.base import Mode
 from apa.engines.torch import TorchEngine
+from apa.ledger.db import get_engine
 from apa.model import BaseModel, load_base_model
+from apa.runs import RunConfig, train_run
+from apa.settings import CoreSettings
+from apa.training import TrainConfig
 
 torch.set_num_threads(1)
 
@@ -152,3 +162,84 @@ def engine_outputs(
         p = engine.score(texts, weights, mode=mode, batch_size=batch_size)
     assert len(captured) == 1
     return captured[0], p
+
+
+# -- service fixtures: a tiny trained run, a migrated ledger (SQLite or PostgreSQL), a Redis prefix --------
+POSTGRES_URL = os.environ.get("APA_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+REDIS_URL = os.environ.get("APA_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+ADMIN_TOKEN = "test-admin-token"
+TINY_RUN = RunConfig(
+    dataset="handmade", shards=2, partition="semantic", n_train=8, n_valid=8, n_test=8, seed=0,
+    batch_size=4, train=TrainConfig(r=4, epochs=1, batch_size=4),
+)
+
+
+@pytest.fixture(scope="session")
+def tiny_run_template(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A K=2 run of the tiny model on the hand-made dataset, trained once per session (copy before use)."""
+    home = tmp_path_factory.mktemp("template-home")
+    interactions, items = raw_frames()
+    save(normalise(interactions, items, source="handmade"), home / "datasets", "handmade")
+    train_run(TINY_RUN, home / "runs" / "tiny", load_tiny(tiny_model_dir), datasets_dir=home / "datasets",
+              assets_dir=home / "assets")
+    return home
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def ledger_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """An empty database: a SQLite file, or a fresh schema in the machine's PostgreSQL (dropped after)."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'apa.db'}"
+        return
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(POSTGRES_URL)
+    try:
+        with admin.begin() as connection:
+            connection.execute(text(f"CREATE SCHEMA {schema}"))
+    except OperationalError as exc:
+        pytest.fail(f"PostgreSQL at {POSTGRES_URL} is not reachable ({exc}); .ci/run starts it")
+    url = f"{POSTGRES_URL}?options=-csearch_path%3D{schema}"
+    yield url
+    get_engine(url).dispose()
+    get_engine.cache_clear()
+    with admin.begin() as connection:
+        connection.execute(text(f"DROP SCHEMA {schema} CASCADE"))
+    admin.dispose()
+
+
+@pytest.fixture
+def redis_prefix() -> Iterator[str]:
+    """A key prefix of this test's own in Redis; every key under it is deleted afterwards."""
+    prefix = f"apa-test-{uuid.uuid4().hex[:8]}:"
+    client = Redis.from_url(REDIS_URL)
+    client.ping()
+    yield prefix
+    keys = list(client.scan_iter(f"*{prefix}*"))
+    if keys:
+        client.delete(*keys)
+    client.close()
+
+
+@pytest.fixture
+def service_home(tiny_run_template: Path, tmp_path: Path) -> Path:
+    """A private copy of the tiny run's home (deletions purge files in it)."""
+    home = tmp_path / "home"
+    shutil.copytree(tiny_run_template, home)
+    return home
+
+
+def service_settings(home: Path, ledger_url: str, redis_prefix: str, tiny_model_dir: Path, **extra: object):
+    from service.settings import ServiceSettings
+
+    return ServiceSettings(home=home, database_url=ledger_url, base_model_path=tiny_model_dir,
+                           admin_token=ADMIN_TOKEN, redis_url=REDIS_URL, redis_prefix=redis_prefix,
+                           hmac_key="test-hmac-key", poll_interval_s=0.2, **extra)
+
+
+def record_run(settings: CoreSettings) -> None:
+    from apa.ledger import db
+    from apa.record import import_run
+
+    db.upgrade(settings.ledger_url)
+    with db.session_scope(settings.ledger_url) as session:
+        import_run(session, settings.runs_dir / "tiny", settings)

@@ -1,0 +1,73 @@
+"""Remove deleted samples from a run folder once the retrain that forgets them is live.
+
+What goes: the samples' rows in ``samples.parquet`` and ``run.json``, their rows in the validation
+memory, their entries in every version's ``valid_predictions.json`` (the adapter weights and
+manifest of a version are never touched), their embedding-cache entries, every superseded adapter
+version trained on them, and the ``single`` baseline if it saw any of them. Safe to run twice.
+"""
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from apa import artifacts
+from apa.embeddings import EmbeddingCache
+
+
+@dataclass
+class PurgeReport:
+    samples: int = 0
+    cache_entries: int = 0
+    prediction_files: int = 0
+    folders: int = 0
+
+
+def purge_run_files(run_dir: Path, sample_ids: set[str], superseded: list[Path]) -> PurgeReport:
+    report = PurgeReport()
+    if not sample_ids and not superseded:
+        return report
+    doc = artifacts.read_json(artifacts.require_run(run_dir) / "run.json")
+    frame = pd.read_parquet(run_dir / "samples.parquet")
+    gone = frame["sample_id"].astype(str).isin(sample_ids)
+    cache = EmbeddingCache(run_dir / "cache" / "embeddings", str(doc["base_model"]["sha256"]))
+    for column in ("prompt", "history_prompt"):
+        report.cache_entries += sum(cache.discard(text) for text in frame.loc[gone, column])
+    report.samples = int(gone.sum())
+    if report.samples:
+        frame[~gone].to_parquet(run_dir / "samples.parquet", index=False)
+    if any(s in doc["samples"] for s in sample_ids):
+        doc["samples"] = {k: v for k, v in doc["samples"].items() if k not in sample_ids}
+        artifacts.write_json_atomic(run_dir / "run.json", doc)
+    _purge_memory(run_dir / "memory" / "valid.npz", sample_ids)
+    for path in run_dir.glob("adapters/shard-*/v*/valid_predictions.json"):
+        predictions = artifacts.read_json(path)
+        if any(s in predictions for s in sample_ids):
+            artifacts.write_json_atomic(path, {k: v for k, v in predictions.items() if k not in sample_ids})
+            report.prediction_files += 1
+    folders = [p for p in superseded if p.is_dir()]
+    single = artifacts.shard_dir(run_dir, artifacts.SINGLE)
+    for folder in sorted(single.glob("v*")) if single.is_dir() else []:
+        manifest = artifacts.read_json(folder / "manifest.json")
+        if any(s["sample_id"] in sample_ids for s in manifest["samples"]):
+            folders.append(folder)
+    for folder in folders:
+        shutil.rmtree(folder)
+        report.folders += 1
+    return report
+
+
+def _purge_memory(path: Path, sample_ids: set[str]) -> None:
+    if not path.is_file():
+        return
+    with np.load(path) as data:
+        stored = {name: data[name] for name in data.files}
+    keep = np.array([str(s) not in sample_ids for s in stored["sample_ids"]], dtype=bool)
+    if keep.all():
+        return
+    tmp = path.with_suffix(".tmp.npz")
+    with tmp.open("wb") as handle:
+        np.savez(handle, **{name: value[keep] for name, value in stored.items()})
+    tmp.replace(path)

@@ -1,0 +1,1 @@
+"""The FastAPI gateway: ``app.create_app()`` builds it; nothing is loaded at import time."""

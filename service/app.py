@@ -1,0 +1,102 @@
+"""The app factory. ``create_app()`` only wires things; the lifespan loads the engine and the serving
+versions from the ledger, subscribes to events and starts the ledger poll."""
+
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from fastapi import FastAPI, Request, Response
+from starlette.concurrency import run_in_threadpool
+
+from apa.errors import ConfigError, LedgerError
+from apa.ledger import repository
+from apa.ledger.db import require_current, session_factory
+from apa.model import load_base_model
+from apa.runs import RunConfig
+from service import errors
+from service.deps import Gateway
+from service.metrics import Metrics
+from service.recommender import Recommender
+from service.routes import admin, deletions, health, recommend
+from service.serving import EventListener, LedgerPoller, RunInfo, Serving
+from service.settings import ServiceSettings, get_service_settings
+from worker import queue
+
+log = logging.getLogger(__name__)
+
+DESCRIPTION = """LLM recommendations that can be forgotten exactly (APA: Adapter Partition and Aggregation).
+
+`POST /recommend` scores items with one forward pass through the per-user mixture of K shard LoRAs.
+`DELETE /users/{id}/interactions` quarantines every shard that saw the data at once; a worker
+retrains those shards from scratch and the gateway hot-swaps them; `GET /deletions/{id}` ends with a
+certificate. `DELETE` and `/admin/*` need `Authorization: Bearer <APA_ADMIN_TOKEN>`."""
+
+
+def _start(gateway: Gateway) -> None:
+    settings = gateway.settings
+    require_current(settings.ledger_url)
+    with gateway.sessions() as session:
+        run = repository.get_run(session=session)
+        info = RunInfo(path=Path(run.path), config=RunConfig.from_dict(run.config))
+        expected_sha = run.base_model_sha256
+    base = load_base_model(settings.base_model_dir, device=settings.device)
+    if base.sha256 != expected_sha:
+        raise LedgerError(f"the base model at {settings.base_model_dir} is not the one the run was trained on")
+    serving = Serving(settings, base, info)
+
+    def observe_completed(seconds: list[float]) -> None:
+        for value in seconds:
+            gateway.metrics.time_to_forget.observe(value)
+
+    serving.on_completed = observe_completed
+    serving.sync()
+    gateway.serving = serving
+    gateway.recommender = Recommender(settings, serving, gateway.sessions, gateway.metrics)
+    gateway.redis = queue.connect(settings.redis_url)
+    gateway.threads = [EventListener(gateway.redis, queue.Names(settings.redis_prefix).events, serving),
+                       LedgerPoller(serving, settings.poll_interval_s)]
+    for thread in gateway.threads:
+        thread.start()
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    gateway: Gateway = app.state.gateway
+    await run_in_threadpool(_start, gateway)
+    assert gateway.recommender is not None
+    gateway.recommender.start()
+    log.info("serving %d shards", len(gateway.serving.engine.live()) if gateway.serving else 0)
+    try:
+        yield
+    finally:
+        for thread in gateway.threads:
+            thread.stop()
+        await gateway.recommender.stop()
+        for thread in gateway.threads:
+            thread.join(timeout=5)
+        if gateway.redis is not None:
+            gateway.redis.close()
+
+
+def create_app(settings: ServiceSettings | None = None) -> FastAPI:
+    settings = settings or get_service_settings()
+    if settings.admin_token is None or not settings.admin_token.get_secret_value():
+        raise ConfigError("set APA_ADMIN_TOKEN: DELETE and /admin/* need it")
+    app = FastAPI(title="APA-Rec", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
+    app.state.gateway = Gateway(settings=settings, sessions=session_factory(settings.ledger_url), metrics=Metrics())
+    errors.install(app)
+    for module in (recommend, deletions, admin, health):
+        app.include_router(module.router)
+
+    @app.middleware("http")
+    async def observe(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        started = time.perf_counter()
+        response = await call_next(request)
+        route = getattr(request.scope.get("route"), "path", "unmatched")  # the template, not the raw path
+        app.state.gateway.metrics.latency.labels(request.method, route, str(response.status_code)).observe(
+            time.perf_counter() - started)
+        return response
+
+    return app

@@ -1,0 +1,23 @@
+"""Prometheus metrics of one app (own registry, so several apps can live in one process)."""
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.latency = Histogram("apa_request_seconds", "HTTP request latency", ["method", "route", "status"],
+                                 registry=self.registry)
+        self.predictions = Counter("apa_predictions_total", "Items scored", ["fallback"], registry=self.registry)
+        self.deletions = Gauge("apa_deletions", "Deletion requests by status (from the ledger)", ["status"],
+                               registry=self.registry)
+        self.deletion_requests = Counter("apa_deletion_requests_total", "DELETE requests accepted",
+                                         ["first_status"], registry=self.registry)
+        self.time_to_quarantine = Histogram(
+            "apa_time_to_quarantine_seconds", "DELETE received -> its shards quarantined on this replica",
+            buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5), registry=self.registry)
+        self.time_to_forget = Histogram(
+            "apa_time_to_forget_seconds", "Deletion created -> completed (retrained version serving)",
+            buckets=(1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200), registry=self.registry)
+        self.batches = Counter("apa_forward_batches_total", "Micro-batches run on the model thread", ["kind"],
+                               registry=self.registry)

@@ -1,0 +1,119 @@
+"""``POST /recommend``: the user's live history → per-user shard weights → one mixed forward per batch.
+
+Ledger reads run in a worker thread; the history embedding and the candidates' scores go through
+micro-batchers onto the single model thread, so concurrent requests share forwards.
+"""
+
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+from sqlalchemy.orm import Session, sessionmaker
+from starlette.concurrency import run_in_threadpool
+
+from apa import prompts
+from apa.embeddings import embed
+from apa.errors import AllShardsQuarantined, ItemsNotFound
+from apa.ledger import repository
+from apa.samples import recent_history
+from service.batching import MicroBatcher
+from service.metrics import Metrics
+from service.schemas import AdapterWeight, ItemScore, RecommendRequest, RecommendResponse
+from service.serving import Serving
+from service.settings import ServiceSettings
+
+
+@dataclass(frozen=True)
+class Query:
+    user_id: str
+    history_prompt: str
+    candidates: list[str]
+    titles: dict[str, str]
+    prompts: list[str]
+    popularity: dict[str, int]
+    top_k: int
+
+
+class Recommender:
+    def __init__(self, settings: ServiceSettings, serving: Serving, sessions: sessionmaker[Session],
+                 metrics: Metrics) -> None:
+        self.settings, self.serving, self.sessions, self.metrics = settings, serving, sessions, metrics
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
+        window = settings.batch_window_ms / 1000
+        self.embedder: MicroBatcher[str, np.ndarray] = MicroBatcher(
+            self._embed, executor=self.executor, window_s=window, max_items=settings.max_batch_prompts)
+        self.scorer: MicroBatcher[tuple[str, np.ndarray], float] = MicroBatcher(
+            self._score, executor=self.executor, window_s=window, max_items=settings.max_batch_prompts)
+
+    def start(self) -> None:
+        self.embedder.start()
+        self.scorer.start()
+
+    async def stop(self) -> None:
+        await self.embedder.stop()
+        await self.scorer.stop()
+        self.executor.shutdown(wait=True)
+
+    # -- on the model thread ------------------------------------------------------------------
+    def _embed(self, texts: list[str]) -> list[np.ndarray]:
+        self.metrics.batches.labels(kind="embed").inc()
+        return list(embed(self.serving.base, texts, batch_size=self.settings.score_batch_size))
+
+    def _score(self, items: list[tuple[str, np.ndarray]]) -> list[float]:
+        self.metrics.batches.labels(kind="score").inc()
+        texts = [text for text, _ in items]
+        weights = np.stack([w for _, w in items])  # [n, K]
+        p = self.serving.engine.score(texts, weights, mode=self.settings.mode,
+                                      batch_size=self.settings.score_batch_size)
+        return [float(x) for x in p]
+
+    # -- per request ----------------------------------------------------------------------------
+    def prepare(self, request: RecommendRequest) -> Query:
+        cfg = self.serving.run.config
+        with self.sessions() as session:
+            history = repository.live_history(session=session, user_id=request.user_id)
+            if request.candidates is None:
+                rated = {item for item, _ in history}
+                candidates = repository.popular_items(session=session, exclude=rated,
+                                                      limit=self.settings.popular_candidates)
+            else:
+                candidates = list(dict.fromkeys(request.candidates))
+            titles = repository.titles(session=session, item_ids=sorted({*candidates, *(i for i, _ in history)}))
+            unknown = [c for c in candidates if c not in titles]
+            if unknown:
+                raise ItemsNotFound(unknown)
+            popularity = repository.popularity(session=session, item_ids=candidates)
+        liked, disliked = recent_history(history, titles, max_history=cfg.max_history,
+                                         like_threshold=cfg.like_threshold)
+        return Query(
+            user_id=request.user_id, history_prompt=prompts.history_prompt(liked, disliked, noun=cfg.noun),
+            candidates=candidates, titles=titles, popularity=popularity, top_k=request.top_k,
+            prompts=[prompts.sample_prompt(liked, disliked, titles[c], noun=cfg.noun) for c in candidates],
+        )
+
+    async def recommend(self, request: RecommendRequest) -> RecommendResponse:
+        query = await run_in_threadpool(self.prepare, request)
+        active = self.serving.active()
+        if active and query.candidates:
+            [history_embedding] = await self.embedder.submit([query.history_prompt])
+            weights = self.serving.weights(history_embedding, active)  # [K]
+            try:
+                scores = await self.scorer.submit([(p, weights) for p in query.prompts])
+            except AllShardsQuarantined:
+                active = {}
+            else:
+                adapters = [AdapterWeight(shard=s, version=v, weight=round(float(weights[s]), 6))
+                            for s, v in sorted(active.items()) if weights[s] > 0]
+                return self._answer(query, scores, adapters, fallback=False)
+        top = max(query.popularity.values(), default=0) or 1
+        return self._answer(query, [query.popularity.get(c, 0) / top for c in query.candidates], [], fallback=True)
+
+    def _answer(self, query: Query, scores: list[float], adapters: list[AdapterWeight], *,
+                fallback: bool) -> RecommendResponse:
+        self.metrics.predictions.labels(fallback=str(fallback).lower()).inc(len(scores))
+        ranked = sorted(zip(query.candidates, scores, strict=True), key=lambda cs: (-cs[1], cs[0]))
+        return RecommendResponse(
+            user_id=query.user_id, adapters=adapters, fallback=fallback,
+            items=[ItemScore(item_id=c, title=query.titles[c], score=float(np.clip(s, 0.0, 1.0)))
+                   for c, s in ranked[:query.top_k]],
+        )

@@ -1,0 +1,39 @@
+import logging
+
+from fastapi import APIRouter
+
+from apa.ledger import repository
+from service.deps import AdminDep, GatewayDep, ServingDep, SessionDep
+from service.schemas import AdminStatus, ModelInfo, QueueStatus, RetrainAccepted, ShardStatus
+from worker import queue
+
+log = logging.getLogger(__name__)
+router = APIRouter(prefix="/admin", tags=["admin"],
+                   responses={401: {"description": "No bearer token"}, 403: {"description": "Wrong token"}})
+
+
+@router.get("/status", response_model=AdminStatus)
+def status(_: AdminDep, session: SessionDep, gateway: GatewayDep, serving: ServingDep) -> AdminStatus:
+    """Shards (state, version, samples, manifest), the retrain queue, deletions by status, the base model."""
+    shards = [ShardStatus(shard=v.shard, state=v.state, version=v.version,  # type: ignore[arg-type]
+                          n_samples=v.n_samples, trained_at=v.trained_at, manifest_sha256=v.manifest_sha256)
+              for v in repository.shard_views(session=session)]
+    try:
+        queue_state = QueueStatus(**queue.queue_status(gateway.redis, gateway.settings.redis_prefix))
+    except Exception:
+        log.warning("queue status unavailable", exc_info=True)
+        queue_state = QueueStatus(depth=None, workers=None)
+    return AdminStatus(shards=shards, queue=queue_state, deletions=repository.deletion_counts(session=session),
+                       model=ModelInfo(name=serving.base.name, sha256=serving.base.sha256))
+
+
+@router.post("/shards/{shard}/retrain", status_code=202, response_model=RetrainAccepted,
+             responses={404: {"description": "No such shard"}, 409: {"description": "Nothing to retrain"}})
+def retrain(shard: int, _: AdminDep, session: SessionDep, gateway: GatewayDep) -> RetrainAccepted:
+    """Try a failed (or dirty) shard's retrain again."""
+    repository.request_retrain(session=session, shard=shard)
+    session.commit()
+    settings = gateway.settings
+    enqueued = queue.enqueue_retrain(gateway.redis, settings.redis_prefix, shard,
+                                     timeout_s=settings.retrain_timeout_s)
+    return RetrainAccepted(shard=shard, enqueued=enqueued)

@@ -1,0 +1,77 @@
+import logging
+import time
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Query, Response
+
+from apa.ledger import repository
+from apa.ledger.models import DeletionRequest
+from service.deps import AdminDep, GatewayDep, ServingDep, SessionDep
+from service.schemas import DeletionAccepted, DeletionRequestPublic
+from worker import queue
+
+log = logging.getLogger(__name__)
+router = APIRouter(tags=["deletions"])
+
+
+def _public(request: DeletionRequest) -> DeletionRequestPublic:
+    return DeletionRequestPublic.model_validate({
+        "request_id": request.id, "status": request.status, "affected_shards": request.affected_shards,
+        "created_at": repository.as_utc(request.created_at), "completed_at": repository.as_utc(request.completed_at),
+        "certificate": request.certificate, "error": request.error,
+    })
+
+
+@router.delete("/users/{user_id}/interactions", status_code=202, response_model=DeletionAccepted,
+               responses={401: {"description": "No bearer token"}, 403: {"description": "Wrong token"},
+                          404: {"description": "The user has no live interactions (with those items)"}})
+def delete_interactions(
+    user_id: str, response: Response, session: SessionDep, token_hmac: AdminDep, gateway: GatewayDep,
+    serving: ServingDep,
+    item_id: Annotated[list[str] | None, Query(description="Only these items (repeat the parameter)")] = None,
+    idempotency_key: Annotated[str | None, Header(max_length=256)] = None,
+) -> DeletionAccepted:
+    """Forget a user's interactions (all, or some items): quarantine at once, retrain in the background.
+
+    The affected shards leave serving in the same transaction that records the request; the first
+    status is ``quarantined`` (``completed`` when no shard saw the data). Follow ``Location``.
+    """
+    received = time.perf_counter()
+    settings = gateway.settings
+    outcome = repository.request_deletion(
+        session=session, user_id=user_id, item_ids=item_id, key=settings.hmac_secret(),
+        idempotency_key=idempotency_key, token_hmac=token_hmac)
+    request = outcome.request
+    if outcome.created:
+        serving.quarantine(request.affected_shards)  # before the commit: the safe side of a failure
+        serving.drop_valid(outcome.valid_sample_ids)
+        session.commit()
+        gateway.metrics.time_to_quarantine.observe(time.perf_counter() - received)
+        gateway.metrics.deletion_requests.labels(first_status=request.status).inc()
+        _wake_worker(gateway, request)
+    response.headers["Location"] = f"/deletions/{request.id}"
+    return DeletionAccepted(request_id=request.id, status=request.status,  # type: ignore[arg-type]
+                            affected_shards=list(request.affected_shards))
+
+
+def _wake_worker(gateway: GatewayDep, request: DeletionRequest) -> None:
+    """Enqueue the retrains and publish the quarantine; if Redis is down the reconciler catches up."""
+    settings = gateway.settings
+    try:
+        for shard in request.affected_shards:
+            queue.enqueue_retrain(gateway.redis, settings.redis_prefix, shard, timeout_s=settings.retrain_timeout_s)
+        if request.affected_shards:
+            queue.publish(gateway.redis, settings.redis_prefix,
+                          {"type": "quarantine", "shards": list(request.affected_shards)})
+        else:
+            queue.enqueue_purge(gateway.redis, settings.redis_prefix)
+    except Exception:
+        log.warning("deletion %s recorded, but Redis is unavailable: the worker's reconciler will pick it up",
+                    request.id, exc_info=True)
+
+
+@router.get("/deletions/{request_id}", response_model=DeletionRequestPublic,
+            responses={404: {"description": "No such request"}})
+def get_deletion(request_id: str, session: SessionDep) -> DeletionRequestPublic:
+    """A deletion request's status and, once completed, its certificate."""
+    return _public(repository.get_deletion(session=session, request_id=request_id))

@@ -1,0 +1,128 @@
+"""API shapes (DESIGN.md, "Serving contract"). They never expose ORM columns."""
+
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+
+
+def _id(value: Any) -> Any:
+    """Ids are strings; integers are accepted and converted (booleans and floats are not ids)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    return value
+
+
+Id = Annotated[str, BeforeValidator(_id), Field(min_length=1, max_length=200, pattern=r"^[^\s:]+$")]
+
+ShardState = Literal["serving", "quarantined", "retraining", "failed"]
+DeletionStatus = Literal["quarantined", "retraining", "completed", "failed"]
+
+
+class RecommendRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={
+        "examples": [{"user_id": "196", "candidates": ["242", "302", "377"], "top_k": 2}, {"user_id": "196"}]})
+
+    user_id: Id
+    candidates: list[Id] | None = Field(None, min_length=1, max_length=100,
+                                        description="Items to score; none: the 20 most popular items "
+                                                    "the user has not rated")
+    top_k: int = Field(10, ge=1, le=100)
+
+
+class ItemScore(BaseModel):
+    item_id: str
+    title: str
+    score: float = Field(ge=0.0, le=1.0, description="p(yes): the model's probability the user likes it")
+
+
+class AdapterWeight(BaseModel):
+    shard: int
+    version: int
+    weight: float
+
+
+class RecommendResponse(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "user_id": "196", "items": [{"item_id": "302", "title": "L.A. Confidential (1997)", "score": 0.71}],
+        "adapters": [{"shard": 0, "version": 1, "weight": 0.62}, {"shard": 1, "version": 2, "weight": 0.38}],
+        "fallback": False}]})
+
+    user_id: str
+    items: list[ItemScore]
+    adapters: list[AdapterWeight] = Field(description="Shards mixed into this answer (quarantined ones never are)")
+    fallback: bool = Field(description="True when every shard is quarantined: ranked by item popularity")
+
+
+class DeletionAccepted(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "request_id": "5f0c6e0f2b7d4f0e9d7b0b0f6a1c2d3e", "status": "quarantined", "affected_shards": [1, 3]}]})
+
+    request_id: str
+    status: DeletionStatus
+    affected_shards: list[int]
+
+
+class ShardCertificate(BaseModel):
+    shard: int
+    old_version: int | None
+    new_version: int | None
+    old_manifest_sha256: str | None
+    new_manifest_sha256: str | None
+
+
+class Certificate(BaseModel):
+    request_id: str
+    interactions_removed: int
+    samples_removed: int
+    shards: list[ShardCertificate]
+    deleted_hmacs: list[str] = Field(description="HMAC-SHA256 of each deleted interaction key (APA_HMAC_KEY)")
+    serving_manifests_checked: int
+    violations: int
+    issued_at: datetime
+
+
+class DeletionRequestPublic(BaseModel):
+    request_id: str
+    status: DeletionStatus
+    affected_shards: list[int]
+    created_at: datetime
+    completed_at: datetime | None
+    certificate: Certificate | None
+    error: str | None = None
+
+
+class ShardStatus(BaseModel):
+    shard: int
+    state: ShardState
+    version: int | None
+    n_samples: int | None
+    trained_at: datetime | None
+    manifest_sha256: str | None
+
+
+class QueueStatus(BaseModel):
+    depth: int | None = Field(description="Jobs waiting; null when Redis cannot be reached")
+    workers: int | None
+
+
+class ModelInfo(BaseModel):
+    name: str
+    sha256: str
+
+
+class AdminStatus(BaseModel):
+    shards: list[ShardStatus]
+    queue: QueueStatus
+    deletions: dict[str, int]
+    model: ModelInfo
+
+
+class RetrainAccepted(BaseModel):
+    shard: int
+    enqueued: bool = Field(description="False when a retrain of this shard is already waiting")
+
+
+class Health(BaseModel):
+    status: Literal["ok", "unavailable"]
+    checks: dict[str, str] = {}

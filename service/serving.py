@@ -1,0 +1,163 @@
+"""What one gateway replica serves: the engine's shard versions, the quarantine, the attention memory.
+
+The ledger is the truth. ``sync()`` reads it and brings the replica in line: a new serving version
+is loaded aside and switched in atomically (then its quarantine is lifted), a shard that is not
+``serving`` is quarantined, and deleted validation samples leave the memory. It runs at start, on
+every pub/sub event, and every ``poll_interval_s`` as the fallback. A deletion taken by this replica
+quarantines its shards at once, before its transaction commits.
+"""
+
+import json
+import logging
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from apa import aggregation, artifacts
+from apa.aggregation import ValidationMemory
+from apa.engines.base import AdapterRef
+from apa.engines.torch import TorchEngine
+from apa.errors import LedgerError
+from apa.ledger import repository
+from apa.ledger.db import session_scope
+from apa.ledger.models import SERVING, utcnow
+from apa.ledger.repository import as_utc
+from apa.model import BaseModel
+from apa.runs import RunConfig, memory_path
+from service.settings import ServiceSettings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    path: Path
+    config: RunConfig
+
+
+class Serving:
+    def __init__(self, settings: ServiceSettings, base: BaseModel, run: RunInfo) -> None:
+        self.settings, self.base, self.run = settings, base, run
+        self.engine = TorchEngine(base)
+        self.memory: ValidationMemory | None = None
+        self._valid_ids: frozenset[str] = frozenset()
+        self._sync_lock = threading.Lock()
+        self.on_completed: Callable[[list[float]], None] = lambda seconds: None  # DELETE -> completed, s
+        self._completed_seen: datetime = utcnow()
+
+    # -- keeping in line with the ledger ------------------------------------------------------
+    def sync(self) -> None:
+        with self._sync_lock:
+            with session_scope(self.settings.ledger_url) as session:
+                views = repository.shard_views(session=session)
+                valid_ids = frozenset(repository.live_sample_ids(session=session, split="valid"))
+                completed = [(as_utc(r.created_at), as_utc(r.completed_at)) for r in
+                             repository.completed_since(session=session, since=self._completed_seen)]
+            if any(v.path is None for v in views):
+                raise LedgerError(f"shards without a serving version: {[v.shard for v in views if v.path is None]}")
+            refs = [AdapterRef(shard=v.shard, version=v.version or 0, path=v.path) for v in views if v.path]
+            live = {s.shard: s.version for s in self.engine.live()}
+            changed = [r for r in refs if live.get(r.shard) != r.version]
+            serving = {v.shard for v in views if v.state == SERVING}
+            for shard in {r.shard for r in refs} - serving:  # quarantine first: never serve deleted data
+                self.engine.quarantine(shard)
+            if changed or valid_ids != self._valid_ids or self.memory is None:
+                self.memory = self._memory(refs, valid_ids)
+                self._valid_ids = valid_ids
+            if not live:
+                self.engine.load(refs)
+                for shard in {r.shard for r in refs} - serving:
+                    self.engine.quarantine(shard)
+            else:
+                for ref in changed:
+                    log.info("hot-swap shard %d: v%s -> v%d", ref.shard, live.get(ref.shard), ref.version)
+                    self.engine.load_shard(ref)
+            for shard in serving:
+                self.engine.release(shard)
+            if completed:
+                self._completed_seen = max(done for _, done in completed if done is not None)
+                self.on_completed([(done - created).total_seconds() for created, done in completed
+                                   if done is not None and created is not None])
+
+    def _memory(self, refs: Sequence[AdapterRef], valid_ids: frozenset[str]) -> ValidationMemory:
+        predictions = [artifacts.read_json(ref.path / "valid_predictions.json") for ref in refs]
+        memory = ValidationMemory.load(memory_path(self.run.path), predictions)
+        return memory.without(set(memory.sample_ids) - valid_ids)
+
+    def quarantine(self, shards: Sequence[int]) -> None:
+        for shard in shards:
+            self.engine.quarantine(shard)
+
+    def drop_valid(self, sample_ids: Sequence[str]) -> None:
+        memory = self.memory
+        if memory is not None and sample_ids:
+            self.memory = memory.without(set(sample_ids))
+
+    def on_event(self, event: dict[str, Any]) -> None:
+        """A pub/sub event: apply a quarantine at once, then sync with the ledger."""
+        if event.get("type") == "quarantine":
+            self.quarantine([int(s) for s in event.get("shards", [])])
+        self.sync()
+
+    # -- answering ------------------------------------------------------------------------------
+    def active(self) -> dict[int, int]:
+        """Active shard -> version."""
+        return {s.shard: s.version for s in self.engine.live() if s.active}
+
+    def weights(self, history_embedding: np.ndarray, active: dict[int, int]) -> np.ndarray:
+        """Per-user APA weights over the K shards, zero for quarantined ones: [K]."""
+        memory = self.memory
+        k = self.run.config.shards
+        mask = [s in active for s in range(k)]
+        if memory is None or not memory.sample_ids:  # no validation evidence left: uniform over the active
+            return np.array(mask, dtype=np.float64) / max(1, sum(mask))
+        return aggregation.weights(memory, history_embedding[None, :], mode="per-user", knn=self.settings.knn,
+                                   tau=self.settings.tau, active=mask)[0]
+
+
+class EventListener(threading.Thread):
+    """Redis pub/sub subscriber; reconnects after errors. Every message triggers ``serving.on_event``."""
+
+    def __init__(self, redis: Any, channel: str, serving: Serving) -> None:
+        super().__init__(name="events", daemon=True)
+        self.redis, self.channel, self.serving = redis, channel, serving
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        while not self.stopped.is_set():
+            try:
+                pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+                pubsub.subscribe(self.channel)
+                while not self.stopped.is_set():
+                    message = pubsub.get_message(timeout=1.0)
+                    if message is not None:
+                        self.serving.on_event(json.loads(message["data"]))
+                pubsub.close()
+            except Exception:
+                log.warning("event listener: %s; retrying", "Redis unavailable", exc_info=True)
+                self.stopped.wait(2.0)
+
+    def stop(self) -> None:
+        self.stopped.set()
+
+
+class LedgerPoller(threading.Thread):
+    def __init__(self, serving: Serving, interval_s: float) -> None:
+        super().__init__(name="ledger-poll", daemon=True)
+        self.serving, self.interval_s = serving, interval_s
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        while not self.stopped.wait(self.interval_s):
+            try:
+                self.serving.sync()
+            except Exception:
+                log.exception("ledger poll failed")
+
+    def stop(self) -> None:
+        self.stopped.set()

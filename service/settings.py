@@ -1,0 +1,26 @@
+"""The gateway process's settings (environment ``APA_*``), built on demand."""
+
+from functools import lru_cache
+from typing import Literal
+
+from pydantic import SecretStr
+
+from apa.settings import CoreSettings
+
+
+class ServiceSettings(CoreSettings):
+    admin_token: SecretStr | None = None  # required: DELETE and /admin/* need it
+    device: str = "cpu"
+    mode: Literal["nd", "d"] = "nd"  # APA(ND) exact mixture, or APA(D)
+    knn: int = 20
+    tau: float = 1000.0
+    popular_candidates: int = 20  # candidates when a request names none
+    score_batch_size: int = 8  # prompts per forward
+    batch_window_ms: float = 5.0  # how long the micro-batcher waits for concurrent requests
+    max_batch_prompts: int = 128
+    poll_interval_s: float = 2.0  # ledger poll, the fallback to pub/sub
+
+
+@lru_cache
+def get_service_settings() -> ServiceSettings:
+    return ServiceSettings()

@@ -1,0 +1,143 @@
+"""The whole flow on the tiny model, on SQLite and on PostgreSQL, with the machine's Redis:
+DELETE → the next /recommend leaves the quarantined shard out → the worker (in-process, burst)
+retrains it → the request completes with a certificate → the new version is served; the deleted
+data is purged from the ledger and the run folder."""
+
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from fastapi.testclient import TestClient
+from rq import SimpleWorker
+
+from apa import artifacts
+from apa.ledger import repository
+from apa.ledger.db import session_scope
+from apa.ledger.models import Interaction, Sample
+from tests.conftest import ADMIN_TOKEN, load_tiny, record_run, service_settings
+from worker import queue
+from worker.settings import WorkerSettings
+from worker.tasks import WorkerContext, set_context
+
+AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+
+
+@pytest.fixture
+def env(service_home: Path, ledger_url: str, redis_prefix: str, tiny_model_dir: Path) -> Iterator[dict]:
+    from service.app import create_app
+
+    settings = service_settings(service_home, ledger_url, redis_prefix, tiny_model_dir)
+    record_run(settings)
+    worker_settings = WorkerSettings(**settings.model_dump(include=set(WorkerSettings.model_fields)))
+    redis = queue.connect(settings.redis_url)
+    set_context(WorkerContext(settings=worker_settings, base=load_tiny(tiny_model_dir), redis=redis))
+    with TestClient(create_app(settings)) as client:
+        yield {"client": client, "settings": settings, "redis": redis, "run_dir": service_home / "runs" / "tiny"}
+    set_context(None)
+    redis.close()
+
+
+def run_worker(env: dict) -> None:
+    SimpleWorker([queue.queue(env["redis"], env["settings"].redis_prefix)], connection=env["redis"]).work(burst=True)
+
+
+def user_with_train_samples(run_dir: Path) -> tuple[str, set[int]]:
+    frame = pd.read_parquet(run_dir / "samples.parquet")
+    train = frame[frame["split"] == "train"]
+    counts = train.groupby("user_id")["shard"].agg(lambda s: set(s.tolist()))
+    user = min(counts.index, key=lambda u: (len(counts[u]), u))  # fewest shards: the others keep serving
+    return str(user), {int(k) for k in counts[user]}
+
+
+def wait_for(predicate, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.05)
+
+
+def test_delete_quarantines_retrains_certifies_and_purges(env: dict) -> None:
+    client, run_dir, settings = env["client"], env["run_dir"], env["settings"]
+    user, shards = user_with_train_samples(run_dir)
+    before = client.post("/recommend", json={"user_id": user, "candidates": ["1", "2"]})
+    assert before.status_code == 200, before.text
+    assert {a["shard"] for a in before.json()["adapters"]} >= shards
+    assert before.json()["fallback"] is False
+
+    deleted = client.delete(f"/users/{user}/interactions", headers=AUTH)
+    assert deleted.status_code == 202, deleted.text
+    body = deleted.json()
+    assert body["status"] == "quarantined"
+    assert set(body["affected_shards"]) == shards
+    assert deleted.headers["Location"] == f"/deletions/{body['request_id']}"
+
+    # the user is gone for /recommend; another user's answer no longer mixes the quarantined shard
+    assert client.post("/recommend", json={"user_id": user, "candidates": ["1"]}).status_code == 404
+    other = next(u for u in ("u1", "u2", "u3", "u4") if u != user)
+    during = client.post("/recommend", json={"user_id": other, "candidates": ["1"]}).json()
+    assert not shards & {a["shard"] for a in during["adapters"]}
+    if len(shards) == 2:
+        assert during["fallback"] is True
+    status = client.get("/admin/status", headers=AUTH).json()
+    assert {s["shard"] for s in status["shards"] if s["state"] == "quarantined"} == shards
+    assert status["queue"]["depth"] == len(shards)
+    assert status["deletions"] == {"quarantined": 1}
+
+    run_worker(env)
+
+    final = client.get(f"/deletions/{body['request_id']}").json()
+    assert final["status"] == "completed", final
+    cert = final["certificate"]
+    assert cert["violations"] == 0
+    assert cert["serving_manifests_checked"] == 2
+    assert cert["interactions_removed"] > 0 and cert["samples_removed"] > 0
+    assert len(cert["deleted_hmacs"]) == cert["interactions_removed"]
+    assert [c["shard"] for c in cert["shards"]] == sorted(shards)
+    for c in cert["shards"]:
+        assert c["old_version"] == 1 and c["new_version"] == 2
+        assert c["old_manifest_sha256"] != c["new_manifest_sha256"]
+        manifest = artifacts.read_json(artifacts.version_dir(run_dir, c["shard"], 2) / "manifest.json")
+        assert manifest["manifest_sha256"] == c["new_manifest_sha256"]
+        assert all(s["user_id"] != user for s in manifest["samples"])
+        assert artifacts.versions(artifacts.shard_dir(run_dir, c["shard"])) == [2]  # v1 purged
+
+    # the gateway hot-swaps the new versions in (pub/sub, or the ledger poll) and lifts the quarantine
+    def swapped() -> bool:
+        adapters = client.post("/recommend", json={"user_id": other, "candidates": ["1"]}).json()["adapters"]
+        return {(a["shard"], a["version"]) for a in adapters} >= {(k, 2) for k in shards}
+
+    wait_for(swapped)
+    assert all(s["state"] == "serving" for s in client.get("/admin/status", headers=AUTH).json()["shards"])
+
+    # purged: no rows, no samples in the run folder, no single baseline trained on them
+    with session_scope(settings.ledger_url) as session:
+        assert session.query(Interaction).filter(Interaction.user_id == user).count() == 0
+        assert session.query(Sample).filter(Sample.user_id == user).count() == 0
+    frame = pd.read_parquet(run_dir / "samples.parquet")
+    assert user not in set(frame["user_id"])
+    assert not (run_dir / "single").exists() or not list((run_dir / "single").glob("v*"))
+    for path in run_dir.glob("adapters/shard-*/v*/valid_predictions.json"):
+        assert not any(key.startswith(f"{user}:") for key in json.loads(path.read_text()))
+    assert user not in json.dumps(artifacts.read_json(run_dir / "run.json")["samples"])
+    metrics = client.get("/metrics").text
+    assert 'apa_deletions{status="completed"} 1.0' in metrics
+    assert "apa_time_to_quarantine_seconds_count 1.0" in metrics
+
+
+def test_deletions_during_a_retrain_coalesce(env: dict) -> None:
+    """Two deletions on one shard before the worker runs cost one retrain; the shard serves after it."""
+    client, settings = env["client"], env["settings"]
+    with session_scope(settings.ledger_url) as session:
+        users = sorted({s.user_id for s in session.query(Sample).filter(Sample.shard == 0)})
+    first = client.delete(f"/users/{users[0]}/interactions", headers=AUTH).json()
+    second = client.delete(f"/users/{users[-1]}/interactions", headers=AUTH).json()
+    assert 0 in first["affected_shards"] and 0 in second["affected_shards"]
+    run_worker(env)
+    with session_scope(settings.ledger_url) as session:
+        versions = repository.shard_views(session=session)
+    assert versions[0].version == 2, "one retrain covered both deletions"
+    for request_id in (first["request_id"], second["request_id"]):
+        assert client.get(f"/deletions/{request_id}").json()["status"] == "completed"

@@ -1,0 +1,55 @@
+"""The ledger is the truth, the queue a wake-up call: enqueue every dirty shard, purge, clean up.
+
+Runs at worker start and every ``APA_RECONCILE_INTERVAL_S`` seconds, so a lost Redis message or a
+killed worker loses nothing. Failed shards wait for ``POST /admin/shards/{k}/retrain``.
+"""
+
+import logging
+import threading
+from pathlib import Path
+from typing import Any
+
+from apa import artifacts
+from apa.errors import LedgerError
+from apa.ledger import repository
+from apa.ledger.db import session_scope
+from worker import queue
+from worker.settings import WorkerSettings
+
+log = logging.getLogger(__name__)
+
+
+def reconcile(settings: WorkerSettings, redis: Any) -> dict[str, Any]:
+    with session_scope(settings.ledger_url) as session:
+        try:
+            run_dir: Path | None = Path(repository.get_run(session=session).path)
+        except LedgerError:
+            run_dir = None
+        dirty = repository.dirty_shards(session=session)
+        purges = repository.pending_purges(session=session)
+    enqueued = [k for k in dirty
+                if queue.enqueue_retrain(redis, settings.redis_prefix, k, timeout_s=settings.retrain_timeout_s)]
+    if purges:
+        queue.enqueue_purge(redis, settings.redis_prefix)
+    cleaned = artifacts.clean_temp_dirs(run_dir) if run_dir is not None and run_dir.is_dir() else 0
+    if enqueued or purges or cleaned:
+        log.info("reconciled: enqueued shards %s, %d purge(s) pending, %d temp dir(s) removed",
+                 enqueued, len(purges), cleaned)
+    return {"dirty": dirty, "enqueued": enqueued, "purges": len(purges), "temp_dirs_removed": cleaned}
+
+
+class Reconciler(threading.Thread):
+    def __init__(self, settings: WorkerSettings, redis: Any) -> None:
+        super().__init__(name="reconciler", daemon=True)
+        self.settings, self.redis = settings, redis
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        while not self.stopped.wait(self.settings.reconcile_interval_s):
+            try:
+                reconcile(self.settings, self.redis)
+            except Exception:  # keep reconciling: the next round may find the ledger or Redis back
+                log.exception("reconcile round failed")
+
+    def stop(self) -> None:
+        self.stopped.set()

@@ -1,0 +1,19 @@
+"""The worker process's settings (environment ``APA_*``), built on demand."""
+
+from functools import lru_cache
+
+from apa.settings import CoreSettings
+
+
+class WorkerSettings(CoreSettings):
+    device: str = "cpu"
+    max_attempts: int = 3  # a retrain that raises is tried this often, with exponential backoff
+    backoff_s: float = 5.0
+    gate_max_auc_drop: float = 0.1  # see apa/gate.py
+    reconcile_interval_s: float = 30.0
+    lock_ttl_s: int = 60  # per-shard lock, extended while the retrain runs; a killed worker frees it
+
+
+@lru_cache
+def get_worker_settings() -> WorkerSettings:
+    return WorkerSettings()

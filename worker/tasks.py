@@ -1,0 +1,194 @@
+"""The worker's jobs. Each is idempotent: run twice, it does the work once.
+
+``retrain_shard(k)``: under a per-shard lock, snapshot shard k's live training samples (and the
+newest deletion they cover), train a LoRA from scratch with the shard's seed, write it as a new
+immutable version with its validation predictions, pass the validation gate, then in one transaction
+make it the serving version and complete the covered deletion requests with their certificate;
+publish the swap, purge what the completed requests deleted, and enqueue again if the shard got
+dirty meanwhile.
+"""
+
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from redis import Redis
+from redis.lock import Lock
+
+from apa import artifacts, gate
+from apa.errors import APAError, GateFailed
+from apa.ledger import repository
+from apa.ledger.db import session_scope
+from apa.model import BaseModel, load_base_model
+from apa.purge import purge_run_files
+from apa.record import version_record
+from apa.runs import read_run, train_version
+from worker import queue
+from worker.settings import WorkerSettings, get_worker_settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class WorkerContext:
+    """What a worker process loads once: settings, the base model, the Redis connection."""
+
+    settings: WorkerSettings
+    base: BaseModel
+    redis: Redis
+
+
+_context: WorkerContext | None = None
+
+
+def set_context(context: WorkerContext | None) -> None:
+    global _context
+    _context = context
+
+
+def get_context() -> WorkerContext:
+    """The process's context; built on first use when the worker entry point did not set one."""
+    if _context is None:
+        settings = get_worker_settings()
+        set_context(WorkerContext(settings=settings, redis=queue.connect(settings.redis_url),
+                                  base=load_base_model(settings.base_model_dir, device=settings.device)))
+    assert _context is not None
+    return _context
+
+
+@contextmanager
+def held_lock(redis: Redis, name: str, ttl_s: int) -> Iterator[bool]:
+    """A Redis lock kept alive by a heartbeat while held; yields whether it was acquired."""
+    lock = Lock(redis, name, timeout=ttl_s, blocking=False)
+    if not lock.acquire():
+        yield False
+        return
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.wait(ttl_s / 3):
+            lock.extend(ttl_s, replace_ttl=True)
+
+    heartbeat = threading.Thread(target=beat, name=f"heartbeat {name}", daemon=True)
+    heartbeat.start()
+    try:
+        yield True
+    finally:
+        stop.set()
+        heartbeat.join()
+        lock.release()
+
+
+def retrain_shard(shard: int) -> dict[str, Any]:
+    ctx = get_context()
+    settings = ctx.settings
+    names = queue.Names(settings.redis_prefix)
+    result: dict[str, Any]
+    with held_lock(ctx.redis, names.lock(shard), settings.lock_ttl_s) as held:
+        if not held:
+            log.info("shard %d is being retrained by another worker; it re-enqueues if still dirty", shard)
+            return {"shard": shard, "status": "busy"}
+        queue.clear_queued(ctx.redis, settings.redis_prefix, shard)
+        with session_scope(settings.ledger_url) as session:
+            snapshot = repository.begin_retrain(session=session, shard=shard)
+        if snapshot is None:
+            return {"shard": shard, "status": "clean"}
+        result = _retrain_with_retries(ctx, snapshot)
+    if result["status"] == "published":
+        purge_completed()
+    _enqueue_if_dirty(ctx, shard)
+    return result
+
+
+def _retrain_with_retries(ctx: WorkerContext, snapshot: repository.RetrainSnapshot) -> dict[str, Any]:
+    settings = ctx.settings
+    for attempt in range(1, settings.max_attempts + 1):
+        try:
+            return _retrain(ctx, snapshot)
+        except GateFailed as exc:  # deterministic training: trying again gives the same version
+            return _fail(ctx, snapshot.shard, f"validation gate: {exc}")
+        except Exception as exc:
+            log.exception("retrain of shard %d failed (attempt %d of %d)", snapshot.shard, attempt,
+                          settings.max_attempts)
+            if attempt == settings.max_attempts:
+                return _fail(ctx, snapshot.shard, f"{type(exc).__name__}: {exc}")
+            time.sleep(settings.backoff_s * 2 ** (attempt - 1))
+    raise AssertionError("unreachable")
+
+
+def _retrain(ctx: WorkerContext, snapshot: repository.RetrainSnapshot) -> dict[str, Any]:
+    settings, run_dir, shard = ctx.settings, snapshot.run_path, snapshot.shard
+    started = time.perf_counter()
+    run = read_run(run_dir)
+    keep, keep_valid = set(snapshot.sample_ids), set(snapshot.valid_ids)
+    samples = [s for s in run.splits["train"] if s.sample_id in keep]
+    valid = [s for s in run.splits["valid"] if s.sample_id in keep_valid]
+    if not samples:
+        raise GateFailed(f"shard {shard} has no training samples left")
+    labels = {s.sample_id: s.label for s in valid}
+    old = None
+    if snapshot.old_version is not None:
+        old_file = artifacts.version_dir(run_dir, shard, snapshot.old_version) / "valid_predictions.json"
+        old = artifacts.read_json(old_file) if old_file.is_file() else None
+    metrics: dict[str, Any] = {}
+
+    def check(predictions: dict[str, float]) -> None:
+        metrics.update(gate.check(predictions, old, labels, max_auc_drop=settings.gate_max_auc_drop))
+
+    version, _ = train_version(run, run_dir, ctx.base, shard, samples, valid=valid, gate=check)
+    record = version_record(run_dir, shard, version, metrics)
+    with session_scope(settings.ledger_url) as session:
+        completed = repository.publish_version(session=session, snapshot=snapshot, record=record,
+                                               key=settings.hmac_secret())
+    seconds = time.perf_counter() - started
+    queue.publish(ctx.redis, settings.redis_prefix, {"type": "swap", "shard": shard, "version": version})
+    log.info("shard %d v%d serving (%d samples, %.1f s); completed %s", shard, version, len(samples), seconds,
+             completed)
+    return {"shard": shard, "status": "published", "version": version, "samples": len(samples),
+            "completed": completed, "seconds": round(seconds, 3), **metrics}
+
+
+def _fail(ctx: WorkerContext, shard: int, error: str) -> dict[str, Any]:
+    settings = ctx.settings
+    with session_scope(settings.ledger_url) as session:
+        failed = repository.fail_retrain(session=session, shard=shard, error=error)
+    queue.publish(ctx.redis, settings.redis_prefix, {"type": "failed", "shard": shard})
+    log.error("shard %d stays quarantined: %s (requests failed: %s)", shard, error, failed)
+    return {"shard": shard, "status": "failed", "error": error, "failed": failed}
+
+
+def _enqueue_if_dirty(ctx: WorkerContext, shard: int) -> None:
+    settings = ctx.settings
+    with session_scope(settings.ledger_url) as session:
+        dirty = shard in repository.dirty_shards(session=session)
+    if dirty:
+        queue.enqueue_retrain(ctx.redis, settings.redis_prefix, shard, timeout_s=settings.retrain_timeout_s)
+
+
+def purge_completed() -> dict[str, Any]:
+    """Purge the data of every completed deletion request not yet purged (files, then ledger rows)."""
+    ctx = get_context()
+    settings = ctx.settings
+    purged = []
+    with held_lock(ctx.redis, queue.Names(settings.redis_prefix).lock("purge"), settings.lock_ttl_s) as held:
+        if not held:
+            return {"status": "busy"}
+        with session_scope(settings.ledger_url) as session:
+            pending = repository.pending_purges(session=session)
+        for request_id in pending:
+            try:
+                with session_scope(settings.ledger_url) as session:
+                    plan = repository.purge_plan(session=session, request_id=request_id)
+                report = purge_run_files(plan.run_path, set(plan.sample_ids), plan.superseded)
+                with session_scope(settings.ledger_url) as session:
+                    repository.finish_purge(session=session, plan=plan)
+            except (APAError, OSError):
+                log.exception("purge of deletion %s failed; the reconciler tries again", request_id)
+                continue
+            log.info("purged deletion %s: %s", request_id, report)
+            purged.append(request_id)
+    return {"status": "ok", "purged": purged}
