@@ -1,15 +1,33 @@
 #!/usr/bin/env bash
-# The main job, end to end on this machine's CPU: install, fetch the pinned assets, train a small
-# APA model (K=2 shards, 256 training samples, 3 epochs) and evaluate it against its baselines.
-# Size it with the environment: DEMO_SHARDS, DEMO_TRAIN, DEMO_VALID, DEMO_TEST, DEMO_EPOCHS.
+# The main job, end to end on this machine's CPU: install, fetch the pinned assets, train a small APA
+# model (K=4 shards; 256 training samples, 3 epochs), record it in the ledger, start the gateway and the
+# retraining worker, ask /recommend, forget a user, follow the deletion to `completed`, print the
+# certificate and /admin/status, stop cleanly.
+# Ledger: SQLite in the run folder unless APA_DATABASE_URL is set (it must point at an empty database).
+# Redis: APA_REDIS_URL (default 127.0.0.1:6379; started here if nothing answers there).
+# Size: DEMO_SHARDS, DEMO_TRAIN, DEMO_VALID, DEMO_TEST, DEMO_EPOCHS. DEMO_EVAL=1 adds `apa eval`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 . .venv/bin/activate
 apa assets fetch
 run="${APA_HOME:-var}/runs/demo-$(date -u +%Y%m%dT%H%M%SZ)"
-apa train --shards "${DEMO_SHARDS:-2}" --train-samples "${DEMO_TRAIN:-256}" \
-  --valid-samples "${DEMO_VALID:-128}" --test-samples "${DEMO_TEST:-128}" \
-  --epochs "${DEMO_EPOCHS:-3}" --out "$run"
-apa eval --run "$run" --out "$run/eval.json"
-echo "report: $run/eval.json (table: $run/eval.md)"
+mkdir -p "$run/logs"
+export APA_DATABASE_URL="${APA_DATABASE_URL:-sqlite:///$(realpath "$run")/apa.db}"
+export APA_ADMIN_TOKEN="${APA_ADMIN_TOKEN:-$(python -c 'import secrets; print(secrets.token_urlsafe(24))')}"
+export APA_HMAC_KEY="${APA_HMAC_KEY:-$(python -c 'import secrets; print(secrets.token_hex(32))')}"
+bash scripts/services.sh redis
+
+apa train --shards "${DEMO_SHARDS:-4}" --train-samples "${DEMO_TRAIN:-256}" \
+  --valid-samples "${DEMO_VALID:-96}" --test-samples "${DEMO_TEST:-96}" \
+  --epochs "${DEMO_EPOCHS:-3}" --no-single --out "$run"
+if [ "${DEMO_EVAL:-0}" = 1 ]; then apa eval --run "$run" --out "$run/eval.json"; fi
+
+port="${DEMO_PORT:-8000}"
+pids=()
+stop() { for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done; wait 2>/dev/null || true; }
+trap stop EXIT
+apa serve --port "$port" > "$run/logs/gateway.log" 2>&1 & pids+=($!)
+apa worker > "$run/logs/worker.log" 2>&1 & pids+=($!)
+python scripts/demo_client.py --url "http://127.0.0.1:$port" --run "$run"
+echo "run: $run  (logs: $run/logs, summary: $run/demo.json)"

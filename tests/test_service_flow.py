@@ -141,3 +141,22 @@ def test_deletions_during_a_retrain_coalesce(env: dict) -> None:
     assert versions[0].version == 2, "one retrain covered both deletions"
     for request_id in (first["request_id"], second["request_id"]):
         assert client.get(f"/deletions/{request_id}").json()["status"] == "completed"
+
+
+def test_a_second_replica_applies_the_quarantine_from_pub_sub(env: dict, tiny_model_dir: Path) -> None:
+    """Replica B polls the ledger only every minute: the quarantine reaches it by the Redis message."""
+    from service.app import create_app
+
+    settings_b = env["settings"].model_copy(update={"poll_interval_s": 60.0})
+    user, shards = user_with_train_samples(env["run_dir"])
+    with TestClient(create_app(settings_b)) as replica:
+        other = next(u for u in ("u1", "u2", "u3", "u4") if u != user)
+        before = replica.post("/recommend", json={"user_id": other, "candidates": ["1"]}).json()
+        assert shards <= {a["shard"] for a in before["adapters"]}
+        assert env["client"].delete(f"/users/{user}/interactions", headers=AUTH).status_code == 202
+
+        def excluded() -> bool:
+            answer = replica.post("/recommend", json={"user_id": other, "candidates": ["1"]}).json()
+            return not shards & {a["shard"] for a in answer["adapters"]}
+
+        wait_for(excluded, timeout_s=5.0)

@@ -185,7 +185,8 @@ def titles(*, session: Session, item_ids: Sequence[str]) -> dict[str, str]:
     """Titles of the given items; the result lacks the unknown ones."""
     found: dict[str, str] = {}
     for chunk in _chunks(list(item_ids)):
-        found.update((str(i), str(t)) for i, t in session.execute(select(Item.item_id, Item.title).where(Item.item_id.in_(chunk))))
+        rows = session.execute(select(Item.item_id, Item.title).where(Item.item_id.in_(chunk)))
+        found.update((str(i), str(t)) for i, t in rows)
     return found
 
 

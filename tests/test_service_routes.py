@@ -1,0 +1,162 @@
+"""The serving contract route by route (tiny model; SQLite and PostgreSQL; the machine's Redis)."""
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from fastapi.testclient import TestClient
+
+from apa.ledger.db import session_scope
+from apa.ledger.models import Interaction
+from tests.conftest import ADMIN_TOKEN, record_run, service_settings
+from worker import queue
+
+AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+
+
+@pytest.fixture
+def api(service_home: Path, ledger_url: str, redis_prefix: str, tiny_model_dir: Path) -> Iterator[TestClient]:
+    from service.app import create_app
+
+    settings = service_settings(service_home, ledger_url, redis_prefix, tiny_model_dir)
+    record_run(settings)
+    with TestClient(create_app(settings)) as client:
+        client.app_settings = settings  # type: ignore[attr-defined]
+        yield client
+
+
+def queue_depth(api: TestClient) -> int:
+    settings = api.app_settings  # type: ignore[attr-defined]
+    redis = queue.connect(settings.redis_url)
+    try:
+        return queue.queue(redis, settings.redis_prefix).count
+    finally:
+        redis.close()
+
+
+def test_health_and_readiness(api: TestClient) -> None:
+    assert api.get("/healthz").json() == {"status": "ok", "checks": {}}
+    ready = api.get("/readyz")
+    assert ready.status_code == 200
+    assert ready.json()["checks"] == {"ledger": "ok", "redis": "ok", "engine": "ok"}
+
+
+@pytest.mark.parametrize(("method", "path"), [
+    ("DELETE", "/users/u1/interactions"), ("GET", "/admin/status"), ("POST", "/admin/shards/0/retrain")])
+def test_admin_routes_need_the_token(api: TestClient, method: str, path: str) -> None:
+    assert api.request(method, path).status_code == 401
+    assert api.request(method, path, headers={"Authorization": "Bearer wrong"}).status_code == 403
+    assert api.request(method, path, headers={"Authorization": "Basic abc"}).status_code == 401
+
+
+def test_recommend_scores_candidates_in_order(api: TestClient) -> None:
+    answer = api.post("/recommend", json={"user_id": "u1", "candidates": ["6", 7, "8"], "top_k": 2})
+    assert answer.status_code == 200, answer.text
+    body = answer.json()
+    assert body["user_id"] == "u1" and body["fallback"] is False
+    scores = [i["score"] for i in body["items"]]
+    assert len(scores) == 2 and scores == sorted(scores, reverse=True)
+    assert all(0 <= s <= 1 for s in scores)
+    assert {i["item_id"] for i in body["items"]} <= {"6", "7", "8"}
+    assert body["items"][0]["title"].endswith("(1995)")
+    assert sum(a["weight"] for a in body["adapters"]) == pytest.approx(1.0)
+    assert {a["version"] for a in body["adapters"]} == {1}
+
+
+def test_recommend_without_candidates_ranks_popular_unrated_items(api: TestClient) -> None:
+    body = api.post("/recommend", json={"user_id": "u1", "top_k": 100}).json()
+    rated = {"1", "2", "3", "4", "5", "10"}  # u1's items (tests/conftest.py)
+    assert {i["item_id"] for i in body["items"]} == {str(i) for i in range(1, 13)} - rated
+
+
+@pytest.mark.parametrize(("body", "status"), [
+    ({"user_id": "nobody", "candidates": ["1"]}, 404),
+    ({"user_id": "u1", "candidates": ["1", "999", "x"]}, 422),
+    ({"user_id": "u1", "candidates": []}, 422),
+    ({"user_id": "u1", "candidates": [str(i) for i in range(101)]}, 422),
+    ({"user_id": "u1", "top_k": 0}, 422),
+    ({"user_id": "u1", "top_k": 101}, 422),
+    ({"user_id": True}, 422),
+    ({"user_id": "u1", "extra": 1}, 422),
+    ({}, 422),
+])
+def test_recommend_rejects_bad_input_with_4xx(api: TestClient, body: dict, status: int) -> None:
+    answer = api.post("/recommend", json=body)
+    assert answer.status_code == status, answer.text
+    assert "detail" in answer.json()
+
+
+def test_unknown_candidates_are_listed(api: TestClient) -> None:
+    detail = api.post("/recommend", json={"user_id": "u1", "candidates": ["1", "999", "x"]}).json()["detail"]
+    assert detail["unknown_items"] == ["999", "x"]
+
+
+def test_delete_some_items_then_idempotency(api: TestClient) -> None:
+    headers = {**AUTH, "Idempotency-Key": "k-1"}
+    first = api.delete("/users/u2/interactions", params=[("item_id", "6"), ("item_id", "7")], headers=headers)
+    assert first.status_code == 202, first.text
+    assert first.headers["Location"] == f"/deletions/{first.json()['request_id']}"
+    depth = queue_depth(api)
+    again = api.delete("/users/u2/interactions", params=[("item_id", "6")], headers=headers)
+    assert again.status_code == 202
+    assert again.json()["request_id"] == first.json()["request_id"]
+    assert queue_depth(api) == depth, "a repeated request enqueues nothing"
+    settings = api.app_settings  # type: ignore[attr-defined]
+    with session_scope(settings.ledger_url) as session:
+        live = {i.item_id for i in session.query(Interaction).filter_by(user_id="u2", deleted_at=None)}
+    assert live == {"8", "9", "11", "12", "1", "2"}
+    # what is already deleted cannot be deleted again: nothing live -> 404, no retrain
+    assert api.delete("/users/u2/interactions", params=[("item_id", "6")], headers=AUTH).status_code == 404
+    assert queue_depth(api) == depth
+    # the deletion is visible, with its shards, and no certificate yet
+    state = api.get(first.headers["Location"]).json()
+    assert state["status"] in ("quarantined", "completed")
+    assert (state["certificate"] is None) == (state["status"] != "completed")
+
+
+def test_delete_unknown_user_and_unknown_request(api: TestClient) -> None:
+    assert api.delete("/users/nobody/interactions", headers=AUTH).status_code == 404
+    assert api.get("/deletions/does-not-exist").status_code == 404
+
+
+def test_deleting_data_no_shard_trained_on_completes_at_once(api: TestClient, service_home: Path) -> None:
+    frame = pd.read_parquet(service_home / "runs" / "tiny" / "samples.parquet")
+    trained = {k for keys in frame.loc[frame["split"] == "train", "interaction_keys"] for k in keys}
+    seen = {k for keys in frame["interaction_keys"] for k in keys}
+    user, item, _ = sorted(seen - trained)[0].split(":")
+    answer = api.delete(f"/users/{user}/interactions", params={"item_id": item}, headers=AUTH)
+    assert answer.json()["status"] == "completed" and answer.json()["affected_shards"] == []
+    certificate = api.get(answer.headers["Location"]).json()["certificate"]
+    assert certificate["shards"] == [] and certificate["violations"] == 0
+    assert certificate["serving_manifests_checked"] == 2
+
+
+def test_admin_status_and_retrain_errors(api: TestClient) -> None:
+    status = api.get("/admin/status", headers=AUTH).json()
+    assert [s["shard"] for s in status["shards"]] == [0, 1]
+    assert all(s["state"] == "serving" and s["version"] == 1 and len(s["manifest_sha256"]) == 64
+               for s in status["shards"])
+    assert sum(s["n_samples"] for s in status["shards"]) == 8
+    assert status["queue"] == {"depth": 0, "workers": 0}
+    assert status["deletions"] == {}
+    assert status["model"]["name"] and len(status["model"]["sha256"]) == 64
+    assert api.post("/admin/shards/7/retrain", headers=AUTH).status_code == 404
+    assert api.post("/admin/shards/0/retrain", headers=AUTH).status_code == 409
+
+
+def test_openapi_documents_the_contract(api: TestClient) -> None:
+    schema = api.get("/openapi.json").json()
+    assert {"/recommend", "/users/{user_id}/interactions", "/deletions/{request_id}", "/admin/status",
+            "/admin/shards/{shard}/retrain", "/healthz", "/readyz"} <= set(schema["paths"])
+    assert schema["components"]["schemas"]["RecommendRequest"]["examples"]
+    assert "bearer" in str(schema["components"]["securitySchemes"]).lower()
+    delete = schema["paths"]["/users/{user_id}/interactions"]["delete"]
+    assert {"202", "401", "403", "404"} <= set(delete["responses"])
+
+
+def test_metrics_exposes_latency_by_route(api: TestClient) -> None:
+    api.post("/recommend", json={"user_id": "u1", "candidates": ["1"]})
+    text = api.get("/metrics").text
+    assert 'apa_request_seconds_count{method="POST",route="/recommend",status="200"} 1.0' in text
+    assert 'apa_predictions_total{fallback="false"} 1.0' in text

@@ -1,0 +1,115 @@
+"""The worker's failure paths and its catch-up: gate refusal, admin retry, lost messages, reruns, locks."""
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+from rq import SimpleWorker
+
+from apa import artifacts
+from apa.ledger import repository
+from apa.ledger.db import session_scope
+from apa.ledger.models import Sample
+from tests.conftest import ADMIN_TOKEN, load_tiny, record_run, service_settings
+from worker import queue
+from worker.reconciler import reconcile
+from worker.settings import WorkerSettings
+from worker.tasks import WorkerContext, held_lock, retrain_shard, set_context
+
+AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+
+
+@pytest.fixture
+def env(service_home: Path, redis_prefix: str, tiny_model_dir: Path, tmp_path: Path) -> Iterator[dict]:
+    from service.app import create_app
+
+    settings = service_settings(service_home, f"sqlite:///{tmp_path / 'apa.db'}", redis_prefix, tiny_model_dir)
+    record_run(settings)
+    worker_settings = WorkerSettings(**settings.model_dump(include=set(WorkerSettings.model_fields)),
+                                     backoff_s=0.0)
+    redis = queue.connect(settings.redis_url)
+    set_context(WorkerContext(settings=worker_settings, base=load_tiny(tiny_model_dir), redis=redis))
+    with TestClient(create_app(settings)) as client:
+        yield {"client": client, "settings": worker_settings, "redis": redis,
+               "run_dir": service_home / "runs" / "tiny"}
+    set_context(None)
+    redis.close()
+
+
+def work(env: dict) -> None:
+    SimpleWorker([queue.queue(env["redis"], env["settings"].redis_prefix)], connection=env["redis"]).work(burst=True)
+
+
+def delete_user_of_shard(env: dict, shard: int) -> dict:
+    with session_scope(env["settings"].ledger_url) as session:
+        user = min(s.user_id for s in session.query(Sample).filter(Sample.shard == shard))
+    answer = env["client"].delete(f"/users/{user}/interactions", headers=AUTH)
+    assert answer.status_code == 202
+    return {**answer.json(), "user": user}
+
+
+def shard_state(env: dict, shard: int) -> repository.ShardView:
+    with session_scope(env["settings"].ledger_url) as session:
+        return repository.shard_views(session=session)[shard]
+
+
+def test_a_refused_version_leaves_the_shard_quarantined_until_an_admin_retry(env: dict) -> None:
+    env["settings"].gate_max_auc_drop = -2.0  # no AUC can pass: the gate refuses every version
+    request = delete_user_of_shard(env, 0)
+    work(env)
+    state = env["client"].get(f"/deletions/{request['request_id']}").json()
+    assert state["status"] == "failed" and "validation gate" in state["error"]
+    shards = request["affected_shards"]
+    for shard in shards:
+        view = shard_state(env, shard)
+        assert (view.state, view.version) == ("failed", 1), "never rolled back, never a refused version"
+        assert artifacts.versions(artifacts.shard_dir(env["run_dir"], shard)) == [1]
+    other = next(u for u in ("u1", "u2", "u3", "u4") if u != request["user"])
+    answer = env["client"].post("/recommend", json={"user_id": other, "candidates": ["1"]}).json()
+    assert not set(shards) & {a["shard"] for a in answer["adapters"]}
+    reconcile(env["settings"], env["redis"])  # failed shards wait for an admin
+    assert queue.queue(env["redis"], env["settings"].redis_prefix).count == 0
+
+    env["settings"].gate_max_auc_drop = 1.0
+    for shard in shards:
+        retry = env["client"].post(f"/admin/shards/{shard}/retrain", headers=AUTH)
+        assert retry.status_code == 202 and retry.json() == {"shard": shard, "enqueued": True}
+    work(env)
+    state = env["client"].get(f"/deletions/{request['request_id']}").json()
+    assert state["status"] == "completed" and state["certificate"]["violations"] == 0
+    assert all(shard_state(env, shard).state == "serving" for shard in shards)
+
+
+def test_the_reconciler_recovers_a_lost_queue(env: dict) -> None:
+    request = delete_user_of_shard(env, 1)
+    keys = list(env["redis"].scan_iter(f"*{env['settings'].redis_prefix}*"))
+    env["redis"].delete(*keys)  # Redis lost the jobs (and the markers)
+    result = reconcile(env["settings"], env["redis"])
+    assert set(request["affected_shards"]) <= set(result["enqueued"])
+    work(env)
+    assert env["client"].get(f"/deletions/{request['request_id']}").json()["status"] == "completed"
+
+
+def test_a_job_run_twice_retrains_once_and_a_held_lock_waits(env: dict) -> None:
+    delete_user_of_shard(env, 0)
+    names = queue.Names(env["settings"].redis_prefix)
+    with held_lock(env["redis"], names.lock(0), 30) as held:
+        assert held
+        assert retrain_shard(0) == {"shard": 0, "status": "busy"}
+    first = retrain_shard(0)
+    assert first["status"] == "published" and first["version"] == 2
+    assert retrain_shard(0) == {"shard": 0, "status": "clean"}
+    assert artifacts.versions(artifacts.shard_dir(env["run_dir"], 0))[-1] == 2, "one new version, not two"
+
+
+def test_the_reconciler_cleans_old_temp_dirs(env: dict) -> None:
+    import os
+    import time
+
+    tmp = artifacts.shard_dir(env["run_dir"], 0) / ".tmp-crashed"
+    tmp.mkdir()
+    old = time.time() - 3600
+    os.utime(tmp, (old, old))
+    assert reconcile(env["settings"], env["redis"])["temp_dirs_removed"] == 1
+    assert not tmp.exists()
