@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from apa.errors import APAError
+from apa.errors import APAError, LedgerError
 from apa.settings import get_settings
 
 app = typer.Typer(help="APA-Rec: LLM recommendation with exact unlearning (Adapter Partition and Aggregation).",
@@ -116,13 +116,18 @@ def train(
 
 
 def _record(run_dir: Path) -> None:
+    from sqlalchemy.exc import SQLAlchemyError
+
     from apa.ledger import db
     from apa.record import import_run
 
     settings = get_settings()
-    db.upgrade(settings.ledger_url)
-    with db.session_scope(settings.ledger_url) as session:
-        summary = import_run(session, run_dir, settings)
+    try:
+        db.upgrade(settings.ledger_url)
+        with db.session_scope(settings.ledger_url) as session:
+            summary = import_run(session, run_dir, settings)
+    except SQLAlchemyError as exc:
+        raise LedgerError(f"ledger {db.redact(settings.ledger_url)}: {exc}") from exc
     what = "recorded" if summary.created else "already recorded; updated"
     typer.echo(f"ledger ({db.redact(settings.ledger_url)}): {what} run {run_dir.name}: "
                f"{summary.interactions} interactions, {summary.samples} samples, "
@@ -184,24 +189,29 @@ def check(
         raise typer.Exit(code=1)
 
 
-@ledger_app.command("upgrade")
-def ledger_upgrade(revision: Annotated[str, typer.Argument(help="Target migration")] = "head") -> None:
-    """Create or migrate the ledger's tables (Alembic)."""
+def _migrate(direction: str, revision: str) -> None:
+    from sqlalchemy.exc import SQLAlchemyError
+
     from apa.ledger import db
 
     url = get_settings().ledger_url
-    db.upgrade(url, revision)
-    typer.echo(f"ledger {db.redact(url)} at migration {db.current_revision(url)}")
+    try:
+        (db.upgrade if direction == "up" else db.downgrade)(url, revision)
+        typer.echo(f"ledger {db.redact(url)} at migration {db.current_revision(url)}")
+    except (APAError, SQLAlchemyError) as exc:
+        _fail(exc)
+
+
+@ledger_app.command("upgrade")
+def ledger_upgrade(revision: Annotated[str, typer.Argument(help="Target migration")] = "head") -> None:
+    """Create or migrate the ledger's tables (Alembic)."""
+    _migrate("up", revision)
 
 
 @ledger_app.command("downgrade")
 def ledger_downgrade(revision: Annotated[str, typer.Argument(help="Target migration")] = "base") -> None:
     """Undo migrations (``base`` drops every ledger table)."""
-    from apa.ledger import db
-
-    url = get_settings().ledger_url
-    db.downgrade(url, revision)
-    typer.echo(f"ledger {db.redact(url)} at migration {db.current_revision(url)}")
+    _migrate("down", revision)
 
 
 @ledger_app.command("import")
@@ -249,13 +259,15 @@ def run_worker(
 @app.command()
 def audit(request_id: Annotated[str, typer.Argument(help="A deletion request id")]) -> None:
     """Print a deletion request: status history, certificate and its audit-log entries (JSON)."""
+    from sqlalchemy.exc import SQLAlchemyError
+
     from apa.ledger import db
     from apa.ledger.audit import deletion_report
 
     try:
         with db.session_scope(get_settings().ledger_url) as session:
             report = deletion_report(session=session, request_id=request_id)
-    except APAError as exc:
+    except (APAError, SQLAlchemyError) as exc:
         _fail(exc)
     typer.echo(json.dumps(report, indent=2, default=str))
 

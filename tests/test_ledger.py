@@ -55,3 +55,28 @@ def test_hmacs_are_keyed() -> None:
     assert a == repository.hmac_hex(b"key-1", "interaction", "u1:1:100")
     assert a != repository.hmac_hex(b"key-2", "interaction", "u1:1:100")
     assert "u1" not in a and len(a) == 64
+
+
+def test_cli_ledger_commands_and_clear_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from typer.testing import CliRunner
+
+    from apa.cli import app
+    from apa.settings import get_settings
+
+    monkeypatch.setenv("APA_HOME", str(tmp_path))
+    monkeypatch.delenv("APA_DATABASE_URL", raising=False)
+    monkeypatch.delenv("APA_ADMIN_TOKEN", raising=False)
+    get_settings.cache_clear()
+    runner = CliRunner()
+    try:
+        up = runner.invoke(app, ["ledger", "upgrade"])
+        assert up.exit_code == 0 and "at migration 0001" in up.output
+        assert (tmp_path / "apa.db").is_file()
+        missing = runner.invoke(app, ["audit", "no-such-request"])
+        assert missing.exit_code == 1 and "no deletion request" in missing.output
+        down = runner.invoke(app, ["ledger", "downgrade"])
+        assert down.exit_code == 0 and "at migration None" in down.output
+        no_token = runner.invoke(app, ["serve"])
+        assert no_token.exit_code == 1 and "APA_ADMIN_TOKEN" in no_token.output
+    finally:
+        get_settings.cache_clear()
