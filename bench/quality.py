@@ -1,0 +1,115 @@
+"""Test AUC of APA and its baselines on MovieLens-100K with SmolLM2, driving `apa train` / `apa eval`.
+
+Each configuration trains into ``<APA_HOME>/bench/quality/<name>`` (resumable: run it again and it
+continues) and is evaluated with per-sample (paper) and per-user (service) weights. Background long
+presets and keep their log: ``nohup python bench/quality.py --preset cpu > quality.log 2>&1 &``.
+
+Presets (the issue's plan):
+* ``cpu``      K=4, 512/250/250, 3 epochs, lr 3e-4, seed 0 (CPU is enough)
+* ``ablation`` partition semantic / random / user at K=2, 256/128/256, 3 epochs (CPU)
+* ``paper``    1024/500/1000, K=4, seeds 0 and 1; K=8 seed 0; ablation at K=4 (GPU: ``--device cuda``)
+* ``--quick``  K=2, 64/32/64, 1 epoch: the same tables and JSON keys in minutes
+
+    python bench/quality.py --preset cpu --out docs/results/quality-cpu.json
+"""
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from apa.settings import get_settings
+from bench.machine import describe
+
+
+@dataclass(frozen=True)
+class Config:
+    name: str
+    shards: int
+    n_train: int
+    n_valid: int
+    n_test: int
+    epochs: int = 3
+    seed: int = 0
+    partition: str = "semantic"
+
+    def train_args(self) -> list[str]:
+        return ["--shards", str(self.shards), "--train-samples", str(self.n_train), "--valid-samples",
+                str(self.n_valid), "--test-samples", str(self.n_test), "--epochs", str(self.epochs),
+                "--seed", str(self.seed), "--partition", self.partition, "--lr", "3e-4"]
+
+
+def ablation(k: int, n: tuple[int, int, int], epochs: int = 3) -> list[Config]:
+    return [Config(f"ablation-k{k}-{p}", k, *n, epochs=epochs, partition=p) for p in ("semantic", "random", "user")]
+
+
+PRESETS: dict[str, list[Config]] = {
+    "quick": [Config("quick-k2", 2, 64, 32, 64, epochs=1)],
+    "cpu": [Config("cpu-k4-512", 4, 512, 250, 250)],
+    "ablation": ablation(2, (256, 128, 256)),
+    "paper": [Config("paper-k4-s0", 4, 1024, 500, 1000), Config("paper-k4-s1", 4, 1024, 500, 1000, seed=1),
+              Config("paper-k8-s0", 8, 1024, 500, 1000), *ablation(4, (1024, 500, 1000))[1:]],
+}
+
+
+def apa(*args: str) -> None:
+    subprocess.run([sys.executable, "-m", "apa.cli", *args], check=True)
+
+
+def run_config(cfg: Config, root: Path, device: str) -> dict[str, Any]:
+    run = root / cfg.name
+    started = time.perf_counter()
+    apa("train", *cfg.train_args(), "--no-ledger", "--device", device, "--out", str(run))
+    train_s = time.perf_counter() - started
+    result: dict[str, Any] = {"config": cfg.__dict__, "train_wall_s": round(train_s, 1), "auc": {}}
+    for weights in ("per-sample", "per-user"):
+        out = run / f"eval-{weights}.json"
+        if not out.is_file():
+            apa("eval", "--run", str(run), "--weights", weights, "--device", device, "--out", str(out))
+        report = json.loads(out.read_text())
+        result["auc"][weights] = report["auc"]
+        result.setdefault("eval_seconds", {})[weights] = report["seconds"]
+    auc = result["auc"]["per-sample"]
+    result["apa_nd_over_single"] = round(auc["apa_nd"] / auc["single"], 4)
+    result["checks"] = {"apa_nd_ge_0.97_single": auc["apa_nd"] >= 0.97 * auc["single"],
+                        "apa_nd_gt_sisa": auc["apa_nd"] > auc["sisa"],
+                        "trained_gt_base": all(auc[m] > auc["base"] for m in
+                                               ("apa_nd", "apa_d", "single", "sisa", "ensemble", "best_shard"))}
+    return result
+
+
+def table(results: list[dict[str, Any]]) -> str:
+    methods = ["apa_nd", "apa_d", "single", "sisa", "ensemble", "best_shard", "item_mean", "base"]
+    lines = ["| config | weights | " + " | ".join(methods) + " | apa_nd/single |",
+             "|---|---|" + "---|" * (len(methods) + 1)]
+    for r in results:
+        for weights, auc in r["auc"].items():
+            lines.append(f"| {r['config']['name']} | {weights} | " + " | ".join(f"{auc[m]:.4f}" for m in methods)
+                         + f" | {auc['apa_nd'] / auc['single']:.3f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
+    parser.add_argument("--quick", action="store_true", help="same as --preset quick")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    preset = "quick" if args.quick else args.preset
+    root = get_settings().home / "bench" / "quality"
+    results = [run_config(cfg, root, args.device) for cfg in PRESETS[preset]]
+    report = {"benchmark": "quality", "preset": preset, "machine": describe(args.device),
+              "command": "python bench/quality.py " + " ".join(sys.argv[1:]), "results": results}
+    print(table(results))
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
