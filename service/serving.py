@@ -10,7 +10,9 @@ quarantines its shards at once, before its transaction commits.
 import json
 import logging
 import threading
-from collections.abc import Callable, Sequence
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -47,12 +49,20 @@ class Serving:
         self.memory: ValidationMemory | None = None
         self._valid_ids: frozenset[str] = frozenset()
         self._sync_lock = threading.Lock()
+        # A sync must never lift a quarantine it did not see: ``_epoch`` counts quarantines (a sync
+        # releases nothing if one happened after its ledger read) and ``_pending`` holds the shards
+        # of deletions this replica took whose transaction has not committed yet.
+        self._state_lock = threading.Lock()
+        self._epoch = 0
+        self._pending: Counter[int] = Counter()
         self.on_completed: Callable[[list[float]], None] = lambda seconds: None  # DELETE -> completed, s
         self._completed_seen: datetime = utcnow()
 
     # -- keeping in line with the ledger ------------------------------------------------------
     def sync(self) -> None:
         with self._sync_lock:
+            with self._state_lock:
+                epoch = self._epoch
             with session_scope(self.settings.ledger_url) as session:
                 views = repository.shard_views(session=session)
                 valid_ids = frozenset(repository.live_sample_ids(session=session, split="valid"))
@@ -77,8 +87,10 @@ class Serving:
                 for ref in changed:
                     log.info("hot-swap shard %d: v%s -> v%d", ref.shard, live.get(ref.shard), ref.version)
                     self.engine.load_shard(ref)
-            for shard in serving:
-                self.engine.release(shard)
+            with self._state_lock:
+                if self._epoch == epoch:
+                    for shard in serving - set(+self._pending):
+                        self.engine.release(shard)
             if completed:
                 self._completed_seen = max(done for _, done in completed if done is not None)
                 self.on_completed([(done - created).total_seconds() for created, done in completed
@@ -90,8 +102,24 @@ class Serving:
         return memory.without(set(memory.sample_ids) - valid_ids)
 
     def quarantine(self, shards: Sequence[int]) -> None:
-        for shard in shards:
-            self.engine.quarantine(shard)
+        with self._state_lock:
+            self._epoch += 1
+            for shard in shards:
+                self.engine.quarantine(shard)
+
+    @contextmanager
+    def quarantined_until_committed(self, shards: Sequence[int]) -> Iterator[None]:
+        """Quarantine now; no sync may lift it while the deletion's transaction commits (inside)."""
+        with self._state_lock:
+            self._epoch += 1
+            self._pending.update(shards)
+            for shard in shards:
+                self.engine.quarantine(shard)
+        try:
+            yield
+        finally:
+            with self._state_lock:
+                self._pending.subtract(shards)
 
     def drop_valid(self, sample_ids: Sequence[str]) -> None:
         memory = self.memory

@@ -160,3 +160,13 @@ def test_metrics_exposes_latency_by_route(api: TestClient) -> None:
     text = api.get("/metrics").text
     assert 'apa_request_seconds_count{method="POST",route="/recommend",status="200"} 1.0' in text
     assert 'apa_predictions_total{fallback="false"} 1.0' in text
+
+
+def test_a_sync_never_lifts_a_quarantine_whose_deletion_has_not_committed(api: TestClient) -> None:
+    serving = api.app.state.gateway.serving  # type: ignore[attr-defined]
+    with serving.quarantined_until_committed([0]):
+        serving.sync()  # the ledger still says "serving" (nothing committed): shard 0 stays out
+        assert 0 not in serving.active()
+    serving.quarantine([1])
+    serving.sync()
+    assert set(serving.active()) == {0, 1}, "once nothing is pending, the ledger's word counts"

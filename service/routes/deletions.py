@@ -43,9 +43,9 @@ def delete_interactions(
         idempotency_key=idempotency_key, token_hmac=token_hmac)
     request = outcome.request
     if outcome.created:
-        serving.quarantine(request.affected_shards)  # before the commit: the safe side of a failure
         serving.drop_valid(outcome.valid_sample_ids)
-        session.commit()
+        with serving.quarantined_until_committed(request.affected_shards):  # before the commit: the safe side
+            session.commit()
         gateway.metrics.time_to_quarantine.observe(time.perf_counter() - received)
         gateway.metrics.deletion_requests.labels(first_status=request.status).inc()
         _wake_worker(gateway, request)
