@@ -164,11 +164,17 @@ class EventListener(threading.Thread):
                 while not self.stopped.is_set():
                     message = pubsub.get_message(timeout=1.0)
                     if message is not None:
-                        self.serving.on_event(json.loads(message["data"]))
+                        self._handle(message["data"])
                 pubsub.close()
             except Exception:
-                log.warning("event listener: %s; retrying", "Redis unavailable", exc_info=True)
+                log.warning("event listener: Redis unavailable; retrying in 2 s", exc_info=True)
                 self.stopped.wait(2.0)
+
+    def _handle(self, data: bytes) -> None:
+        try:
+            self.serving.on_event(json.loads(data))
+        except Exception:  # the ledger poll retries what an event could not finish
+            log.exception("event %r could not be applied", data[:200])
 
     def stop(self) -> None:
         self.stopped.set()

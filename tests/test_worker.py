@@ -113,3 +113,17 @@ def test_the_reconciler_cleans_old_temp_dirs(env: dict) -> None:
     os.utime(tmp, (old, old))
     assert reconcile(env["settings"], env["redis"])["temp_dirs_removed"] == 1
     assert not tmp.exists()
+
+
+def test_the_shard_lock_outlives_its_ttl_while_held(env: dict) -> None:
+    """A retrain longer than the lock's TTL keeps the lock (the heartbeat extends it from its thread)."""
+    import time
+
+    name = queue.Names(env["settings"].redis_prefix).lock("ttl-test")
+    with held_lock(env["redis"], name, 1) as held:
+        assert held
+        time.sleep(2.5)
+        assert env["redis"].exists(name), "the heartbeat kept it alive past its 1 s TTL"
+        with held_lock(env["redis"], name, 1) as second:
+            assert not second
+    assert not env["redis"].exists(name)

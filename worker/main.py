@@ -1,6 +1,7 @@
 """``apa worker``: load the base model once, reconcile, then run an RQ SimpleWorker (no fork per job)."""
 
 import logging
+import os
 
 from rq import SimpleWorker
 
@@ -16,6 +17,8 @@ log = logging.getLogger(__name__)
 
 def run(settings: WorkerSettings, *, burst: bool = False) -> None:
     require_current(settings.ledger_url)
+    if settings.nice:
+        os.nice(settings.nice)
     redis = queue.connect(settings.redis_url)
     redis.ping()
     log.info("loading base model from %s", settings.base_model_dir)

@@ -27,8 +27,10 @@ def reconcile(settings: WorkerSettings, redis: Any) -> dict[str, Any]:
             run_dir = None
         dirty = repository.dirty_shards(session=session)
         purges = repository.pending_purges(session=session)
-    enqueued = [k for k in dirty
-                if queue.enqueue_retrain(redis, settings.redis_prefix, k, timeout_s=settings.retrain_timeout_s)]
+    names = queue.Names(settings.redis_prefix)
+    busy = [k for k in dirty if redis.exists(names.lock(k))]  # being retrained: that job re-enqueues if needed
+    enqueued = [k for k in dirty if k not in busy
+                and queue.enqueue_retrain(redis, settings.redis_prefix, k, timeout_s=settings.retrain_timeout_s)]
     if purges:
         queue.enqueue_purge(redis, settings.redis_prefix)
     cleaned = artifacts.clean_temp_dirs(run_dir) if run_dir is not None and run_dir.is_dir() else 0

@@ -11,6 +11,7 @@ class WorkerSettings(CoreSettings):
     backoff_s: float = 5.0
     gate_max_auc_drop: float = 0.1  # see apa/gate.py
     reconcile_interval_s: float = 30.0
+    nice: int = 10  # retraining yields the CPU to a gateway on the same machine
     lock_ttl_s: int = 60  # per-shard lock, extended while the retrain runs; a killed worker frees it
 
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from redis import Redis
+from redis.exceptions import LockError, LockNotOwnedError, RedisError
 from redis.lock import Lock
 
 from apa import artifacts, gate
@@ -63,7 +64,7 @@ def get_context() -> WorkerContext:
 @contextmanager
 def held_lock(redis: Redis, name: str, ttl_s: int) -> Iterator[bool]:
     """A Redis lock kept alive by a heartbeat while held; yields whether it was acquired."""
-    lock = Lock(redis, name, timeout=ttl_s, blocking=False)
+    lock = Lock(redis, name, timeout=ttl_s, blocking=False, thread_local=False)  # the heartbeat thread extends it
     if not lock.acquire():
         yield False
         return
@@ -71,7 +72,10 @@ def held_lock(redis: Redis, name: str, ttl_s: int) -> Iterator[bool]:
 
     def beat() -> None:
         while not stop.wait(ttl_s / 3):
-            lock.extend(ttl_s, replace_ttl=True)
+            try:
+                lock.extend(ttl_s, replace_ttl=True)
+            except (LockError, RedisError):
+                log.warning("could not extend %s; another worker may take the shard", name, exc_info=True)
 
     heartbeat = threading.Thread(target=beat, name=f"heartbeat {name}", daemon=True)
     heartbeat.start()
@@ -80,7 +84,10 @@ def held_lock(redis: Redis, name: str, ttl_s: int) -> Iterator[bool]:
     finally:
         stop.set()
         heartbeat.join()
-        lock.release()
+        try:
+            lock.release()
+        except LockNotOwnedError:
+            log.warning("%s expired before release", name)
 
 
 def retrain_shard(shard: int) -> dict[str, Any]:
