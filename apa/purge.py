@@ -3,7 +3,9 @@
 What goes: the samples' rows in ``samples.parquet`` and ``run.json``, their rows in the validation
 memory, their entries in every version's ``valid_predictions.json`` (the adapter weights and
 manifest of a version are never touched), their embedding-cache entries, every superseded adapter
-version trained on them, and the ``single`` baseline if it saw any of them. Safe to run twice.
+version trained on them, and the ``single`` baseline if it saw any of them. The run folder keeps
+the HMACs of the deleted interactions in ``forgotten.json``, so importing it into another ledger
+(with the same ``APA_HMAC_KEY``) does not bring them back. Safe to run twice.
 """
 
 import shutil
@@ -25,8 +27,19 @@ class PurgeReport:
     folders: int = 0
 
 
-def purge_run_files(run_dir: Path, sample_ids: set[str], superseded: list[Path]) -> PurgeReport:
+FORGOTTEN = "forgotten.json"
+
+
+def forgotten_hmacs(run_dir: Path) -> set[str]:
+    path = run_dir / FORGOTTEN
+    return set(artifacts.read_json(path)) if path.is_file() else set()
+
+
+def purge_run_files(run_dir: Path, sample_ids: set[str], superseded: list[Path],
+                    hmacs: set[str] | None = None) -> PurgeReport:
     report = PurgeReport()
+    if hmacs and not hmacs <= forgotten_hmacs(run_dir):
+        artifacts.write_json_atomic(run_dir / FORGOTTEN, sorted(forgotten_hmacs(run_dir) | hmacs))
     if not sample_ids and not superseded:
         return report
     doc = artifacts.read_json(artifacts.require_run(run_dir) / "run.json")

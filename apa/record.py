@@ -13,6 +13,7 @@ from sqlalchemy.orm import Session
 from apa import artifacts, data
 from apa.evaluation import auc
 from apa.ledger import repository
+from apa.purge import forgotten_hmacs
 from apa.runs import read_run
 from apa.settings import CoreSettings
 
@@ -49,4 +50,5 @@ def import_run(session: Session, run_dir: Path, settings: CoreSettings) -> repos
         session=session, run_path=run_dir, dataset=dataset, splits=run.splits, shard_of=run.shard_of,
         config=run.config.as_dict(), base_model_name=str(doc["base_model"]["name"]),
         base_model_sha256=run.base_model_sha256, versions=records, key=settings.hmac_secret(),
+        forgotten=forgotten_hmacs(run_dir),
     )

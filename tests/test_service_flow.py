@@ -126,6 +126,13 @@ def test_delete_quarantines_retrains_certifies_and_purges(env: dict) -> None:
     assert 'apa_deletions{status="completed"} 1.0' in metrics
     assert "apa_time_to_quarantine_seconds_count 1.0" in metrics
 
+    # the run folder remembers the HMACs: importing it into a new ledger does not bring the user back
+    fresh = settings.model_copy(update={"database_url": f"sqlite:///{run_dir.parent / 'fresh.db'}"})
+    record_run(fresh)
+    with session_scope(fresh.ledger_url) as session:
+        assert session.query(Interaction).filter(Interaction.user_id == user).count() == 0
+        assert session.query(Interaction).count() > 0
+
 
 def test_deletions_during_a_retrain_coalesce(env: dict) -> None:
     """Two deletions on one shard before the worker runs cost one retrain; the shard serves after it."""

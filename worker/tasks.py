@@ -190,7 +190,8 @@ def purge_completed() -> dict[str, Any]:
             try:
                 with session_scope(settings.ledger_url) as session:
                     plan = repository.purge_plan(session=session, request_id=request_id)
-                report = purge_run_files(plan.run_path, set(plan.sample_ids), plan.superseded)
+                report = purge_run_files(plan.run_path, set(plan.sample_ids), plan.superseded,
+                                         set(plan.interaction_hmacs))
                 with session_scope(settings.ledger_url) as session:
                     repository.finish_purge(session=session, plan=plan)
             except (APAError, OSError):

@@ -98,11 +98,12 @@ def get_run(*, session: Session) -> Run:
 def import_run(
     *, session: Session, run_path: Path, dataset: "Dataset", splits: "dict[str, list[TrainingSample]]",
     shard_of: dict[str, int], config: dict[str, Any], base_model_name: str, base_model_sha256: str,
-    versions: Sequence[VersionRecord], key: bytes,
+    versions: Sequence[VersionRecord], key: bytes, forgotten: set[str] | None = None,
 ) -> ImportSummary:
     """Record a run: its dataset, samples, shards and adapter versions. Safe to run again (adds new versions).
 
-    Interactions and samples whose HMAC is in ``forgotten`` are not brought back.
+    Interactions whose HMAC is in the ledger's ``forgotten`` table or in ``forgotten`` (the run
+    folder's own list) are not brought back, nor any sample that contains one.
     """
     run_path = run_path.resolve()
     existing = session.scalars(select(Run)).first()
@@ -113,7 +114,7 @@ def import_run(
     if created:
         session.add(Run(path=str(run_path), dataset=dataset.name, shards=int(config["shards"]), config=config,
                         base_model_name=base_model_name, base_model_sha256=base_model_sha256))
-        forgotten = set(session.scalars(select(Forgotten.hmac)))
+        forgotten = set(session.scalars(select(Forgotten.hmac))) | (forgotten or set())
         session.execute(insert(Item), [{"item_id": str(r.item_id), "title": str(r.title)}
                                        for r in dataset.items.itertuples(index=False)])
         rows = []
@@ -532,6 +533,7 @@ class PurgePlan:
     sample_ids: list[str]
     superseded: list[Path]  # version folders trained on the deleted data
     run_path: Path
+    interaction_hmacs: list[str]
 
 
 def pending_purges(*, session: Session) -> list[str]:
@@ -550,7 +552,8 @@ def purge_plan(*, session: Session, request_id: str) -> PurgePlan:
         superseded.extend(Path(v.path) for v in stale)
     sample_ids = session.scalars(select(Sample.sample_id).where(Sample.deletion_id == request.id))
     return PurgePlan(request_id=request.id, sample_ids=sorted(sample_ids),
-                     superseded=sorted(set(superseded)), run_path=Path(get_run(session=session).path))
+                     superseded=sorted(set(superseded)), run_path=Path(get_run(session=session).path),
+                     interaction_hmacs=list(request.deleted_hmacs))
 
 
 def finish_purge(*, session: Session, plan: PurgePlan) -> None:
