@@ -7,7 +7,6 @@ import hashlib
 import hmac
 import json
 import uuid
-from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -585,12 +584,3 @@ def status_history(*, session: Session, request_id: str) -> list[DeletionEvent]:
 def completed_since(*, session: Session, since: datetime) -> list[DeletionRequest]:
     return list(session.scalars(select(DeletionRequest).where(DeletionRequest.completed_at > since)))
 
-
-def shard_count(*, session: Session) -> int:
-    return int(session.scalar(select(func.count()).select_from(Shard)) or 0)
-
-
-def interaction_counts(*, session: Session) -> Counter[str]:
-    rows = session.execute(select(Interaction.deleted_at.is_(None), func.count()).group_by(
-        Interaction.deleted_at.is_(None))).all()
-    return Counter({"live" if live else "tombstoned": int(n) for live, n in rows})
