@@ -19,5 +19,7 @@ class Metrics:
         self.time_to_forget = Histogram(
             "apa_time_to_forget_seconds", "Deletion created -> completed (retrained version serving)",
             buckets=(1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200), registry=self.registry)
+        self.history_cache = Counter("apa_history_cache_total", "History-embedding lookups", ["result"],
+                                     registry=self.registry)
         self.batches = Counter("apa_forward_batches_total", "Micro-batches run on the model thread", ["kind"],
                                registry=self.registry)

@@ -91,11 +91,21 @@ class Recommender:
             prompts=[prompts.sample_prompt(liked, disliked, titles[c], noun=cfg.noun) for c in candidates],
         )
 
+    async def history_embedding(self, query: Query, epoch: int) -> np.ndarray:
+        cache = self.serving.histories
+        embedding = cache.get(query.user_id, query.history_prompt)
+        self.metrics.history_cache.labels(result="miss" if embedding is None else "hit").inc()
+        if embedding is None:
+            [embedding] = await self.embedder.submit([query.history_prompt])
+            cache.put(query.user_id, query.history_prompt, embedding, epoch)
+        return embedding
+
     async def recommend(self, request: RecommendRequest) -> RecommendResponse:
+        epoch = self.serving.histories.epoch  # before the history is read
         query = await run_in_threadpool(self.prepare, request)
         active = self.serving.active()
         if active and query.candidates:
-            [history_embedding] = await self.embedder.submit([query.history_prompt])
+            history_embedding = await self.history_embedding(query, epoch)
             weights = self.serving.weights(history_embedding, active)  # [K]
             try:
                 scores = await self.scorer.submit([(p, weights) for p in query.prompts])

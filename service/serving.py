@@ -31,6 +31,7 @@ from apa.ledger.models import SERVING, utcnow
 from apa.ledger.repository import as_utc
 from apa.model import BaseModel
 from apa.runs import RunConfig, memory_path
+from service.history_cache import HistoryCache
 from service.settings import ServiceSettings
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,7 @@ class Serving:
         self.settings, self.base, self.run = settings, base, run
         self.engine = TorchEngine(base)
         self.memory: ValidationMemory | None = None
+        self.histories = HistoryCache(settings.history_cache_size)
         self._valid_ids: frozenset[str] = frozenset()
         self._sync_lock = threading.Lock()
         # A sync must never lift a quarantine it did not see: ``_epoch`` counts quarantines (a sync
@@ -92,6 +94,7 @@ class Serving:
                     for shard in serving - set(+self._pending):
                         self.engine.release(shard)
             if completed:
+                self.histories.clear()  # no embedding of deleted data outlives its deletion
                 self._completed_seen = max(done for _, done in completed if done is not None)
                 self.on_completed([(done - created).total_seconds() for created, done in completed
                                    if done is not None and created is not None])
@@ -130,6 +133,8 @@ class Serving:
         """A pub/sub event: apply a quarantine at once, then sync with the ledger."""
         if event.get("type") == "quarantine":
             self.quarantine([int(s) for s in event.get("shards", [])])
+            if event.get("user_id") is not None:
+                self.histories.forget(str(event["user_id"]))
         self.sync()
 
     # -- answering ------------------------------------------------------------------------------

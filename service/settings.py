@@ -19,6 +19,7 @@ class ServiceSettings(CoreSettings):
     batch_window_ms: float = 5.0  # how long the micro-batcher waits for concurrent requests
     max_batch_prompts: int = 128
     poll_interval_s: float = 2.0  # ledger poll, the fallback to pub/sub
+    history_cache_size: int = 4096  # users whose history embedding is kept (0: recompute every request)
 
 
 @lru_cache

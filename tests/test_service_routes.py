@@ -35,6 +35,15 @@ def queue_depth(api: TestClient) -> int:
         redis.close()
 
 
+def untrained_interaction(service_home: Path) -> tuple[str, str]:
+    """A (user, item) that some sample shows but no training sample contains."""
+    frame = pd.read_parquet(service_home / "runs" / "tiny" / "samples.parquet")
+    trained = {k for keys in frame.loc[frame["split"] == "train", "interaction_keys"] for k in keys}
+    seen = {k for keys in frame["interaction_keys"] for k in keys}
+    user, item, _ = sorted(seen - trained)[0].split(":")
+    return user, item
+
+
 def test_health_and_readiness(api: TestClient) -> None:
     assert api.get("/healthz").json() == {"status": "ok", "checks": {}}
     ready = api.get("/readyz")
@@ -115,16 +124,35 @@ def test_delete_some_items_then_idempotency(api: TestClient) -> None:
     assert (state["certificate"] is None) == (state["status"] != "completed")
 
 
+def test_a_repeat_recommend_reuses_the_history_embedding_until_the_user_deletes(
+        api: TestClient, service_home: Path) -> None:
+    def embeds() -> float:
+        lines = [line for line in api.get("/metrics").text.splitlines()
+                 if line.startswith('apa_forward_batches_total{kind="embed"}')]
+        return float(lines[0].split()[-1]) if lines else 0.0
+
+    user, item = untrained_interaction(service_home)  # deleting it quarantines nothing: answers stay mixed
+    body = {"user_id": user, "candidates": ["3"]}
+    first = api.post("/recommend", json=body).json()
+    before = embeds()
+    second = api.post("/recommend", json=body).json()
+    assert embeds() == before, "the second request ran no history forward"
+    assert second["items"] == first["items"] and second["adapters"] == first["adapters"]
+    histories = api.app.state.gateway.serving.histories  # type: ignore[attr-defined]
+    assert len(histories) == 1
+    assert api.delete(f"/users/{user}/interactions", params={"item_id": item}, headers=AUTH).status_code == 202
+    assert len(histories) == 0, "the deleting replica dropped the user's embedding"
+    assert api.post("/recommend", json=body).json()["fallback"] is False
+    assert embeds() == before + 1, "the history was embedded again"
+
+
 def test_delete_unknown_user_and_unknown_request(api: TestClient) -> None:
     assert api.delete("/users/nobody/interactions", headers=AUTH).status_code == 404
     assert api.get("/deletions/does-not-exist").status_code == 404
 
 
 def test_deleting_data_no_shard_trained_on_completes_at_once(api: TestClient, service_home: Path) -> None:
-    frame = pd.read_parquet(service_home / "runs" / "tiny" / "samples.parquet")
-    trained = {k for keys in frame.loc[frame["split"] == "train", "interaction_keys"] for k in keys}
-    seen = {k for keys in frame["interaction_keys"] for k in keys}
-    user, item, _ = sorted(seen - trained)[0].split(":")
+    user, item = untrained_interaction(service_home)
     answer = api.delete(f"/users/{user}/interactions", params={"item_id": item}, headers=AUTH)
     assert answer.json()["status"] == "completed" and answer.json()["affected_shards"] == []
     certificate = api.get(answer.headers["Location"]).json()["certificate"]

@@ -46,15 +46,16 @@ def delete_interactions(
         serving.drop_valid(outcome.valid_sample_ids)
         with serving.quarantined_until_committed(request.affected_shards):  # before the commit: the safe side
             session.commit()
+        serving.histories.forget(user_id)
         gateway.metrics.time_to_quarantine.observe(time.perf_counter() - received)
         gateway.metrics.deletion_requests.labels(first_status=request.status).inc()
-        _wake_worker(gateway, request)
+        _wake_worker(gateway, request, user_id)
     response.headers["Location"] = f"/deletions/{request.id}"
     return DeletionAccepted(request_id=request.id, status=request.status,  # type: ignore[arg-type]
                             affected_shards=list(request.affected_shards))
 
 
-def _wake_worker(gateway: GatewayDep, request: DeletionRequest) -> None:
+def _wake_worker(gateway: GatewayDep, request: DeletionRequest, user_id: str) -> None:
     """Enqueue the retrains and publish the quarantine; if Redis is down the reconciler catches up."""
     settings = gateway.settings
     try:
@@ -62,7 +63,7 @@ def _wake_worker(gateway: GatewayDep, request: DeletionRequest) -> None:
             queue.enqueue_retrain(gateway.redis, settings.redis_prefix, shard, timeout_s=settings.retrain_timeout_s)
         if request.affected_shards:
             queue.publish(gateway.redis, settings.redis_prefix,
-                          {"type": "quarantine", "shards": list(request.affected_shards)})
+                          {"type": "quarantine", "shards": list(request.affected_shards), "user_id": user_id})
         else:
             queue.enqueue_purge(gateway.redis, settings.redis_prefix)
     except Exception:

@@ -1,0 +1,64 @@
+"""Per-user cache of history embeddings, so a repeat ``/recommend`` costs one forward (the scores), not two.
+
+The history embedding comes from the base model alone, so it depends only on the history prompt: an
+entry is used only while the user's prompt hashes the same, and a changed history simply misses.
+Deleted data must not linger even there, so ``forget(user)`` drops the user's entry (the deleting
+replica after its commit, the others on the quarantine event) and ``clear()`` drops everything (when
+a deletion completes, which every replica learns from the ledger even without Redis). Both bump an
+epoch: an embedding computed from a history read before a ``forget`` or ``clear`` is never stored.
+"""
+
+import hashlib
+import threading
+from collections import OrderedDict
+
+import numpy as np
+
+
+class HistoryCache:
+    def __init__(self, max_entries: int) -> None:
+        self.max_entries = max_entries
+        self._entries: OrderedDict[str, tuple[bytes, np.ndarray]] = OrderedDict()
+        self._lock = threading.Lock()
+        self._epoch = 0
+
+    @staticmethod
+    def _digest(prompt: str) -> bytes:
+        return hashlib.sha256(prompt.encode()).digest()
+
+    @property
+    def epoch(self) -> int:
+        """Read before the history is read; pass to ``put``."""
+        return self._epoch
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, user_id: str, prompt: str) -> np.ndarray | None:
+        with self._lock:
+            entry = self._entries.get(user_id)
+            if entry is None or entry[0] != self._digest(prompt):
+                return None
+            self._entries.move_to_end(user_id)
+            return entry[1]
+
+    def put(self, user_id: str, prompt: str, embedding: np.ndarray, epoch: int) -> None:
+        if self.max_entries <= 0:
+            return
+        with self._lock:
+            if epoch != self._epoch:  # a deletion happened since this history was read
+                return
+            self._entries[user_id] = (self._digest(prompt), embedding)
+            self._entries.move_to_end(user_id)
+            while len(self._entries) > self.max_entries:
+                self._entries.popitem(last=False)
+
+    def forget(self, user_id: str) -> None:
+        with self._lock:
+            self._epoch += 1
+            self._entries.pop(user_id, None)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._epoch += 1
+            self._entries.clear()
