@@ -15,13 +15,16 @@ Presets (the issue's plan):
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from apa import artifacts
+from apa.runs import RunData, read_run
 from apa.settings import get_settings
 from bench.machine import describe
 
@@ -60,12 +63,37 @@ def apa(*args: str) -> None:
     subprocess.run([sys.executable, "-m", "apa.cli", *args], check=True)
 
 
-def run_config(cfg: Config, root: Path, device: str) -> dict[str, Any]:
+def same_single(run: Path, donor: Path) -> bool:
+    """Whether ``donor``'s single adapter is the one ``run`` would train: the partition does not enter
+    it, so runs that differ only in partition or K train it on the same samples, in the same order,
+    with the same configuration and seed."""
+    if artifacts.latest_version(donor, artifacts.SINGLE) != 1 or not (run / "run.json").is_file():
+        return False
+    mine, theirs = read_run(run), read_run(donor)
+
+    def train_split(data: RunData) -> list[tuple[str, str, int]]:
+        return [(s.sample_id, data.prompts[s.sample_id], s.label) for s in data.splits["train"]]
+
+    return (replace(mine.config, partition="", shards=0) == replace(theirs.config, partition="", shards=0)
+            and mine.base_model_sha256 == theirs.base_model_sha256 and train_split(mine) == train_split(theirs))
+
+
+def run_config(cfg: Config, root: Path, device: str, donors: list[Path]) -> dict[str, Any]:
+    """Train (resuming) and evaluate one configuration; the single baseline is copied from an earlier
+    run of the preset when ``same_single`` says it is the same adapter (the ablation saves half its
+    training that way)."""
     run = root / cfg.name
     started = time.perf_counter()
+    apa("train", *cfg.train_args(), "--no-single", "--no-ledger", "--device", device, "--out", str(run))
+    donor = next((d for d in donors if artifacts.latest_version(run, artifacts.SINGLE) is None
+                  and same_single(run, d)), None)
+    if donor is not None:
+        print(f"{cfg.name}: the single baseline is {donor.name}'s (same training samples and config)", flush=True)
+        shutil.copytree(artifacts.shard_dir(donor, artifacts.SINGLE), artifacts.shard_dir(run, artifacts.SINGLE))
     apa("train", *cfg.train_args(), "--no-ledger", "--device", device, "--out", str(run))
     train_s = time.perf_counter() - started
-    result: dict[str, Any] = {"config": cfg.__dict__, "train_wall_s": round(train_s, 1), "auc": {}}
+    result: dict[str, Any] = {"config": cfg.__dict__, "train_wall_s": round(train_s, 1), "auc": {},
+                              "single_from": donor.name if donor else cfg.name}
     for weights in ("per-sample", "per-user"):
         out = run / f"eval-{weights}.json"
         if not out.is_file():
@@ -102,7 +130,9 @@ def main() -> None:
     args = parser.parse_args()
     preset = "quick" if args.quick else args.preset
     root = get_settings().home / "bench" / "quality"
-    results = [run_config(cfg, root, args.device) for cfg in PRESETS[preset]]
+    results: list[dict[str, Any]] = []
+    for cfg in PRESETS[preset]:
+        results.append(run_config(cfg, root, args.device, donors=[root / r["config"]["name"] for r in results]))
     report = {"benchmark": "quality", "preset": preset, "machine": describe(args.device),
               "command": "python bench/quality.py " + " ".join(sys.argv[1:]), "results": results}
     print(table(results))

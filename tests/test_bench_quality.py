@@ -1,0 +1,29 @@
+"""bench/quality.py shares the single baseline between runs only when it is the same adapter."""
+
+from dataclasses import replace
+from pathlib import Path
+
+from apa import artifacts
+from apa.runs import train_run
+from bench.quality import same_single
+from tests.conftest import TINY_RUN, load_tiny
+
+
+def test_runs_differing_only_in_partition_train_the_same_single(tiny_run_template: Path, tiny_model_dir: Path,
+                                                                 tmp_path: Path) -> None:
+    donor = tiny_run_template / "runs" / "tiny"
+    base = load_tiny(tiny_model_dir)
+    dirs = {"datasets_dir": tiny_run_template / "datasets", "assets_dir": tiny_run_template / "assets"}
+    other = tmp_path / "random"
+    train_run(replace(TINY_RUN, partition="random"), other, base, **dirs)
+    assert same_single(other, donor)
+    # the claim behind sharing: trained again, it is byte for byte the donor's adapter
+    weights = "v1/adapter_model.safetensors"
+    assert ((artifacts.shard_dir(other, artifacts.SINGLE) / weights).read_bytes()
+            == (artifacts.shard_dir(donor, artifacts.SINGLE) / weights).read_bytes())
+
+    longer = tmp_path / "longer"
+    train_run(replace(TINY_RUN, partition="random", train=replace(TINY_RUN.train, epochs=2)), longer, base,
+              single=False, **dirs)
+    assert not same_single(longer, donor)
+    assert not same_single(donor, longer), "a run without a single adapter is no donor"
