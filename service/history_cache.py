@@ -3,16 +3,20 @@
 The history embedding comes from the base model alone, so it depends only on the history prompt: an
 entry is used only while the user's prompt hashes the same, and a changed history simply misses.
 Deleted data must not linger even there, so ``forget(user)`` drops the user's entry (the deleting
-replica after its commit, the others on the quarantine event) and ``clear()`` drops everything (when
-a deletion completes, which every replica learns from the ledger even without Redis). Both bump an
-epoch: an embedding computed from a history read before a ``forget`` or ``clear`` is never stored.
+replica after its commit, the others on the quarantine event) and ``forget_subjects`` drops the
+entries of the users whose deletions completed (every replica learns those from the ledger, even
+without Redis; the ledger knows them by HMAC only). Each bumps an epoch: an embedding computed from
+a history read before a drop is never stored.
 """
 
 import hashlib
 import threading
 from collections import OrderedDict
+from collections.abc import Collection
 
 import numpy as np
+
+from apa.ledger.repository import hmac_hex
 
 
 class HistoryCache:
@@ -33,6 +37,9 @@ class HistoryCache:
 
     def __len__(self) -> int:
         return len(self._entries)
+
+    def __contains__(self, user_id: object) -> bool:
+        return user_id in self._entries
 
     def get(self, user_id: str, prompt: str) -> np.ndarray | None:
         with self._lock:
@@ -58,7 +65,9 @@ class HistoryCache:
             self._epoch += 1
             self._entries.pop(user_id, None)
 
-    def clear(self) -> None:
+    def forget_subjects(self, subject_hmacs: Collection[str], key: bytes) -> None:
+        """Drop the users whose ``hmac_hex(key, "user", id)`` is listed (completed deletions)."""
         with self._lock:
             self._epoch += 1
-            self._entries.clear()
+            for user in [u for u in self._entries if hmac_hex(key, "user", u) in subject_hmacs]:
+                del self._entries[user]

@@ -68,8 +68,9 @@ class Serving:
             with session_scope(self.settings.ledger_url) as session:
                 views = repository.shard_views(session=session)
                 valid_ids = frozenset(repository.live_sample_ids(session=session, split="valid"))
-                completed = [(as_utc(r.created_at), as_utc(r.completed_at)) for r in
-                             repository.completed_since(session=session, since=self._completed_seen)]
+                finished = repository.completed_since(session=session, since=self._completed_seen)
+                completed = [(as_utc(r.created_at), as_utc(r.completed_at)) for r in finished]
+                subjects = {r.subject_hmac for r in finished}
             if any(v.path is None for v in views):
                 raise LedgerError(f"shards without a serving version: {[v.shard for v in views if v.path is None]}")
             refs = [AdapterRef(shard=v.shard, version=v.version or 0, path=v.path) for v in views if v.path]
@@ -94,7 +95,7 @@ class Serving:
                     for shard in serving - set(+self._pending):
                         self.engine.release(shard)
             if completed:
-                self.histories.clear()  # no embedding of deleted data outlives its deletion
+                self.histories.forget_subjects(subjects, self.settings.hmac_secret())  # nothing deleted lingers
                 self._completed_seen = max(done for _, done in completed if done is not None)
                 self.on_completed([(done - created).total_seconds() for created, done in completed
                                    if done is not None and created is not None])

@@ -2,6 +2,7 @@
 
 import numpy as np
 
+from apa.ledger.repository import hmac_hex
 from service.history_cache import HistoryCache
 
 
@@ -24,7 +25,7 @@ def test_keeps_the_most_recently_used_users() -> None:
     assert cache.get("u2", "u2") is None and cache.get("u1", "u1") is not None
 
 
-def test_forget_and_clear_drop_entries_and_refuse_stale_puts() -> None:
+def test_forget_drops_entries_and_refuses_stale_puts() -> None:
     cache = HistoryCache(max_entries=8)
     cache.put("u1", "p", np.zeros(1), cache.epoch)
     cache.put("u2", "p", np.zeros(1), cache.epoch)
@@ -33,7 +34,10 @@ def test_forget_and_clear_drop_entries_and_refuse_stale_puts() -> None:
     assert cache.get("u1", "p") is None and cache.get("u2", "p") is not None
     cache.put("u1", "p", np.zeros(1), read_at)
     assert cache.get("u1", "p") is None, "an embedding of a history read before the deletion is not stored"
-    cache.clear()
+    read_at = cache.epoch
+    cache.forget_subjects({hmac_hex(b"k", "user", "u2")}, b"k")  # u2's deletion completed
+    assert len(cache) == 0
+    cache.put("u2", "p", np.zeros(1), read_at)
     assert len(cache) == 0
 
 

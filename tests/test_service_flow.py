@@ -8,6 +8,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 from fastapi.testclient import TestClient
@@ -157,9 +158,12 @@ def test_a_second_replica_applies_the_quarantine_from_pub_sub(env: dict, tiny_mo
     settings_b = env["settings"].model_copy(update={"poll_interval_s": 60.0})
     user, shards = user_with_train_samples(env["run_dir"])
     with TestClient(create_app(settings_b)) as replica:
+        histories = replica.app.state.gateway.serving.histories  # type: ignore[attr-defined]
         other = next(u for u in ("u1", "u2", "u3", "u4") if u != user)
         before = replica.post("/recommend", json={"user_id": other, "candidates": ["1"]}).json()
         assert shards <= {a["shard"] for a in before["adapters"]}
+        assert replica.post("/recommend", json={"user_id": user, "candidates": ["1"]}).status_code == 200
+        assert user in histories
         assert env["client"].delete(f"/users/{user}/interactions", headers=AUTH).status_code == 202
 
         def excluded() -> bool:
@@ -167,3 +171,9 @@ def test_a_second_replica_applies_the_quarantine_from_pub_sub(env: dict, tiny_mo
             return not shards & {a["shard"] for a in answer["adapters"]}
 
         wait_for(excluded, timeout_s=5.0)
+        wait_for(lambda: user not in histories, timeout_s=5.0)  # the event named the user
+
+        # an entry that slipped in anyway is dropped when B learns that the deletion completed
+        histories.put(user, "stale history", np.zeros(4), histories.epoch)
+        run_worker(env)
+        wait_for(lambda: user not in histories and other in histories, timeout_s=10.0)
