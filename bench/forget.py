@@ -4,8 +4,9 @@ Starts its own gateway and worker (``apa serve``, ``apa worker``) on a *copy* of
 with a fresh SQLite ledger, so the run itself is never purged. Then:
 
 1. ``--deletions`` times: DELETE a user whose training samples sit in one shard; measure DELETE → the
-   first one-candidate ``/recommend`` (another user) that leaves that shard out, and DELETE →
-   ``completed``.
+   first one-candidate ``/recommend`` (another user, who asked once before: a returning user, whose
+   history embedding the gateway keeps unless ``--history-cache 0``) that leaves that shard out, and
+   DELETE → ``completed``.
 2. Coalescing: DELETE a user of shard s, wait until its retrain has started, DELETE ``--coalesce``
    more users of shard s at once, wait for all to complete; count the retrains of shard s (versions
    published). Target: at most 2.
@@ -31,7 +32,9 @@ from typing import Any
 import pandas as pd
 
 from bench.machine import describe
+from bench.quick import train_quick_run
 from service.client import Client
+from service.settings import ServiceSettings
 
 
 def users_by_shard(run_dir: Path) -> dict[int, list[str]]:
@@ -57,14 +60,6 @@ def wait_status(client: Client, request_id: str, wanted: set[str], timeout_s: fl
         time.sleep(0.2)
 
 
-def quick_run(home: Path) -> Path:
-    run = home / "runs" / "quick"
-    subprocess.run([sys.executable, "-m", "apa.cli", "train", "--shards", "2", "--train-samples", "64",
-                    "--valid-samples", "32", "--test-samples", "64", "--epochs", "1", "--no-single",
-                    "--no-ledger", "--out", str(run)], check=True)
-    return run
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", type=Path, help="trained run folder (copied; the copy is served)")
@@ -73,11 +68,13 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=8765)
     parser.add_argument("--timeout", type=float, default=3600.0)
     parser.add_argument("--max-probes", type=int, default=50)
+    parser.add_argument("--history-cache", type=int, default=None, metavar="N",
+                        help="the gateway's APA_HISTORY_CACHE_SIZE (0: no cache; default: the service's)")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="apa-forget-"))
-    source = quick_run(work) if args.quick else args.run
+    source = train_quick_run(work / "quick") if args.quick else args.run
     if source is None:
         parser.error("--run is required without --quick")
     run = work / "served"
@@ -85,6 +82,8 @@ def main() -> None:
     env = {**os.environ, "APA_DATABASE_URL": f"sqlite:///{work / 'ledger.db'}",
            "APA_ADMIN_TOKEN": secrets.token_urlsafe(16), "APA_HMAC_KEY": secrets.token_hex(32),
            "APA_REDIS_PREFIX": f"apa-bench-{secrets.token_hex(4)}:"}
+    if args.history_cache is not None:
+        env["APA_HISTORY_CACHE_SIZE"] = str(args.history_cache)
     subprocess.run([sys.executable, "-m", "apa.cli", "ledger", "import", str(run)], env=env, check=True)
     logs = [open(work / name, "w") for name in ("gateway.log", "worker.log")]  # noqa: SIM115
     procs = [subprocess.Popen([sys.executable, "-m", "apa.cli", "serve", "--port", str(args.port)], env=env,
@@ -103,6 +102,7 @@ def main() -> None:
         for log in logs:
             log.close()
         client.close()
+    report["history_cache_size"] = int(env.get("APA_HISTORY_CACHE_SIZE", ServiceSettings().history_cache_size))
     report["machine"] = describe()
     report["command"] = "python bench/forget.py " + " ".join(sys.argv[1:])
     print(json.dumps({k: v for k, v in report.items() if k != "forgets"}, indent=1))

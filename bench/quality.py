@@ -26,6 +26,7 @@ from typing import Any
 from apa import artifacts
 from apa.runs import RunData, read_run
 from apa.settings import get_settings
+from bench import quick
 from bench.machine import describe
 
 
@@ -51,7 +52,7 @@ def ablation(k: int, n: tuple[int, int, int], epochs: int = 3) -> list[Config]:
 
 
 PRESETS: dict[str, list[Config]] = {
-    "quick": [Config("quick-k2", 2, 64, 32, 64, epochs=1)],
+    "quick": [Config("quick-k2", quick.SHARDS, quick.N_TRAIN, quick.N_VALID, quick.N_TEST, epochs=quick.EPOCHS)],
     "cpu": [Config("cpu-k4-512", 4, 512, 250, 250)],
     "ablation": ablation(2, (256, 128, 256)),
     "paper": [Config("paper-k4-s0", 4, 1024, 500, 1000), Config("paper-k4-s1", 4, 1024, 500, 1000, seed=1),

@@ -17,7 +17,6 @@ import json
 import math
 import secrets
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -32,6 +31,7 @@ from apa.model import load_base_model
 from apa.record import import_run
 from apa.runs import read_run
 from apa.settings import get_settings
+from bench import quick
 from bench.machine import describe
 
 
@@ -87,10 +87,7 @@ def main() -> None:
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="apa-unlearning-"))
     if args.quick:
-        args.run, args.ks = work / "quick", "2"
-        subprocess.run([sys.executable, "-m", "apa.cli", "train", "--shards", "2", "--train-samples", "64",
-                        "--valid-samples", "32", "--test-samples", "64", "--epochs", "1", "--no-single",
-                        "--no-ledger", "--out", str(args.run)], check=True)
+        args.run, args.ks = quick.train_quick_run(work / "quick"), str(quick.SHARDS)
     if args.run is None:
         parser.error("--run is required without --quick")
     run = read_run(args.run)
