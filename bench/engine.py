@@ -9,7 +9,8 @@ v_proj, B non-zero):
 * ``ensemble`` — K separate forwards (one per adapter), as SISA-style output averaging needs.
 
 Prints the table and writes JSON with ``mix_over_single`` and ``ensemble_over_mix`` per K (median
-over batch sizes) and every measurement. Times are medians of ``--reps`` runs after one warm-up.
+over batch sizes) and every measurement. Times are medians of ``--reps`` runs after one warm-up;
+``single`` and ``mix`` alternate run by run within each (K, batch) cell.
 
     python bench/engine.py --out docs/results/engine-cpu.json
     python bench/engine.py --quick
@@ -90,20 +91,24 @@ def random_adapters(base: BaseModel, k: int, folder: Path, seed: int = 0) -> tup
     return refs, peft_model.eval()
 
 
-def timed(fn: Callable[[], Any], reps: int, device: str) -> float:
+def timed(fns: list[Callable[[], Any]], reps: int, device: str) -> list[float]:
+    """Median seconds of each function; their repetitions alternate (A B A B ...), so a drift in the
+    machine's speed hits all of them alike. One warm-up call each first."""
     def sync() -> None:
         if device.startswith("cuda"):
             torch.cuda.synchronize()
 
-    fn()  # warm-up
-    times = []
-    for _ in range(reps):
-        sync()
-        started = time.perf_counter()
+    for fn in fns:
         fn()
-        sync()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(reps):
+        for fn, samples in zip(fns, times, strict=True):
+            sync()
+            started = time.perf_counter()
+            fn()
+            sync()
+            samples.append(time.perf_counter() - started)
+    return [statistics.median(samples) for samples in times]
 
 
 def main() -> None:
@@ -138,7 +143,6 @@ def main() -> None:
                 hidden = forward_last_hidden(base, texts, batch_size=len(texts), model=single_model)
                 score_hidden(base, hidden, model=single_model)
 
-            single_s = timed(single, args.reps, args.device)
             for k in ks:
                 engine = TorchEngine(base)
                 engine.load(refs[:k])
@@ -151,8 +155,8 @@ def main() -> None:
                     for shard in range(k):
                         engine.score(texts, np.eye(k)[[shard] * len(texts)], batch_size=len(texts))
 
-                mix_s = timed(mix, args.reps, args.device)
-                ensemble_s = timed(ensemble, args.reps, args.device)
+                single_s, mix_s = timed([single, mix], args.reps, args.device)  # the target ratio: side by side
+                [ensemble_s] = timed([ensemble], args.reps, args.device)
                 row = {"k": k, "batch": batch, "single_s": round(single_s, 4), "mix_s": round(mix_s, 4),
                        "ensemble_s": round(ensemble_s, 4), "mix_over_single": round(mix_s / single_s, 3),
                        "ensemble_over_mix": round(ensemble_s / mix_s, 3)}
