@@ -1,4 +1,4 @@
-"""bench/quality.py shares the single baseline between runs only when it is the same adapter."""
+"""The benchmarks' own logic: sharing the single baseline, comparing report keys."""
 
 from dataclasses import replace
 from pathlib import Path
@@ -6,6 +6,7 @@ from pathlib import Path
 from apa import artifacts
 from apa.runs import train_run
 from bench.quality import same_single
+from bench.same_keys import key_paths
 from tests.conftest import TINY_RUN, load_tiny
 
 
@@ -27,3 +28,11 @@ def test_runs_differing_only_in_partition_train_the_same_single(tiny_run_templat
               single=False, **dirs)
     assert not same_single(longer, donor)
     assert not same_single(donor, longer), "a run without a single adapter is no donor"
+
+
+def test_key_paths_ignore_values_list_lengths_and_numbered_keys() -> None:
+    full = {"per_k": {"1": {"r": 1.0}, "16": {"r": 2.0}}, "rows": [{"k": 1}, {"k": 16, "x": None}]}
+    quick = {"per_k": {"2": {"r": 0.5}}, "rows": [{"k": 2, "x": 3}]}
+    assert key_paths(quick) == key_paths(full)
+    assert key_paths({**quick, "extra": 1}) != key_paths(full)
+    assert key_paths({"per_k": {"2": {}}, "rows": []}) != key_paths(full)
