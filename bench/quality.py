@@ -79,6 +79,14 @@ def same_single(run: Path, donor: Path) -> bool:
             and mine.base_model_sha256 == theirs.base_model_sha256 and train_split(mine) == train_split(theirs))
 
 
+def single_source(run: Path, donors: list[Path]) -> Path | None:
+    """The donor whose single adapter ``run`` holds a copy of (its manifest, training time included,
+    is byte for byte the donor's), or None if ``run`` trained its own. Derived, so resuming reports it."""
+    mine = artifacts.version_dir(run, artifacts.SINGLE, 1) / "manifest.json"
+    return next((d for d in donors if (theirs := artifacts.version_dir(d, artifacts.SINGLE, 1) / "manifest.json")
+                 .is_file() and theirs.read_bytes() == mine.read_bytes()), None)
+
+
 def run_config(cfg: Config, root: Path, device: str, donors: list[Path]) -> dict[str, Any]:
     """Train (resuming) and evaluate one configuration; the single baseline is copied from an earlier
     run of the preset when ``same_single`` says it is the same adapter (the ablation saves half its
@@ -86,13 +94,14 @@ def run_config(cfg: Config, root: Path, device: str, donors: list[Path]) -> dict
     run = root / cfg.name
     started = time.perf_counter()
     apa("train", *cfg.train_args(), "--no-single", "--no-ledger", "--device", device, "--out", str(run))
-    donor = next((d for d in donors if artifacts.latest_version(run, artifacts.SINGLE) is None
-                  and same_single(run, d)), None)
-    if donor is not None:
-        print(f"{cfg.name}: the single baseline is {donor.name}'s (same training samples and config)", flush=True)
-        shutil.copytree(artifacts.shard_dir(donor, artifacts.SINGLE), artifacts.shard_dir(run, artifacts.SINGLE))
+    if artifacts.latest_version(run, artifacts.SINGLE) is None:
+        donor = next((d for d in donors if same_single(run, d)), None)
+        if donor is not None:
+            print(f"{cfg.name}: the single baseline is {donor.name}'s (same training samples and config)", flush=True)
+            shutil.copytree(artifacts.shard_dir(donor, artifacts.SINGLE), artifacts.shard_dir(run, artifacts.SINGLE))
     apa("train", *cfg.train_args(), "--no-ledger", "--device", device, "--out", str(run))
     train_s = time.perf_counter() - started
+    donor = single_source(run, donors)
     result: dict[str, Any] = {"config": cfg.__dict__, "train_wall_s": round(train_s, 1), "auc": {},
                               "single_from": donor.name if donor else cfg.name}
     for weights in ("per-sample", "per-user"):

@@ -1,11 +1,12 @@
 """The benchmarks' own logic: sharing the single baseline, comparing report keys."""
 
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
 from apa import artifacts
 from apa.runs import train_run
-from bench.quality import same_single
+from bench.quality import same_single, single_source
 from bench.same_keys import key_paths
 from tests.conftest import TINY_RUN, load_tiny
 
@@ -28,6 +29,11 @@ def test_runs_differing_only_in_partition_train_the_same_single(tiny_run_templat
               single=False, **dirs)
     assert not same_single(longer, donor)
     assert not same_single(donor, longer), "a run without a single adapter is no donor"
+
+    # a copied single adapter is reported as the donor's, also when a resumed run finds it already there
+    shutil.copytree(artifacts.shard_dir(donor, artifacts.SINGLE), artifacts.shard_dir(longer, artifacts.SINGLE))
+    assert single_source(longer, [donor]) == donor
+    assert single_source(donor, []) is None
 
 
 def test_key_paths_ignore_values_list_lengths_and_numbered_keys() -> None:
