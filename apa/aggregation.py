@@ -10,10 +10,15 @@ Two query kinds share the code:
   validation prompts' embeddings.
 * ``per-user`` (the service): the query is the embedding of the user's history alone (no target),
   compared with the validation samples' history embeddings; all candidates of a request share it.
+
+The paper fixes tau=1000. :func:`choose_tau` picks it on the validation memory instead: each
+validation sample is weighted by its ``knn`` nearest *other* validation samples (leave one out, so
+its own label never votes), and the tau whose weighted average of the shards' predictions ranks
+the validation labels best (AUC) wins. tau=0 is the uniform average (SISA's weights).
 """
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -21,9 +26,11 @@ import numpy as np
 
 from apa.embeddings import normalise_rows
 from apa.errors import AllShardsQuarantined, ConfigError
+from apa.metrics import auc
 
 WeightsMode = Literal["per-sample", "per-user"]
 WEIGHT_MODES: tuple[WeightsMode, ...] = ("per-sample", "per-user")
+TAU_GRID: tuple[float, ...] = (0.0, 1.0, 3.0, 10.0, 30.0, 100.0, 300.0, 1000.0)
 
 
 @dataclass(frozen=True)
@@ -62,16 +69,33 @@ class ValidationMemory:
         )
 
 
-def shard_errors(memory: ValidationMemory, queries: np.ndarray, *, mode: WeightsMode, knn: int) -> np.ndarray:
-    """Mean absolute error of each shard on each query's ``knn`` nearest validation samples: [n, K]."""
+def _bank(memory: ValidationMemory, mode: WeightsMode) -> np.ndarray:
     if len(memory.sample_ids) == 0:
         raise ConfigError("the validation memory is empty")
-    bank = memory.embeddings if mode == "per-sample" else memory.history_embeddings  # [m, hidden]
-    sims = normalise_rows(queries) @ bank.T  # [n, m]
-    n_near = min(knn, bank.shape[0])
+    return memory.embeddings if mode == "per-sample" else memory.history_embeddings  # [m, hidden]
+
+
+def _mean_errors(memory: ValidationMemory, sims: np.ndarray, knn: int) -> np.ndarray:
+    """Each row's mean |label - p_k| over its ``knn`` most similar memory samples: [n, K]."""
+    n_near = min(knn, sims.shape[1])
     near = np.argpartition(-sims, n_near - 1, axis=1)[:, :n_near]  # [n, knn]
     errors = np.abs(memory.labels[:, None] - memory.predictions)  # [m, K]
     return errors[near].mean(axis=1)  # [n, K]
+
+
+def shard_errors(memory: ValidationMemory, queries: np.ndarray, *, mode: WeightsMode, knn: int) -> np.ndarray:
+    """Mean absolute error of each shard on each query's ``knn`` nearest validation samples: [n, K]."""
+    return _mean_errors(memory, normalise_rows(queries) @ _bank(memory, mode).T, knn)
+
+
+def loo_shard_errors(memory: ValidationMemory, *, mode: WeightsMode, knn: int) -> np.ndarray:
+    """:func:`shard_errors` of every validation sample over the *other* validation samples: [m, K]."""
+    bank = _bank(memory, mode)
+    if bank.shape[0] < 2:
+        raise ConfigError("leaving one out needs at least two validation samples")
+    sims = bank @ bank.T  # [m, m], unit rows
+    np.fill_diagonal(sims, -np.inf)  # never its own neighbour
+    return _mean_errors(memory, sims, min(knn, bank.shape[0] - 1))
 
 
 def attention_weights(errors: np.ndarray, *, tau: float, active: Sequence[bool] | None = None) -> np.ndarray:
@@ -95,3 +119,22 @@ def weights(
     if knn < 1 or tau < 0:
         raise ConfigError("knn must be >= 1 and tau >= 0")
     return attention_weights(shard_errors(memory, queries, mode=mode, knn=knn), tau=tau, active=active)
+
+
+@dataclass(frozen=True)
+class TauChoice:
+    tau: float
+    valid_auc: dict[float, float] = field(default_factory=dict)  # tau -> leave-one-out validation AUC
+
+
+def choose_tau(memory: ValidationMemory, *, mode: WeightsMode = "per-sample", knn: int = 20,
+               grid: Sequence[float] = TAU_GRID) -> TauChoice:
+    """The tau of ``grid`` whose leave-one-out weighted average of the shards' validation predictions
+    has the best validation AUC (the smaller tau on a tie)."""
+    if not grid or min(grid) < 0:
+        raise ConfigError("the tau grid must be non-empty and >= 0")
+    errors = loo_shard_errors(memory, mode=mode, knn=knn)  # [m, K]
+    scores = {tau: auc(memory.labels, (attention_weights(errors, tau=tau) * memory.predictions).sum(axis=1))
+              for tau in sorted(grid)}
+    best = max(scores, key=lambda tau: (scores[tau], -tau))
+    return TauChoice(tau=best, valid_auc=scores)

@@ -11,6 +11,9 @@ Methods (all on the same test samples):
 * ``item_mean`` — the item's mean label over training targets only (no LLM, no peeking at
   histories, which can hold a test rating).
 * ``base`` — the untrained model (read off the same forward that embeds the test prompts).
+
+``valid_tau`` repeats ``apa_nd``, ``apa_d`` and ``ensemble`` with the temperature chosen on the
+validation memory (``aggregation.choose_tau``) instead of the given one (the paper's 1000).
 """
 
 import time
@@ -21,7 +24,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from sklearn.metrics import roc_auc_score
 
 from apa import aggregation, artifacts
 from apa.aggregation import ValidationMemory, WeightsMode
@@ -29,16 +31,11 @@ from apa.embeddings import embed
 from apa.engines.base import AdapterRef
 from apa.engines.torch import TorchEngine
 from apa.errors import ConfigError, RunNotFound
+from apa.metrics import auc
 from apa.model import BaseModel, score_hidden
 from apa.runs import RunData, embedding_cache, memory_path, read_run
 
 METHODS = ("apa_nd", "apa_d", "single", "sisa", "ensemble", "best_shard", "item_mean", "base")
-
-
-def auc(labels: np.ndarray, scores: np.ndarray) -> float:
-    if len(set(labels.tolist())) < 2:
-        raise ConfigError("AUC needs both liked and disliked test samples")
-    return float(roc_auc_score(labels, scores))
 
 
 def serving_refs(run_dir: Path, shards: int) -> list[AdapterRef]:
@@ -107,6 +104,7 @@ def evaluate(
     refs = serving_refs(run_dir, k)
     memory = load_memory(run_dir, refs)
     weights = aggregation.weights(memory, queries, mode=weights_mode, knn=knn, tau=tau)  # [n, K]
+    choice = aggregation.choose_tau(memory, mode=weights_mode, knn=knn)  # fails before the passes, not after
     engine = TorchEngine(base)
     engine.load(refs)
 
@@ -136,6 +134,9 @@ def evaluate(
 
     for name in ("sisa", "ensemble", "best_shard"):
         clock.seconds[name] = clock.seconds["per_shard"]
+    chosen = aggregation.weights(memory, queries, mode=weights_mode, knn=knn, tau=choice.tau)  # [n, K]
+    valid_tau = _with_valid_tau(choice, chosen, shard_scores, labels, scores, engine, prompts, tau=tau,
+                                batch_size=batch_size)
     return {
         "auc": {m: round(auc(labels, scores[m]), 4) for m in METHODS if m in scores},
         "seconds": {m: clock.seconds[m] for m in METHODS if m in clock.seconds},
@@ -149,6 +150,32 @@ def evaluate(
             "best_shard": best,
             "mean_weights": np.round(weights.mean(axis=0), 4).tolist(),
         },
+        "valid_tau": valid_tau,
+    }
+
+
+def _with_valid_tau(
+    choice: aggregation.TauChoice, chosen: np.ndarray, shard_scores: np.ndarray, labels: np.ndarray,
+    scores: dict[str, np.ndarray], engine: TorchEngine, prompts: list[str], *, tau: float, batch_size: int,
+) -> dict[str, Any]:
+    """The weighted methods again with the weights ``chosen`` ([n, K]) of the validation-chosen tau;
+    the passes of ``tau`` are reused when the choice is the same."""
+    out = {"ensemble": (shard_scores * chosen).sum(axis=1)}
+    seconds: dict[str, float] = {}
+    for mode in ("nd", "d"):
+        if choice.tau == tau:
+            out[f"apa_{mode}"] = scores[f"apa_{mode}"]
+            continue
+        started = time.perf_counter()
+        out[f"apa_{mode}"] = engine.score(prompts, chosen, mode=mode, batch_size=batch_size,
+                                          desc=f"APA({mode.upper()}), tau {choice.tau:g}")
+        seconds[f"apa_{mode}"] = round(time.perf_counter() - started, 3)
+    return {
+        "tau": choice.tau,
+        "loo_valid_auc": {f"{t:g}": round(v, 4) for t, v in choice.valid_auc.items()},
+        "auc": {m: round(auc(labels, s), 4) for m, s in out.items()},
+        "seconds": seconds,
+        "mean_weights": np.round(chosen.mean(axis=0), 4).tolist(),
     }
 
 
@@ -160,4 +187,9 @@ def markdown(report: dict[str, Any]) -> str:
         seconds = report["seconds"].get(method)
         note = " (shared K passes)" if method in shared else ""
         rows.append(f"| {method} | {value:.4f} | {seconds if seconds is not None else '—'}{note} |")
+    tuned = report.get("valid_tau")
+    if tuned:
+        rows.append("")
+        rows.append(f"tau chosen on validation (leave one out): {tuned['tau']:g} (this table: "
+                    f"{report['config']['tau']:g}); " + ", ".join(f"{m} {v:.4f}" for m, v in tuned["auc"].items()))
     return "\n".join(rows)

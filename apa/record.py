@@ -11,8 +11,8 @@ import numpy as np
 from sqlalchemy.orm import Session
 
 from apa import artifacts, data
-from apa.evaluation import auc
 from apa.ledger import repository
+from apa.metrics import auc
 from apa.purge import forgotten_hmacs
 from apa.runs import read_run
 from apa.settings import CoreSettings

@@ -8,12 +8,21 @@
 """
 
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from apa.aggregation import ValidationMemory, attention_weights, shard_errors, weights
+from apa.aggregation import (
+    ValidationMemory,
+    attention_weights,
+    choose_tau,
+    loo_shard_errors,
+    shard_errors,
+    weights,
+)
+from apa.embeddings import normalise_rows
 from apa.errors import AllShardsQuarantined, ConfigError
 
 
@@ -120,3 +129,52 @@ def test_memory_without(memory: ValidationMemory) -> None:
     np.testing.assert_allclose(shard_errors(smaller, QUERIES[:1], mode="per-sample", knn=2), [[0.35, 0.3]],
                                atol=1e-12)
     assert memory.sample_ids == ("v0", "v1", "v2", "v3")  # the original is untouched
+
+
+def test_leave_one_out_errors_skip_the_sample_itself(memory: ValidationMemory) -> None:
+    # nearest *other* sample by prompt: v0 -> v1 (cos .8), v1 -> v0, v2 -> v1 (.6), v3 -> v2 (0 beats -.8, -1)
+    np.testing.assert_allclose(loo_shard_errors(memory, mode="per-sample", knn=1),
+                               [[0.2, 0.5], [0.1, 0.4], [0.2, 0.5], [0.6, 0.2]], atol=1e-12)
+    # knn above m - 1 means every other sample: v0 -> mean of v1, v2, v3
+    np.testing.assert_allclose(loo_shard_errors(memory, mode="per-sample", knn=10)[0], [0.3, 1.0 / 3], atol=1e-12)
+
+
+def two_experts() -> ValidationMemory:
+    """Two clusters; shard 0 is right on the first and inverted on the second, shard 1 the reverse,
+    so their uniform average says 0.5 everywhere and only the attention can rank."""
+    return ValidationMemory(
+        sample_ids=("a0", "a1", "b0", "b1"),
+        embeddings=normalise_rows(np.array([[1.0, 0.0], [1.0, 0.1], [0.0, 1.0], [0.1, 1.0]])),
+        history_embeddings=normalise_rows(np.array([[1.0, 0.0], [1.0, 0.1], [0.0, 1.0], [0.1, 1.0]])),
+        labels=np.array([1, 0, 1, 0]),
+        predictions=np.array([[0.9, 0.1], [0.1, 0.9], [0.1, 0.9], [0.9, 0.1]]),
+    )
+
+
+def test_choose_tau_prefers_attention_when_the_uniform_average_cannot_rank() -> None:
+    # leave one out, knn=1: a0 is weighted by a1 (shard 0's error .1, shard 1's .9), so any tau > 0
+    # leans to the right expert on every sample and ranks perfectly; tau=0 ties every sample at 0.5
+    choice = choose_tau(two_experts(), knn=1, grid=(1000.0, 0.0, 1.0))
+    assert choice.valid_auc == {0.0: 0.5, 1.0: 1.0, 1000.0: 1.0}
+    assert choice.tau == 1.0  # the smaller of the tied best
+
+
+def test_choose_tau_prefers_the_uniform_average_when_attention_misleads() -> None:
+    # shard 0 says 0 on the first cluster and 1 on the second: right on one sample of each, so a
+    # neighbour's small error sends its weight to the wrong sample; shard 1 is weak but right everywhere
+    memory = replace(two_experts(), predictions=np.array([[0.0, 0.6], [0.0, 0.4], [1.0, 0.6], [1.0, 0.4]]))
+    choice = choose_tau(memory, knn=1, grid=(0.0, 1000.0))
+    # uniform: .3, .2, .8, .7 -> 3 of 4 pairs; tau 1000: 0, .4, .6, 1 -> 1 of 4
+    assert choice.valid_auc == {0.0: 0.75, 1000.0: 0.25}
+    assert choice.tau == 0.0
+
+
+def test_choose_tau_rejects_what_it_cannot_use(memory: ValidationMemory) -> None:
+    with pytest.raises(ConfigError):
+        choose_tau(memory, grid=())
+    with pytest.raises(ConfigError):
+        choose_tau(memory, grid=(-1.0,))
+    with pytest.raises(ConfigError):
+        choose_tau(memory.without({"v1", "v2", "v3"}))  # one sample has no other to learn from
+    with pytest.raises(ConfigError):
+        choose_tau(memory.without({"v1", "v3"}))  # both left are liked: no AUC

@@ -14,9 +14,10 @@ import pytest
 from typer.testing import CliRunner, Result
 
 from apa import artifacts, data, training
+from apa.aggregation import TAU_GRID, choose_tau
 from apa.cli import app
 from apa.errors import ConfigError
-from apa.evaluation import METHODS, evaluate
+from apa.evaluation import METHODS, evaluate, load_memory, serving_refs
 from apa.integrity import check_run
 from apa.model import BaseModel
 from apa.runs import RunConfig, RunData, read_run, train_run
@@ -131,6 +132,22 @@ def test_evaluate_reports_every_method(trained: TrainedRun) -> None:
     per_user = evaluate(trained.run_dir, trained.base, knn=3, tau=100.0, weights_mode="per-user", batch_size=4)
     assert set(per_user["auc"]) == set(METHODS)
     assert per_user["auc"]["base"] == report["auc"]["base"]
+
+
+def test_evaluate_repeats_the_weighted_methods_with_the_validation_tau(trained: TrainedRun) -> None:
+    memory = load_memory(trained.run_dir, serving_refs(trained.run_dir, 2))
+    choice = choose_tau(memory, knn=3)
+    other = next(t for t in TAU_GRID if t != choice.tau)
+    report = evaluate(trained.run_dir, trained.base, knn=3, tau=other, batch_size=4)
+    tuned = report["valid_tau"]
+    assert tuned["tau"] == choice.tau
+    assert tuned["loo_valid_auc"] == {f"{t:g}": round(v, 4) for t, v in choice.valid_auc.items()}
+    assert set(tuned["auc"]) == {"apa_nd", "apa_d", "ensemble"} and set(tuned["seconds"]) == {"apa_nd", "apa_d"}
+    # evaluated at the chosen tau itself, the repeat is the main table's (its passes are reused)
+    same = evaluate(trained.run_dir, trained.base, knn=3, tau=choice.tau, batch_size=4)
+    assert same["valid_tau"]["auc"] == {m: same["auc"][m] for m in ("apa_nd", "apa_d", "ensemble")}
+    assert same["valid_tau"]["seconds"] == {}
+    assert tuned["auc"] == same["valid_tau"]["auc"]
 
 
 def test_resume_trains_nothing_new(trained: TrainedRun) -> None:
