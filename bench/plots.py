@@ -16,14 +16,18 @@ METHODS = ["apa_nd", "apa_d", "single", "sisa", "ensemble", "best_shard", "item_
 
 
 def auc_by_method(report: dict, out: Path) -> None:
+    """Per-sample test AUC of every method; with a ``valid_tau`` section, APA(ND) at the tau chosen on
+    validation as one more bar (older reports lack it)."""
     results = report["results"]
-    fig, ax = plt.subplots(figsize=(9, 4))
+    tuned = all("valid_tau" in r for r in results)
+    names = METHODS + (["apa_nd\n(valid τ)"] if tuned else [])
+    fig, ax = plt.subplots(figsize=(10, 4))
     width = 0.8 / len(results)
     for i, result in enumerate(results):
         auc = result["auc"]["per-sample"]
-        ax.bar([m + i * width for m in range(len(METHODS))], [auc[m] for m in METHODS], width,
-               label=result["config"]["name"])
-    ax.set_xticks([m + 0.4 - width / 2 for m in range(len(METHODS))], METHODS)
+        values = [auc[m] for m in METHODS] + ([result["valid_tau"]["per-sample"]["auc"]["apa_nd"]] if tuned else [])
+        ax.bar([m + i * width for m in range(len(names))], values, width, label=result["config"]["name"])
+    ax.set_xticks([m + 0.4 - width / 2 for m in range(len(names))], names)
     ax.axhline(0.5, color="grey", lw=0.8, ls="--")
     ax.set_ylabel("test AUC (per-sample weights)")
     ax.set_ylim(0.4, max(0.8, ax.get_ylim()[1]))
