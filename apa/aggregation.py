@@ -30,7 +30,8 @@ from apa.metrics import auc
 
 WeightsMode = Literal["per-sample", "per-user"]
 WEIGHT_MODES: tuple[WeightsMode, ...] = ("per-sample", "per-user")
-TAU_GRID: tuple[float, ...] = (0.0, 1.0, 3.0, 10.0, 30.0, 100.0, 300.0, 1000.0)
+PAPER_TAU = 1000.0
+TAU_GRID: tuple[float, ...] = (0.0, 1.0, 3.0, 10.0, 30.0, 100.0, 300.0, PAPER_TAU)
 
 
 @dataclass(frozen=True)
@@ -111,7 +112,7 @@ def attention_weights(errors: np.ndarray, *, tau: float, active: Sequence[bool] 
 
 def weights(
     memory: ValidationMemory, queries: np.ndarray, *, mode: WeightsMode = "per-sample", knn: int = 20,
-    tau: float = 1000.0, active: Sequence[bool] | None = None,
+    tau: float = PAPER_TAU, active: Sequence[bool] | None = None,
 ) -> np.ndarray:
     """APA weights of each query over the K shards: [n, K], rows sum to 1."""
     if mode not in WEIGHT_MODES:

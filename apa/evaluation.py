@@ -78,7 +78,7 @@ class _Clock:
 
 
 def evaluate(
-    run_dir: Path, base: BaseModel, *, knn: int = 20, tau: float = 1000.0,
+    run_dir: Path, base: BaseModel, *, knn: int = 20, tau: float = aggregation.PAPER_TAU,
     weights_mode: WeightsMode = "per-sample", batch_size: int = 8,
 ) -> dict[str, Any]:
     run = read_run(run_dir)

@@ -24,7 +24,7 @@ from apa import aggregation, artifacts
 from apa.aggregation import ValidationMemory
 from apa.engines.base import AdapterRef
 from apa.engines.torch import TorchEngine
-from apa.errors import LedgerError
+from apa.errors import ConfigError, LedgerError
 from apa.ledger import repository
 from apa.ledger.db import session_scope
 from apa.ledger.models import SERVING, utcnow
@@ -43,11 +43,19 @@ class RunInfo:
     config: RunConfig
 
 
+@dataclass(frozen=True)
+class Attention:
+    """The validation memory and the temperature used with it, replaced together."""
+
+    memory: ValidationMemory
+    tau: float
+
+
 class Serving:
     def __init__(self, settings: ServiceSettings, base: BaseModel, run: RunInfo) -> None:
         self.settings, self.base, self.run = settings, base, run
         self.engine = TorchEngine(base)
-        self.memory: ValidationMemory | None = None
+        self.attention: Attention | None = None
         self.histories = HistoryCache(settings.history_cache_size)
         self._valid_ids: frozenset[str] = frozenset()
         self._sync_lock = threading.Lock()
@@ -79,8 +87,8 @@ class Serving:
             serving = {v.shard for v in views if v.state == SERVING}
             for shard in {r.shard for r in refs} - serving:  # quarantine first: never serve deleted data
                 self.engine.quarantine(shard)
-            if changed or valid_ids != self._valid_ids or self.memory is None:
-                self.memory = self._memory(refs, valid_ids)
+            if changed or valid_ids != self._valid_ids or self.attention is None:
+                self.attention = self._attend(self._memory(refs, valid_ids))
                 self._valid_ids = valid_ids
             if not live:
                 self.engine.load(refs)
@@ -125,10 +133,22 @@ class Serving:
             with self._state_lock:
                 self._pending.subtract(shards)
 
+    def _attend(self, memory: ValidationMemory) -> Attention:
+        if self.settings.tau != "auto":
+            return Attention(memory, self.settings.tau)
+        try:
+            choice = aggregation.choose_tau(memory, mode="per-user", knn=self.settings.knn)
+        except ConfigError as exc:  # too few validation samples left to choose from
+            log.warning("APA_TAU=auto: %s; using the paper's tau=%g", exc, aggregation.PAPER_TAU)
+            return Attention(memory, aggregation.PAPER_TAU)
+        log.info("APA_TAU=auto: tau %g (leave-one-out validation AUC %.4f, %d samples)", choice.tau,
+                 choice.valid_auc[choice.tau], len(memory.sample_ids))
+        return Attention(memory, choice.tau)
+
     def drop_valid(self, sample_ids: Sequence[str]) -> None:
-        memory = self.memory
-        if memory is not None and sample_ids:
-            self.memory = memory.without(set(sample_ids))
+        attention = self.attention
+        if attention is not None and sample_ids:
+            self.attention = self._attend(attention.memory.without(set(sample_ids)))
 
     def on_event(self, event: dict[str, Any]) -> None:
         """A pub/sub event: apply a quarantine at once, then sync with the ledger."""
@@ -145,13 +165,13 @@ class Serving:
 
     def weights(self, history_embedding: np.ndarray, active: dict[int, int]) -> np.ndarray:
         """Per-user APA weights over the K shards, zero for quarantined ones: [K]."""
-        memory = self.memory
+        attention = self.attention
         k = self.run.config.shards
         mask = [s in active for s in range(k)]
-        if memory is None or not memory.sample_ids:  # no validation evidence left: uniform over the active
+        if attention is None or not attention.memory.sample_ids:  # no validation evidence: uniform over the active
             return np.array(mask, dtype=np.float64) / max(1, sum(mask))
-        return aggregation.weights(memory, history_embedding[None, :], mode="per-user", knn=self.settings.knn,
-                                   tau=self.settings.tau, active=mask)[0]
+        return aggregation.weights(attention.memory, history_embedding[None, :], mode="per-user",
+                                   knn=self.settings.knn, tau=attention.tau, active=mask)[0]
 
 
 class EventListener(threading.Thread):

@@ -1,10 +1,11 @@
 """The gateway process's settings (environment ``APA_*``), built on demand."""
 
 from functools import lru_cache
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import SecretStr
+from pydantic import Field, SecretStr
 
+from apa.aggregation import PAPER_TAU
 from apa.settings import CoreSettings
 
 
@@ -13,7 +14,7 @@ class ServiceSettings(CoreSettings):
     device: str = "cpu"
     mode: Literal["nd", "d"] = "nd"  # APA(ND) exact mixture, or APA(D)
     knn: int = 20
-    tau: float = 1000.0
+    tau: Annotated[float, Field(ge=0)] | Literal["auto"] = PAPER_TAU  # auto: chosen on the validation memory
     popular_candidates: int = 20  # candidates when a request names none
     score_batch_size: int = 8  # prompts per forward
     batch_window_ms: float = 5.0  # how long the micro-batcher waits for concurrent requests

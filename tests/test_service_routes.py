@@ -198,3 +198,34 @@ def test_a_sync_never_lifts_a_quarantine_whose_deletion_has_not_committed(api: T
     serving.quarantine([1])
     serving.sync()
     assert set(serving.active()) == {0, 1}, "once nothing is pending, the ledger's word counts"
+
+
+def test_tau_auto_is_chosen_on_the_memory_and_again_when_it_shrinks(
+    service_home: Path, ledger_url: str, redis_prefix: str, tiny_model_dir: Path,
+) -> None:
+    from apa.aggregation import choose_tau
+    from service.app import create_app
+
+    settings = service_settings(service_home, ledger_url, redis_prefix, tiny_model_dir, tau="auto", knn=3)
+    record_run(settings)
+    with TestClient(create_app(settings)) as client:
+        serving = client.app.state.gateway.serving  # type: ignore[attr-defined]
+        attention = serving.attention
+        assert attention.tau == choose_tau(attention.memory, mode="per-user", knn=3).tau
+        serving.drop_valid(list(attention.memory.sample_ids[1:]))  # one sample left: nothing to choose with
+        assert len(serving.attention.memory.sample_ids) == 1
+        assert serving.attention.tau == 1000.0  # the paper's, said in the log
+        assert client.post("/recommend", json={"user_id": "u1", "candidates": ["1"]}).status_code == 200
+
+
+def test_tau_setting_is_a_number_or_auto() -> None:
+    from pydantic import ValidationError
+
+    from service.settings import ServiceSettings
+
+    assert ServiceSettings(tau="auto").tau == "auto"
+    assert ServiceSettings(tau="30").tau == 30.0
+    with pytest.raises(ValidationError):
+        ServiceSettings(tau=-1.0)
+    with pytest.raises(ValidationError):
+        ServiceSettings(tau="often")
