@@ -11,6 +11,9 @@ Presets (the issue's plan):
 * ``--quick``  K=2, 64/32/64, 1 epoch: the same tables and JSON keys in minutes
 
     python bench/quality.py --preset cpu --out docs/results/quality-cpu.json
+
+Per configuration the JSON holds ``train_wall_s`` (this invocation's training wall time: seconds when
+it resumed a trained run) and ``adapter_train_s`` (each adapter's training time, from its manifest).
 """
 
 import argparse
@@ -87,6 +90,16 @@ def single_source(run: Path, donors: list[Path]) -> Path | None:
                  .is_file() and theirs.read_bytes() == mine.read_bytes()), None)
 
 
+def training_seconds(run: Path, shards: int) -> dict[str, float]:
+    """Training time of each adapter's first version, from its manifest: unlike this invocation's wall
+    time, it survives a resume (and a copied single adapter reports its donor's)."""
+    out = {}
+    for shard in [*range(shards), artifacts.SINGLE]:
+        doc = artifacts.read_json(artifacts.version_dir(run, shard, 1) / "manifest.json")
+        out[str(shard)] = float(doc["training"]["seconds"])
+    return out
+
+
 def run_config(cfg: Config, root: Path, device: str, donors: list[Path]) -> dict[str, Any]:
     """Train (resuming) and evaluate one configuration; the single baseline is copied from an earlier
     run of the preset when ``same_single`` says it is the same adapter (the ablation saves half its
@@ -102,7 +115,8 @@ def run_config(cfg: Config, root: Path, device: str, donors: list[Path]) -> dict
     apa("train", *cfg.train_args(), "--no-ledger", "--device", device, "--out", str(run))
     train_s = time.perf_counter() - started
     donor = single_source(run, donors)
-    result: dict[str, Any] = {"config": cfg.__dict__, "train_wall_s": round(train_s, 1), "auc": {},
+    result: dict[str, Any] = {"config": cfg.__dict__, "train_wall_s": round(train_s, 1),
+                              "adapter_train_s": training_seconds(run, cfg.shards), "auc": {},
                               "single_from": donor.name if donor else cfg.name}
     for weights in ("per-sample", "per-user"):
         out = run / f"eval-{weights}.json"

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from apa import artifacts
 from apa.runs import train_run
-from bench.quality import same_single, single_source
+from bench.quality import same_single, single_source, training_seconds
 from bench.same_keys import key_paths
 from tests.conftest import TINY_RUN, load_tiny
 
@@ -34,6 +34,14 @@ def test_runs_differing_only_in_partition_train_the_same_single(tiny_run_templat
     shutil.copytree(artifacts.shard_dir(donor, artifacts.SINGLE), artifacts.shard_dir(longer, artifacts.SINGLE))
     assert single_source(longer, [donor]) == donor
     assert single_source(donor, []) is None
+
+
+def test_training_seconds_come_from_the_manifests(tiny_run_template: Path) -> None:
+    run = tiny_run_template / "runs" / "tiny"
+    seconds = training_seconds(run, TINY_RUN.shards)
+    assert set(seconds) == {"0", "1", "single"}
+    single = artifacts.read_json(artifacts.version_dir(run, artifacts.SINGLE, 1) / "manifest.json")
+    assert seconds["single"] == single["training"]["seconds"] > 0
 
 
 def test_key_paths_ignore_values_list_lengths_and_numbered_keys() -> None:
