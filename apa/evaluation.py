@@ -135,8 +135,8 @@ def evaluate(
     for name in ("sisa", "ensemble", "best_shard"):
         clock.seconds[name] = clock.seconds["per_shard"]
     chosen = aggregation.weights(memory, queries, mode=weights_mode, knn=knn, tau=choice.tau)  # [n, K]
-    valid_tau = _with_valid_tau(choice, chosen, shard_scores, labels, scores, engine, prompts, tau=tau,
-                                batch_size=batch_size)
+    valid_tau = _with_valid_tau(choice, chosen, shard_scores, labels, scores, clock.seconds, engine, prompts,
+                                tau=tau, batch_size=batch_size)
     return {
         "auc": {m: round(auc(labels, scores[m]), 4) for m in METHODS if m in scores},
         "seconds": {m: clock.seconds[m] for m in METHODS if m in clock.seconds},
@@ -156,15 +156,18 @@ def evaluate(
 
 def _with_valid_tau(
     choice: aggregation.TauChoice, chosen: np.ndarray, shard_scores: np.ndarray, labels: np.ndarray,
-    scores: dict[str, np.ndarray], engine: TorchEngine, prompts: list[str], *, tau: float, batch_size: int,
+    scores: dict[str, np.ndarray], seconds_of: dict[str, float], engine: TorchEngine, prompts: list[str], *,
+    tau: float, batch_size: int,
 ) -> dict[str, Any]:
     """The weighted methods again with the weights ``chosen`` ([n, K]) of the validation-chosen tau;
-    the passes of ``tau`` are reused when the choice is the same."""
+    the passes of ``tau`` (and their ``seconds_of``) are reused when the choice is the same, so the
+    report has the same keys either way."""
     out = {"ensemble": (shard_scores * chosen).sum(axis=1)}
     seconds: dict[str, float] = {}
     for mode in ("nd", "d"):
         if choice.tau == tau:
             out[f"apa_{mode}"] = scores[f"apa_{mode}"]
+            seconds[f"apa_{mode}"] = seconds_of[f"apa_{mode}"]
             continue
         started = time.perf_counter()
         out[f"apa_{mode}"] = engine.score(prompts, chosen, mode=mode, batch_size=batch_size,
