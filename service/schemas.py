@@ -111,11 +111,21 @@ class ModelInfo(BaseModel):
     sha256: str
 
 
+class AttentionStatus(BaseModel):
+    mode: Literal["nd", "d"]
+    knn: int
+    tau_setting: float | Literal["auto"] = Field(description="APA_TAU as configured")
+    tau: float | None = Field(description="The temperature in use (chosen on the memory when auto); "
+                                          "null before the first sync")
+    validation_samples: int = Field(description="Live validation samples the per-user weights attend over")
+
+
 class AdminStatus(BaseModel):
     shards: list[ShardStatus]
     queue: QueueStatus
     deletions: dict[str, int]
     model: ModelInfo
+    attention: AttentionStatus
 
 
 class RetrainAccepted(BaseModel):

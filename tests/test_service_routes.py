@@ -169,6 +169,9 @@ def test_admin_status_and_retrain_errors(api: TestClient) -> None:
     assert status["queue"] == {"depth": 0, "workers": 0}
     assert status["deletions"] == {}
     assert status["model"]["name"] and len(status["model"]["sha256"]) == 64
+    assert status["attention"]["tau_setting"] == status["attention"]["tau"] == 1000.0
+    memory = api.app.state.gateway.serving.attention.memory  # type: ignore[attr-defined]
+    assert status["attention"]["validation_samples"] == len(memory.sample_ids) > 0
     assert api.post("/admin/shards/7/retrain", headers=AUTH).status_code == 404
     assert api.post("/admin/shards/0/retrain", headers=AUTH).status_code == 409
 
@@ -216,6 +219,8 @@ def test_tau_auto_is_chosen_on_the_memory_and_again_when_it_shrinks(
         assert len(serving.attention.memory.sample_ids) == 1
         assert serving.attention.tau == 1000.0  # the paper's, said in the log
         assert client.post("/recommend", json={"user_id": "u1", "candidates": ["1"]}).status_code == 200
+        shown = client.get("/admin/status", headers=AUTH).json()["attention"]
+        assert shown == {"mode": "nd", "knn": 3, "tau_setting": "auto", "tau": 1000.0, "validation_samples": 1}
 
 
 def test_tau_setting_is_a_number_or_auto() -> None:

@@ -4,7 +4,7 @@ from fastapi import APIRouter
 
 from apa.ledger import repository
 from service.deps import AdminDep, GatewayDep, ServingDep, SessionDep
-from service.schemas import AdminStatus, ModelInfo, QueueStatus, RetrainAccepted, ShardStatus
+from service.schemas import AdminStatus, AttentionStatus, ModelInfo, QueueStatus, RetrainAccepted, ShardStatus
 from worker import queue
 
 log = logging.getLogger(__name__)
@@ -14,7 +14,8 @@ router = APIRouter(prefix="/admin", tags=["admin"],
 
 @router.get("/status", response_model=AdminStatus)
 def status(_: AdminDep, session: SessionDep, gateway: GatewayDep, serving: ServingDep) -> AdminStatus:
-    """Shards (state, version, samples, manifest), the retrain queue, deletions by status, the base model."""
+    """Shards (state, version, samples, manifest), the retrain queue, deletions by status, the base model,
+    and the attention in use (its temperature and how many validation samples it weighs over)."""
     shards = [ShardStatus(shard=v.shard, state=v.state, version=v.version,  # type: ignore[arg-type]
                           n_samples=v.n_samples, trained_at=v.trained_at, manifest_sha256=v.manifest_sha256)
               for v in repository.shard_views(session=session)]
@@ -23,8 +24,13 @@ def status(_: AdminDep, session: SessionDep, gateway: GatewayDep, serving: Servi
     except Exception:
         log.warning("queue status unavailable", exc_info=True)
         queue_state = QueueStatus(depth=None, workers=None)
+    settings, attention = serving.settings, serving.attention
     return AdminStatus(shards=shards, queue=queue_state, deletions=repository.deletion_counts(session=session),
-                       model=ModelInfo(name=serving.base.name, sha256=serving.base.sha256))
+                       model=ModelInfo(name=serving.base.name, sha256=serving.base.sha256),
+                       attention=AttentionStatus(
+                           mode=settings.mode, knn=settings.knn, tau_setting=settings.tau,
+                           tau=attention.tau if attention else None,
+                           validation_samples=len(attention.memory.sample_ids) if attention else 0))
 
 
 @router.post("/shards/{shard}/retrain", status_code=202, response_model=RetrainAccepted,
