@@ -359,6 +359,29 @@ def test_swap_keeps_quarantine_and_reports_versions(engine: TorchEngine, adapter
         engine.load_shard(AdapterRef(shard=K, version=1, path=adapter_dirs[0]))
 
 
+def test_swapping_several_shards_never_rereads_the_unchanged_ones(
+    tiny_base: BaseModel, tiny_model_dir: Path, adapter_dirs: list[Path], texts: list[str], tmp_path: Path,
+) -> None:
+    """A superseded version is purged once its successor serves; a replica that swaps two shards must
+    not need the old folder of either (it keeps their tensors) nor swap them one at a time."""
+    import shutil
+
+    copies = [Path(shutil.copytree(p, tmp_path / f"v1-{k}")) for k, p in enumerate(adapter_dirs[:K])]
+    engine = TorchEngine(tiny_base)
+    engine.load(refs(copies))
+    second = make_adapter(tiny_model_dir, tmp_path / "v2-1", seed=7)
+    for folder in copies:
+        shutil.rmtree(folder)  # every v1 is purged
+    engine.load_shards([AdapterRef(shard=0, version=2, path=adapter_dirs[K]), AdapterRef(shard=1, version=2,
+                                                                                     path=second)])
+    assert [(s.shard, s.version) for s in engine.live()] == [(0, 2), (1, 2), (2, 1)]
+    fresh = TorchEngine(load_tiny(tiny_model_dir))
+    fresh.load([AdapterRef(shard=0, version=2, path=adapter_dirs[K]), AdapterRef(shard=1, version=2, path=second),
+                AdapterRef(shard=2, version=1, path=adapter_dirs[2])])
+    weights = np.full((len(texts), K), 1.0 / K)
+    np.testing.assert_allclose(engine.score(texts, weights), fresh.score(texts, weights), atol=1e-6, rtol=0)
+
+
 # -- (f) outside score the model is the base model -------------------------------------------------
 
 def test_outside_score_the_model_is_the_base_model(

@@ -33,6 +33,9 @@ class Engine(Protocol):
     def load_shard(self, adapter: AdapterRef) -> None:
         """Swap one shard's version atomically; in-flight batches finish on the old one."""
 
+    def load_shards(self, adapters: Sequence[AdapterRef]) -> None:
+        """Swap several shards' versions in one atomic step (unchanged shards are not read again)."""
+
     def quarantine(self, shard: int) -> None: ...
 
     def release(self, shard: int) -> None: ...

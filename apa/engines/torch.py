@@ -142,12 +142,25 @@ class TorchEngine:
 
     # -- loading -------------------------------------------------------------------------------
     def _build(self, refs: Sequence[AdapterRef], reuse: _Stack | None = None) -> _Stack:
+        """The stack of ``refs``; a (shard, version) that ``reuse`` already holds is sliced out of it
+        instead of read again (its folder may be gone: a superseded version is purged once replaced)."""
         refs = sorted(refs, key=lambda a: a.shard)
         if [a.shard for a in refs] != list(range(len(refs))):
             raise AdapterMismatch(f"shards must be numbered 0..K-1, got {[a.shard for a in refs]}")
-        loaded = [read_adapter(ref) for ref in refs]
-        ranks = {int(cfg["r"]) for cfg, _ in loaded}
-        names = {frozenset(mods) for _, mods in loaded}
+        held = {(a.shard, a.version): a.shard for a in reuse.adapters} if reuse is not None else {}
+        device, dtype = self.base.device, next(self.base.model.parameters()).dtype
+        blocks: list[tuple[int, dict[str, tuple[torch.Tensor, torch.Tensor]]]] = []  # per shard: (r, modules)
+        for ref in refs:
+            if reuse is not None and (ref.shard, ref.version) in held:
+                r, k = reuse.r, held[(ref.shard, ref.version)]
+                blocks.append((r, {name: (a[k * r:(k + 1) * r], b[:, k * r:(k + 1) * r])  # [r, in], [out, r]
+                                   for name, (a, b) in reuse.modules.items()}))
+                continue
+            config, modules = read_adapter(ref)
+            blocks.append((int(config["r"]), {name: (a.to(device, dtype), b.to(device, dtype))
+                                              for name, (a, b) in modules.items()}))
+        ranks = {r for r, _ in blocks}
+        names = {frozenset(mods) for _, mods in blocks}
         if len(ranks) != 1 or len(names) != 1:
             raise AdapterMismatch("every shard adapter must have the same rank and target modules")
         targets = sorted({n.rsplit(".", 1)[-1] for n in next(iter(names))})
@@ -155,12 +168,11 @@ class TorchEngine:
         missing = next(iter(names)) - self._wrapped
         if missing:
             raise AdapterMismatch(f"adapter targets modules the base model lacks: {sorted(missing)[:3]}")
-        device, dtype = self.base.device, next(self.base.model.parameters()).dtype
         modules = {}
         for name in next(iter(names)):
-            a = torch.cat([mods[name][0] for _, mods in loaded], dim=0)  # [K*r, in]
-            b = torch.cat([mods[name][1] for _, mods in loaded], dim=1)  # [out, K*r]
-            modules[name] = (a.to(device, dtype), b.to(device, dtype))
+            a = torch.cat([mods[name][0] for _, mods in blocks], dim=0)  # [K*r, in]
+            b = torch.cat([mods[name][1] for _, mods in blocks], dim=1)  # [out, K*r]
+            modules[name] = (a, b)
         return _Stack(adapters=tuple(refs), r=ranks.pop(), modules=modules)
 
     def load(self, adapters: Sequence[AdapterRef]) -> None:
@@ -169,13 +181,19 @@ class TorchEngine:
             self._live = _Live(stack=stack, active=frozenset(a.shard for a in stack.adapters))
 
     def load_shard(self, adapter: AdapterRef) -> None:
-        """Build the new stack aside (no lock held while reading files), then switch one reference."""
+        self.load_shards([adapter])
+
+    def load_shards(self, adapters: Sequence[AdapterRef]) -> None:
+        """Swap several shards' versions at once: build the new stack aside (no lock held while reading
+        files; unchanged shards are reused from the live stack), then switch one reference."""
         while True:
             current = self._live
-            if current.stack is None or not 0 <= adapter.shard < len(current.stack.adapters):
-                raise AdapterMismatch(f"no shard {adapter.shard} to swap; load all shards first")
-            refs = [adapter if a.shard == adapter.shard else a for a in current.stack.adapters]
-            stack = self._build(refs)
+            k = len(current.stack.adapters) if current.stack is not None else 0
+            bad = [a.shard for a in adapters if not 0 <= a.shard < k]
+            if current.stack is None or bad:
+                raise AdapterMismatch(f"no shard {bad or [a.shard for a in adapters]} to swap; load all shards first")
+            new = {a.shard: a for a in adapters}
+            stack = self._build([new.get(a.shard, a) for a in current.stack.adapters], reuse=current.stack)
             with self._lock:
                 if self._live.stack is current.stack:  # nobody swapped meanwhile
                     self._live = _Live(stack=stack, active=self._live.active)
