@@ -8,7 +8,11 @@
     <run>/adapters/shard-<k>/v<n>/      adapter_config.json, adapter_model.safetensors,
                                         manifest.json, valid_predictions.json
     <run>/single/v<n>/                  the one-adapter baseline (never served)
+    <run>/sisa/shard-<k>/v<n>/          SISA's baseline: one adapter per shard of a random partition
+                                        (never served; the run's own shards when it is random)
     <run>/cache/embeddings/             embedding cache
+    <run>/cache/train/                  per-epoch training state of unfinished adapters (resume)
+    <run>/cache/eval/                   test predictions of finished evaluation passes (resume)
     <run>/memory/valid.npz              validation memory (embeddings, labels, sample ids)
 
 A version folder is built in a temporary folder beside its final place and renamed into place, so it
@@ -32,6 +36,7 @@ from apa.samples import Sample
 
 _VERSION = re.compile(r"^v(\d+)$")
 SINGLE = "single"
+SISA = "sisa"
 MANIFEST_HASHED_FIELDS = ("samples", "config", "seed", "base_model_sha256")
 
 
@@ -39,9 +44,27 @@ def utc_stamp() -> str:
     return datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
 
 
+def sisa_id(shard: int) -> str:
+    """The adapter id of SISA's shard ``shard`` (``sisa-<k>``)."""
+    return f"{SISA}-{shard}"
+
+
+def sisa_shard(adapter: int | str) -> int | None:
+    """``k`` for ``sisa-<k>``, else None."""
+    if isinstance(adapter, str) and adapter.startswith(f"{SISA}-"):
+        return int(adapter.removeprefix(f"{SISA}-"))
+    return None
+
+
 def shard_dir(run_dir: Path, shard: int | str) -> Path:
-    """``adapters/shard-<k>`` for a shard number, ``single`` for the baseline."""
-    return run_dir / SINGLE if shard == SINGLE else run_dir / "adapters" / f"shard-{shard}"
+    """``adapters/shard-<k>`` for a shard number, ``single`` for the baseline, ``sisa/shard-<k>`` for
+    ``sisa-<k>``."""
+    if shard == SINGLE:
+        return run_dir / SINGLE
+    k = sisa_shard(shard)
+    if k is not None:
+        return run_dir / SISA / f"shard-{k}"
+    return run_dir / "adapters" / f"shard-{shard}"
 
 
 def versions(folder: Path) -> list[int]:

@@ -4,8 +4,9 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -78,7 +79,12 @@ def train(
     train_samples: Annotated[int, typer.Option(min=1)] = 1024,
     valid_samples: Annotated[int, typer.Option(min=1)] = 500,
     test_samples: Annotated[int, typer.Option(min=1)] = 1000,
-    epochs: Annotated[int, typer.Option(min=1)] = 3,
+    max_epochs: Annotated[int, typer.Option("--max-epochs", "--epochs", min=1,
+                                            help="Epochs at most (each adapter keeps its best on validation)")] = 6,
+    patience: Annotated[int, typer.Option(min=1, help="Stop after this many epochs without a validation gain")] = 2,
+    fixed_epochs: Annotated[bool, typer.Option(help="Train exactly --max-epochs and keep the last, without "
+                                               "validating each epoch (the schedule before early stopping)")] = False,
+    min_history: Annotated[int, typer.Option(min=1, help="Earlier items a sample needs (TALLRec: 10)")] = 10,
     lr: Annotated[float, typer.Option(min=0.0)] = 3e-4,
     batch_size: Annotated[int, typer.Option(min=1, help="Training batch size")] = 8,
     seed: Annotated[int, typer.Option()] = 0,
@@ -86,10 +92,12 @@ def train(
     out: Annotated[Path | None, typer.Option(help="Run folder (default <APA_HOME>/runs/<UTC time>); "
                                              "an existing one is resumed")] = None,
     single: Annotated[bool, typer.Option(help="Also train the one-adapter baseline")] = True,
+    sisa: Annotated[bool, typer.Option(help="Also train SISA's baseline (K adapters on a random partition)")] = True,
     ledger: Annotated[bool, typer.Option(help="Record the run in the ledger (to serve it)")] = True,
     device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
 ) -> None:
-    """Train K shard adapters (and the single baseline) from scratch, and record the run in the ledger."""
+    """Train K shard adapters (and the single and SISA baselines) from scratch, each kept at its best
+    epoch on validation, and record the run in the ledger."""
     from apa import artifacts
     from apa.partition import PARTITIONERS
     from apa.runs import RunConfig, train_run
@@ -101,12 +109,14 @@ def train(
     run_dir = out or settings.runs_dir / artifacts.utc_stamp()
     try:
         cfg = RunConfig(dataset=dataset, shards=shards, partition=partition, n_train=train_samples,
-                        n_valid=valid_samples, n_test=test_samples, seed=seed,
-                        train=TrainConfig(lr=lr, epochs=epochs, batch_size=batch_size))
+                        n_valid=valid_samples, n_test=test_samples, seed=seed, min_history=min_history,
+                        max_history=max(10, min_history),
+                        train=TrainConfig(lr=lr, max_epochs=max_epochs, patience=None if fixed_epochs else patience,
+                                          batch_size=batch_size))
         started = time.perf_counter()
         base = _load_base(device)
         run = train_run(cfg, run_dir, base, datasets_dir=settings.datasets_dir,
-                        assets_dir=settings.assets_dir, single=single)
+                        assets_dir=settings.assets_dir, single=single, sisa=sisa)
         sizes = [len(run.shard_samples(k)) for k in range(shards)]
         typer.echo(f"run: {run_dir}  shard sizes {sizes}  ({time.perf_counter() - started:.0f} s)")
         if ledger:
@@ -134,38 +144,66 @@ def _record(run_dir: Path) -> None:
                f"{summary.versions_added} adapter version(s) added, {summary.skipped_forgotten} forgotten skipped")
 
 
+def _grid_values(option: str, value: str, parse: Callable[[str], object], full: tuple[Any, ...]) -> tuple[Any, ...]:
+    if value == "auto":
+        return full
+    try:
+        return (parse(value),)
+    except ValueError:
+        _fail(ValueError(f"{option} must be 'auto' or a value, not {value!r}"))
+        raise AssertionError("unreachable") from None
+
+
 @app.command("eval")
 def evaluate(
     run: Annotated[Path | None, typer.Option(help="Run folder (default: the newest under <APA_HOME>/runs)")] = None,
-    out: Annotated[Path | None, typer.Option(help="Write the report JSON here (and the table beside, .md)")] = None,
-    knn: Annotated[int, typer.Option(min=1, help="Nearest validation samples per query")] = 20,
-    tau: Annotated[float, typer.Option(min=0.0, help="Attention temperature")] = 1000.0,
+    out: Annotated[Path | None, typer.Option(help="Write the report JSON here, the table beside it (.md) and the "
+                                             "per-sample predictions as <name>-predictions.csv.gz")] = None,
     weights: Annotated[str, typer.Option(help="per-sample (paper) | per-user (service)")] = "per-sample",
+    error: Annotated[str, typer.Option(help="Attention error: mae | brier | logloss | auto (chosen on validation)")]
+    = "auto",
+    knn: Annotated[str, typer.Option(help="Neighbours per query: a number, all, or auto (chosen on validation)")]
+    = "auto",
+    tau: Annotated[str, typer.Option(help="Attention temperature: a number or auto (chosen on validation)")] = "auto",
+    resamples: Annotated[int, typer.Option(min=10, help="Bootstrap resamples of the 95% intervals")] = 1000,
     batch_size: Annotated[int, typer.Option(min=1)] = 8,
     device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
 ) -> None:
-    """Test AUC of apa_nd, apa_d, single, sisa, ensemble, best_shard, item_mean and base."""
-    from apa.aggregation import WEIGHT_MODES
+    """Test AUC of APA and every baseline, with 95% bootstrap intervals and paired differences.
+
+    apa_nd uses the attention chosen on validation (--error/--knn/--tau fix parts of it); apa_nd_paper
+    the paper's (mae, 20, 1000)."""
+    from apa import aggregation
     from apa.evaluation import evaluate as run_eval
     from apa.evaluation import markdown
 
-    if weights not in WEIGHT_MODES:
-        _fail(ValueError(f"--weights must be one of {list(WEIGHT_MODES)}"))
+    if weights not in aggregation.WEIGHT_MODES:
+        _fail(ValueError(f"--weights must be one of {list(aggregation.WEIGHT_MODES)}"))
     try:
+        grid = aggregation.AttentionGrid(
+            errors=_grid_values("--error", error, str, aggregation.ERROR_GRID),
+            knns=_grid_values("--knn", knn, lambda v: None if v == "all" else int(v), aggregation.KNN_GRID),
+            taus=_grid_values("--tau", tau, float, aggregation.TAU_GRID))
         run_dir = _run_dir(run)
-        report = run_eval(run_dir, _load_base(device), knn=knn, tau=tau,
-                          weights_mode=weights, batch_size=batch_size)  # type: ignore[arg-type]
+        report, table = run_eval(run_dir, _load_base(device), weights_mode=weights,  # type: ignore[arg-type]
+                                 grid=grid, batch_size=batch_size, resamples=resamples)
     except APAError as exc:
         _fail(exc)
-    table = markdown(report)
+    text = markdown(report)
     if out:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(report, indent=2))
-        out.with_suffix(".md").write_text(table + "\n")
-    typer.echo(table)
+        out.with_suffix(".md").write_text(text + "\n")
+        table.to_csv(predictions_path(out), index=False)
+    typer.echo(text)
     if not out:
         json.dump(report, sys.stdout, indent=2)
         typer.echo()
+
+
+def predictions_path(report: Path) -> Path:
+    """``<name>-predictions.csv.gz`` beside ``<name>.json``."""
+    return report.with_name(f"{report.stem}-predictions.csv.gz")
 
 
 @app.command()

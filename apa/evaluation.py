@@ -1,53 +1,77 @@
-"""``apa eval``: test AUC of APA and its baselines on one run, with wall times.
+"""``apa eval``: test AUC of APA and its baselines on one run, with 95% intervals and wall times.
 
 Methods (all on the same test samples):
 
-* ``apa_nd`` / ``apa_d`` — one forward with the APA-weighted mixture of the K shard adapters
-  (exact ΔW = Σ w_k B_k A_k, or (Σ w_k B_k)(Σ w_k A_k)).
+* ``apa_nd`` / ``apa_d`` — one forward with the APA-weighted mixture of the K shard adapters (exact
+  ΔW = Σ w_k B_k A_k, or (Σ w_k B_k)(Σ w_k A_k)), the attention (error, neighbours, tau) chosen on
+  the validation memory alone (``aggregation.choose_attention``, leave one out).
+* ``apa_nd_paper`` — ``apa_nd`` at the paper's fixed attention (mae, 20 neighbours, tau 1000).
 * ``single`` — one adapter trained on all training samples (the retrain-everything baseline).
-* ``sisa`` — uniform average of the K shards' outputs; ``ensemble`` — their APA-weighted average
-  (K forwards); ``best_shard`` — the shard with the best *validation* AUC. These three share the
-  K per-shard passes.
+* ``sisa`` — SISA: the uniform average of the outputs of K adapters trained on a *random* partition.
+* ``avg_semantic`` — the uniform average of the K semantic shards' outputs (the paper's "Average").
+* ``ensemble`` — the semantic shards' outputs averaged with APA's weights (K forwards).
+* ``best_shard`` — the shard with the best *validation* AUC.
 * ``item_mean`` — the item's mean label over training targets only (no LLM, no peeking at
   histories, which can hold a test rating).
 * ``base`` — the untrained model (read off the same forward that embeds the test prompts).
 
-``valid_tau`` repeats ``apa_nd``, ``apa_d`` and ``ensemble`` with the temperature chosen on the
-validation memory (``aggregation.choose_tau``) instead of the given one (the paper's 1000).
+Every AUC comes with a 95% stratified bootstrap interval over the test samples, and the differences
+that matter with paired intervals (``apa.metrics``). Each forward pass over the test prompts is kept
+under ``<run>/cache/eval`` keyed by the adapter files, weights and prompts, so an interrupted or
+repeated evaluation only runs what it has not run. The per-sample predictions of every method, with
+the weights, are returned as a table (``apa eval`` writes it beside the report).
 """
 
+import hashlib
 import time
-from collections.abc import Callable
-from functools import partial
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 
 from apa import aggregation, artifacts
-from apa.aggregation import ValidationMemory, WeightsMode
-from apa.embeddings import embed
-from apa.engines.base import AdapterRef
+from apa.aggregation import PAPER, AttentionGrid, ValidationMemory, WeightsMode
+from apa.embeddings import embed, normalise_rows
+from apa.engines.base import AdapterRef, Mode
 from apa.engines.torch import TorchEngine
 from apa.errors import ConfigError, RunNotFound
-from apa.metrics import auc
+from apa.hashing import sha256_file, sha256_json, sha256_text
+from apa.metrics import BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, auc, intervals
 from apa.model import BaseModel, score_hidden
 from apa.runs import RunData, embedding_cache, memory_path, read_run
 
-METHODS = ("apa_nd", "apa_d", "single", "sisa", "ensemble", "best_shard", "item_mean", "base")
+METHODS = ("apa_nd", "apa_nd_paper", "apa_d", "single", "sisa", "avg_semantic", "ensemble", "best_shard",
+           "item_mean", "base")
+PAIRS = [("apa_nd", "single"), ("apa_nd", "sisa"), ("apa_nd", "best_shard"), ("apa_nd", "avg_semantic"),
+         ("apa_nd", "apa_nd_paper")]
+
+
+def adapter_refs(run_dir: Path, adapters: Sequence[int | str]) -> list[AdapterRef]:
+    """The newest version of each adapter id, numbered 0..K-1 in the given order (engine shards)."""
+    refs = []
+    for index, adapter in enumerate(adapters):
+        version = artifacts.latest_version(run_dir, adapter)
+        if version is None:
+            raise RunNotFound(f"{run_dir}: adapter {adapter} has no version yet (resume with `apa train --out`)")
+        refs.append(AdapterRef(shard=index, version=version, path=artifacts.version_dir(run_dir, adapter, version)))
+    return refs
 
 
 def serving_refs(run_dir: Path, shards: int) -> list[AdapterRef]:
     """The newest version of every shard."""
-    refs = []
-    for shard in range(shards):
-        version = artifacts.latest_version(run_dir, shard)
-        if version is None:
-            raise RunNotFound(f"{run_dir}: shard {shard} has no adapter yet (resume with `apa train --out`)")
-        refs.append(AdapterRef(shard=shard, version=version,
-                               path=artifacts.version_dir(run_dir, shard, version)))
-    return refs
+    return adapter_refs(run_dir, list(range(shards)))
+
+
+def sisa_refs(run_dir: Path, run: RunData) -> list[AdapterRef] | None:
+    """SISA's K adapters (the run's own shards when its partition is random), or None if not trained."""
+    k = run.config.shards
+    ids: list[int | str] = list(range(k)) if run.own_sisa() else [artifacts.sisa_id(s) for s in range(k)]
+    if any(artifacts.latest_version(run_dir, a) is None for a in ids):
+        return None
+    return adapter_refs(run_dir, ids)
 
 
 def load_memory(run_dir: Path, refs: list[AdapterRef]) -> ValidationMemory:
@@ -66,133 +90,195 @@ def item_mean_scores(run: RunData) -> np.ndarray:
                      for s in run.splits["test"]])
 
 
-class _Clock:
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = {}
+class PassCache:
+    """Finished forward passes over the test prompts, one JSON file each, keyed by what decides them:
+    the adapter files' sha256, the weights, the mode and the prompts. Stores the pass's seconds too,
+    so a resumed evaluation reports the time the pass took."""
 
-    def run(self, name: str, fn: Callable[[], np.ndarray]) -> np.ndarray:
+    def __init__(self, root: Path, sample_ids: Sequence[str], prompts: Sequence[str], batch_size: int) -> None:
+        self.root, self.sample_ids, self.batch_size = root, list(sample_ids), batch_size
+        self.prompts_sha256 = sha256_text("\n".join(prompts))
+        self._file_sha: dict[Path, str] = {}
+
+    def _adapter_sha(self, ref: AdapterRef) -> str:
+        path = ref.path / "adapter_model.safetensors"
+        if path not in self._file_sha:
+            self._file_sha[path] = sha256_file(path)
+        return self._file_sha[path]
+
+    def run(self, refs: Sequence[AdapterRef], weights: np.ndarray, mode: Mode,
+            compute: Callable[[], np.ndarray]) -> tuple[np.ndarray, float]:
+        w = np.ascontiguousarray(weights, dtype=np.float64)
+        key = sha256_json({"adapters": [self._adapter_sha(r) for r in refs], "mode": mode,
+                           "weights": hashlib.sha256(w.tobytes()).hexdigest(),
+                           "prompts": self.prompts_sha256, "batch_size": self.batch_size})
+        path = self.root / f"{key[:32]}.json"
+        if path.is_file():
+            doc = artifacts.read_json(path)
+            return np.array([doc["predictions"][s] for s in self.sample_ids]), float(doc["seconds"])
         started = time.perf_counter()
-        out = fn()
-        self.seconds[name] = round(time.perf_counter() - started, 3)
-        return out
+        scores = compute()
+        seconds = round(time.perf_counter() - started, 3)
+        artifacts.write_json_atomic(path, {"seconds": seconds, "predictions": dict(
+            zip(self.sample_ids, (float(p) for p in scores), strict=True))})
+        return scores, seconds
+
+
+def _cluster_auc(labels: np.ndarray, scores: np.ndarray, clusters: np.ndarray, k: int) -> list[list[float | None]]:
+    """AUC of each shard (column) on the test samples of each cluster (row); None without both labels."""
+    table: list[list[float | None]] = []
+    for c in range(k):
+        rows = clusters == c
+        both = len(set(labels[rows].tolist())) == 2
+        table.append([round(auc(labels[rows], scores[rows, s]), 4) if both else None for s in range(k)])
+    return table
+
+
+def _routing(w: np.ndarray, clusters: np.ndarray | None) -> dict[str, Any]:
+    """How the weights spread ([n, K]): mean weights, mean entropy (nats; log K is uniform) and, for a
+    semantic run, the weight on and the share routed to the sample's own cluster's shard."""
+    out: dict[str, Any] = {"mean_weights": np.round(w.mean(axis=0), 4).tolist(),
+                           "mean_entropy": round(float(aggregation.entropy(w).mean()), 4),
+                           "uniform_entropy": round(float(np.log(w.shape[1])), 4)}
+    if clusters is not None:
+        rows = np.arange(len(w))
+        out["own_cluster_weight"] = round(float(w[rows, clusters].mean()), 4)
+        out["own_cluster_top"] = round(float((w.argmax(axis=1) == clusters).mean()), 4)
+    return out
 
 
 def evaluate(
-    run_dir: Path, base: BaseModel, *, knn: int = 20, tau: float = aggregation.PAPER_TAU,
-    weights_mode: WeightsMode = "per-sample", batch_size: int = 8,
-) -> dict[str, Any]:
+    run_dir: Path, base: BaseModel, *, weights_mode: WeightsMode = "per-sample", grid: AttentionGrid | None = None,
+    batch_size: int = 8, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_SEED,
+) -> tuple[dict[str, Any], pd.DataFrame]:
+    """The report (AUCs, intervals, seconds, attention, routing evidence) and the per-sample table."""
     run = read_run(run_dir)
     if run.base_model_sha256 != base.sha256:
         raise ConfigError("the loaded base model is not the one this run was trained on")
     k = run.config.shards
     test = run.splits["test"]
-    prompts = [run.prompts[s.sample_id] for s in test]
+    ids = [s.sample_id for s in test]
+    prompts = [run.prompts[i] for i in ids]
     labels = np.array([s.label for s in test])
     cache = embedding_cache(run_dir, base)
-    clock = _Clock()
+    passes = PassCache(run_dir / "cache" / "eval", ids, prompts, batch_size)
+    seconds: dict[str, float] = {}
 
-    test_hidden = clock.run("base", lambda: embed(base, prompts, cache=cache, batch_size=batch_size,
-                                                  desc="base / embed test"))
-    scores: dict[str, np.ndarray] = {"base": score_hidden(base, torch.from_numpy(test_hidden)).numpy()}
-    if weights_mode == "per-sample":
-        queries = test_hidden
-    else:
-        queries = embed(base, [run.history_prompts[s.sample_id] for s in test], cache=cache,
-                        batch_size=batch_size, desc="embed test histories")
-    scores["item_mean"] = clock.run("item_mean", lambda: item_mean_scores(run))
+    started = time.perf_counter()
+    test_hidden = embed(base, prompts, cache=cache, batch_size=batch_size, desc="base / embed test")  # [n, hidden]
+    seconds["base"] = round(time.perf_counter() - started, 3)
+    scores: dict[str, np.ndarray] = {"base": score_hidden(base, torch.from_numpy(test_hidden)).numpy(),
+                                     "item_mean": item_mean_scores(run)}
+    seconds["item_mean"] = 0.0
+    queries = test_hidden if weights_mode == "per-sample" else embed(
+        base, [run.history_prompts[i] for i in ids], cache=cache, batch_size=batch_size, desc="embed test histories")
 
     refs = serving_refs(run_dir, k)
     memory = load_memory(run_dir, refs)
-    weights = aggregation.weights(memory, queries, mode=weights_mode, knn=knn, tau=tau)  # [n, K]
-    choice = aggregation.choose_tau(memory, mode=weights_mode, knn=knn)  # fails before the passes, not after
-    engine = TorchEngine(base)
-    engine.load(refs)
+    choice = aggregation.choose_attention(memory, mode=weights_mode, grid=grid)
+    paper = aggregation.choose_attention(memory, mode=weights_mode, grid=AttentionGrid(
+        (PAPER.error,), (PAPER.knn,), (PAPER.tau,)))
+    chosen_w = aggregation.weights(memory, queries, mode=weights_mode, attention=choice.attention)  # [n, K]
+    paper_w = aggregation.weights(memory, queries, mode=weights_mode, attention=PAPER)  # [n, K]
 
-    def per_shard() -> np.ndarray:
-        return np.stack([
-            engine.score(prompts, np.eye(k)[[s] * len(test)], batch_size=batch_size, desc=f"shard {s}")
-            for s in range(k)
-        ], axis=1)  # [n, K]
+    def forward(name: str, adapters: list[AdapterRef], w: np.ndarray, mode: Mode = "nd") -> np.ndarray:
+        def compute() -> np.ndarray:
+            engine = TorchEngine(base)
+            engine.load(adapters)
+            return engine.score(prompts, w, mode=mode, batch_size=batch_size, desc=name)
 
-    shard_scores = clock.run("per_shard", per_shard)
+        out, seconds[name] = passes.run(adapters, w, mode, compute)
+        return out
+
+    def per_shard(name: str, adapters: list[AdapterRef]) -> np.ndarray:
+        cols = [forward(f"{name} {s}", adapters, np.eye(k)[[s] * len(test)]) for s in range(k)]
+        return np.stack(cols, axis=1)  # [n, K]
+
+    shard_scores = per_shard("shard", refs)
+    shard_seconds = round(sum(seconds.pop(f"shard {s}") for s in range(k)), 3)
+    scores["avg_semantic"] = shard_scores.mean(axis=1)
+    scores["ensemble"] = (shard_scores * chosen_w).sum(axis=1)
     valid_auc = [auc(memory.labels, memory.predictions[:, s]) for s in range(k)]
     best = int(np.argmax(valid_auc))
-    scores["sisa"] = shard_scores.mean(axis=1)
-    scores["ensemble"] = (shard_scores * weights).sum(axis=1)
     scores["best_shard"] = shard_scores[:, best]
-    for mode in ("nd", "d"):
-        scores[f"apa_{mode}"] = clock.run(f"apa_{mode}", partial(
-            engine.score, prompts, weights, mode=mode, batch_size=batch_size, desc=f"APA({mode.upper()})"))
-
+    for name in ("avg_semantic", "ensemble", "best_shard"):
+        seconds[name] = shard_seconds
+    sisa = sisa_refs(run_dir, run)
+    if sisa is not None:
+        sisa_scores = per_shard("sisa", sisa)
+        scores["sisa"] = sisa_scores.mean(axis=1)
+        seconds["sisa"] = round(sum(seconds.pop(f"sisa {s}") for s in range(k)), 3)
+    scores["apa_nd"] = forward("apa_nd", refs, chosen_w, "nd")
+    scores["apa_d"] = forward("apa_d", refs, chosen_w, "d")
+    scores["apa_nd_paper"] = forward("apa_nd_paper", refs, paper_w, "nd")
     single_version = artifacts.latest_version(run_dir, artifacts.SINGLE)
     if single_version is not None:
-        single = TorchEngine(base)
-        single.load([AdapterRef(shard=0, version=single_version,
-                                path=artifacts.version_dir(run_dir, artifacts.SINGLE, single_version))])
-        scores["single"] = clock.run("single", lambda: single.score(
-            prompts, np.ones((len(test), 1)), batch_size=batch_size, desc="single"))
+        scores["single"] = forward("single", adapter_refs(run_dir, [artifacts.SINGLE]), np.ones((len(test), 1)))
 
-    for name in ("sisa", "ensemble", "best_shard"):
-        clock.seconds[name] = clock.seconds["per_shard"]
-    chosen = aggregation.weights(memory, queries, mode=weights_mode, knn=knn, tau=choice.tau)  # [n, K]
-    valid_tau = _with_valid_tau(choice, chosen, shard_scores, labels, scores, clock.seconds, engine, prompts,
-                                tau=tau, batch_size=batch_size)
-    return {
-        "auc": {m: round(auc(labels, scores[m]), 4) for m in METHODS if m in scores},
-        "seconds": {m: clock.seconds[m] for m in METHODS if m in clock.seconds},
-        "config": {"run": str(run_dir), "knn": knn, "tau": tau, "weights": weights_mode,
-                   "batch_size": batch_size, "n_test": len(test), "test_positive_rate":
-                   round(float(labels.mean()), 4), **run.config.as_dict()},
-        "shards": {
-            "versions": [ref.version for ref in refs],
-            "test_auc": [round(auc(labels, shard_scores[:, s]), 4) for s in range(k)],
-            "valid_auc": [round(v, 4) for v in valid_auc],
-            "best_shard": best,
-            "mean_weights": np.round(weights.mean(axis=0), 4).tolist(),
-        },
-        "valid_tau": valid_tau,
+    methods = [m for m in METHODS if m in scores]
+    ci, paired = intervals(labels, {m: scores[m] for m in methods}, PAIRS, resamples=resamples, seed=seed)
+    clusters = None if run.centres is None else np.argmax(normalise_rows(test_hidden) @ run.centres.T, axis=1)
+    shards: dict[str, Any] = {
+        "versions": [ref.version for ref in refs],
+        "test_auc": [round(auc(labels, shard_scores[:, s]), 4) for s in range(k)],
+        "valid_auc": [round(v, 4) for v in valid_auc],
+        "best_shard": best,
+        "epoch_kept": [_training(ref).get("epoch_kept") for ref in refs],
+        "selection": [_training(ref).get("selection") for ref in refs],
     }
-
-
-def _with_valid_tau(
-    choice: aggregation.TauChoice, chosen: np.ndarray, shard_scores: np.ndarray, labels: np.ndarray,
-    scores: dict[str, np.ndarray], seconds_of: dict[str, float], engine: TorchEngine, prompts: list[str], *,
-    tau: float, batch_size: int,
-) -> dict[str, Any]:
-    """The weighted methods again with the weights ``chosen`` ([n, K]) of the validation-chosen tau;
-    the passes of ``tau`` (and their ``seconds_of``) are reused when the choice is the same, so the
-    report has the same keys either way."""
-    out = {"ensemble": (shard_scores * chosen).sum(axis=1)}
-    seconds: dict[str, float] = {}
-    for mode in ("nd", "d"):
-        if choice.tau == tau:
-            out[f"apa_{mode}"] = scores[f"apa_{mode}"]
-            seconds[f"apa_{mode}"] = seconds_of[f"apa_{mode}"]
-            continue
-        started = time.perf_counter()
-        out[f"apa_{mode}"] = engine.score(prompts, chosen, mode=mode, batch_size=batch_size,
-                                          desc=f"APA({mode.upper()}), tau {choice.tau:g}")
-        seconds[f"apa_{mode}"] = round(time.perf_counter() - started, 3)
-    return {
-        "tau": choice.tau,
-        "loo_valid_auc": {f"{t:g}": round(v, 4) for t, v in choice.valid_auc.items()},
-        "auc": {m: round(auc(labels, s), 4) for m, s in out.items()},
-        "seconds": seconds,
-        "mean_weights": np.round(chosen.mean(axis=0), 4).tolist(),
+    if clusters is not None:
+        shards["test_cluster_sizes"] = np.bincount(clusters, minlength=k).tolist()
+        shards["cluster_test_auc"] = _cluster_auc(labels, shard_scores, clusters, k)
+    report = {
+        "auc": {m: round(auc(labels, scores[m]), 4) for m in methods},
+        "ci95": ci,
+        "paired": paired,
+        "seconds": {m: seconds[m] for m in methods},
+        "config": {"run": str(run_dir), "weights": weights_mode, "batch_size": batch_size, "n_test": len(test),
+                   "test_positive_rate": round(float(labels.mean()), 4), **run.config.as_dict()},
+        "bootstrap": {"resamples": resamples, "seed": seed, "level": 0.95, "stratified": True},
+        "attention": {"chosen": choice.as_dict(), "paper": paper.as_dict(),
+                      "grid": (grid or AttentionGrid()).as_dict(), "loo_valid_auc": choice.table},
+        "shards": shards,
+        "routing": {"chosen": _routing(chosen_w, clusters), "paper": _routing(paper_w, clusters)},
     }
+    table = pd.DataFrame({"sample_id": ids, "user_id": [s.user_id for s in test], "label": labels})
+    for m in methods:
+        table[m] = scores[m]
+    for s in range(k):
+        table[f"w_{s}"] = chosen_w[:, s]
+    for s in range(k):
+        table[f"w_paper_{s}"] = paper_w[:, s]
+    if clusters is not None:
+        table["cluster"] = clusters
+    return report, table
+
+
+def _training(ref: AdapterRef) -> dict[str, Any]:
+    training: dict[str, Any] = artifacts.read_json(ref.path / "manifest.json").get("training") or {}
+    return training
+
+
+def recompute_auc(table: pd.DataFrame, methods: Sequence[str]) -> dict[str, float]:
+    """The AUCs a per-sample table gives (what a reader checks the report against)."""
+    return {m: round(auc(table["label"].to_numpy(), table[m].to_numpy()), 4) for m in methods}
 
 
 def markdown(report: dict[str, Any]) -> str:
-    """The AUC table of a report, best first; ``seconds`` of shared passes are marked."""
-    rows = ["| method | test AUC | seconds |", "|---|---:|---:|"]
-    shared = {"sisa", "ensemble", "best_shard"}
+    """The AUC table of a report, best first, with intervals; ``seconds`` of shared passes are marked."""
+    rows = ["| method | test AUC | 95% CI | seconds |", "|---|---:|---|---:|"]
+    shared = {"avg_semantic", "ensemble", "best_shard"}
     for method, value in sorted(report["auc"].items(), key=lambda kv: -kv[1]):
-        seconds = report["seconds"].get(method)
+        low, high = report["ci95"][method]
+        secs = report["seconds"].get(method)
         note = " (shared K passes)" if method in shared else ""
-        rows.append(f"| {method} | {value:.4f} | {seconds if seconds is not None else '—'}{note} |")
-    tuned = report.get("valid_tau")
-    if tuned:
-        rows.append("")
-        rows.append(f"tau chosen on validation (leave one out): {tuned['tau']:g} (this table: "
-                    f"{report['config']['tau']:g}); " + ", ".join(f"{m} {v:.4f}" for m, v in tuned["auc"].items()))
+        rows.append(f"| {method} | {value:.4f} | [{low:.4f}, {high:.4f}] | {secs}{note} |")
+    rows.append("")
+    for pair, (diff, low, high) in report["paired"].items():
+        rows.append(f"* {pair}: {diff:+.4f} [{low:+.4f}, {high:+.4f}] (paired 95% CI)")
+    chosen = report["attention"]["chosen"]
+    rows.append(f"* attention chosen on validation (leave one out, {chosen['samples']} samples): error "
+                f"{chosen['error']}, knn {chosen['knn']}, tau {chosen['tau']:g} (LOO AUC "
+                f"{chosen['loo_valid_auc']:.4f}; the paper's mae/20/1000: "
+                f"{report['attention']['paper']['loo_valid_auc']:.4f})")
     return "\n".join(rows)

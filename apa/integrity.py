@@ -1,6 +1,6 @@
 """``apa check``: a run's adapters are what their manifests say, and the shards split the data exactly.
 
-Checks, for the newest version of every shard (and the single baseline):
+Checks, for the newest version of every shard (and of the single and SISA baselines, PEFT only):
 
 * the manifest hash recomputes from its samples, config, seed and base-model hash;
 * the shard manifests are pairwise disjoint and together cover the run's training split;
@@ -55,9 +55,10 @@ def check_run(run_dir: Path, base: BaseModel | None = None) -> CheckReport:
                                f"samples and {len(set(owner) - train_ids)} samples outside it")
     else:
         report.checked.append(f"shard manifests are disjoint and cover all {len(train_ids)} training samples")
-    single = artifacts.latest_version(run_dir, artifacts.SINGLE)
-    if single is not None:
-        folders.append(artifacts.version_dir(run_dir, artifacts.SINGLE, single))
+    for baseline in [artifacts.SINGLE, *(artifacts.sisa_id(k) for k in range(run.config.shards))]:
+        version = artifacts.latest_version(run_dir, baseline)
+        if version is not None:
+            folders.append(artifacts.version_dir(run_dir, baseline, version))
     if base is not None:
         for folder in folders:
             problem = _peft_load_problem(base, folder)

@@ -109,6 +109,8 @@ def p_yes(logits: torch.Tensor) -> torch.Tensor:
 
 def batches_by_length(tokenizer: Any, texts: Sequence[str], batch_size: int) -> Iterator[list[int]]:
     """Index batches of similar prompt length (less padding), covering every index once."""
+    if not texts:
+        return
     lengths = [len(ids) for ids in tokenizer(list(texts), add_special_tokens=True)["input_ids"]]
     order = sorted(range(len(texts)), key=lambda i: lengths[i])
     for start in range(0, len(order), batch_size):

@@ -3,7 +3,9 @@
 What goes: the samples' rows in ``samples.parquet`` and ``run.json``, their rows in the validation
 memory, their entries in every version's ``valid_predictions.json`` (the adapter weights and
 manifest of a version are never touched), their embedding-cache entries, every superseded adapter
-version trained on them, and the ``single`` baseline if it saw any of them. The run folder keeps
+version trained on them, the ``single`` and SISA baselines if they saw any of them, the evaluation
+passes cached under ``cache/eval`` and any unfinished training state under ``cache/train`` (both
+only speed later runs up). The run folder keeps
 the HMACs of the deleted interactions in ``forgotten.json``, so importing it into another ledger
 (with the same ``APA_HMAC_KEY``) does not bring them back. Safe to run twice.
 """
@@ -55,17 +57,18 @@ def purge_run_files(run_dir: Path, sample_ids: set[str], superseded: list[Path],
         doc["samples"] = {k: v for k, v in doc["samples"].items() if k not in sample_ids}
         artifacts.write_json_atomic(run_dir / "run.json", doc)
     _purge_memory(run_dir / "memory" / "valid.npz", sample_ids)
-    for path in run_dir.glob("adapters/shard-*/v*/valid_predictions.json"):
+    for path in run_dir.glob("**/v*/valid_predictions.json"):
         predictions = artifacts.read_json(path)
         if any(s in predictions for s in sample_ids):
             artifacts.write_json_atomic(path, {k: v for k, v in predictions.items() if k not in sample_ids})
             report.prediction_files += 1
     folders = [p for p in superseded if p.is_dir()]
-    single = artifacts.shard_dir(run_dir, artifacts.SINGLE)
-    for folder in sorted(single.glob("v*")) if single.is_dir() else []:
+    baselines = [artifacts.shard_dir(run_dir, artifacts.SINGLE), *sorted((run_dir / artifacts.SISA).glob("shard-*"))]
+    for folder in [v for b in baselines if b.is_dir() for v in sorted(b.glob("v*"))]:
         manifest = artifacts.read_json(folder / "manifest.json")
         if any(s["sample_id"] in sample_ids for s in manifest["samples"]):
             folders.append(folder)
+    folders += [p for p in (run_dir / "cache" / "eval", run_dir / "cache" / "train") if p.is_dir()]
     for folder in folders:
         shutil.rmtree(folder)
         report.folders += 1

@@ -1,12 +1,22 @@
-"""``apa train``: dataset → samples → split → embeddings → partition → one LoRA per shard (+ single).
+"""``apa train``: dataset → samples → split → embeddings → partition → one LoRA per shard (+ baselines).
+
+Besides the K served shards a run trains two baselines that are never served: ``single`` (one
+adapter on all training samples) and ``sisa`` (SISA: one adapter per shard of a *random* partition of
+the same samples, same K and seed; a run whose own partition is random is its own SISA).
+
+Every adapter is validated after each epoch and kept at its best (``training.train_adapter``): a
+semantic shard on the validation samples of its own cluster (those whose nearest K-means centre is
+the shard's; a cluster specialist's global AUC says little), the baselines on all of them.
 
 A run can be resumed: called again with the same ``--out`` and configuration, it keeps every adapter
-version already written and trains only the missing ones.
+version already written, continues an unfinished adapter from its last finished epoch, and trains
+only what is missing.
 """
 
 import logging
+import shutil
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -18,9 +28,10 @@ from apa import artifacts, data, training
 from apa.aggregation import ValidationMemory
 from apa.embeddings import EmbeddingCache, embed, normalise_rows
 from apa.errors import ConfigError
+from apa.metrics import selection_score
 from apa.model import BaseModel
 from apa.partition import NEEDS_EMBEDDINGS, partition
-from apa.samples import Sample, build_samples, from_frame, split_samples, to_frame
+from apa.samples import Sample, build_samples, from_frame, labels, split_samples, to_frame
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +46,7 @@ class RunConfig:
     n_test: int = 1000
     seed: int = 0
     max_history: int = 10
-    min_history: int = 1
+    min_history: int = 10  # TALLRec: every prompt carries ten earlier items
     like_threshold: float = 3.0
     noun: str = "movie"
     batch_size: int = 8  # inference batches (embeddings, predictions)
@@ -61,9 +72,24 @@ class RunData:
     prompts: dict[str, str]  # sample id -> prompt
     history_prompts: dict[str, str]  # sample id -> history-only prompt
     base_model_sha256: str
+    sisa_of: dict[str, int]  # train sample id -> shard of SISA's random partition
+    centres: np.ndarray | None  # [K, hidden] the semantic partition's unit centres
 
     def shard_samples(self, shard: int) -> list[Sample]:
         return [s for s in self.splits["train"] if self.shard_of[s.sample_id] == shard]
+
+    def adapter_samples(self, adapter: int | str) -> list[Sample]:
+        """The training samples of a shard, of a SISA shard (``sisa-<k>``) or of ``single``."""
+        if adapter == artifacts.SINGLE:
+            return list(self.splits["train"])
+        k = artifacts.sisa_shard(adapter)
+        if k is not None:
+            return [s for s in self.splits["train"] if self.sisa_of[s.sample_id] == k]
+        return self.shard_samples(int(adapter))
+
+    def own_sisa(self) -> bool:
+        """Whether the run's own shards are SISA's (a random partition)."""
+        return self.config.partition == "random"
 
 
 def embedding_cache(run_dir: Path, base: BaseModel) -> EmbeddingCache:
@@ -77,14 +103,56 @@ def memory_path(run_dir: Path) -> Path:
 def read_run(run_dir: Path) -> RunData:
     doc = artifacts.read_json(artifacts.require_run(run_dir) / "run.json")
     frame = pd.read_parquet(run_dir / "samples.parquet")
+    config = RunConfig.from_dict(doc["config"])
+    splits = from_frame(frame)
+    train = frame[frame["split"] == "train"]
+    if "sisa_shard" in frame:
+        sisa_of = dict(zip(train["sample_id"].astype(str), train["sisa_shard"].astype(int), strict=True))
+    else:  # runs written before the SISA baseline: its partition of the (unpurged) training split
+        sisa_of = _sisa_partition(splits["train"], config)
     return RunData(
-        config=RunConfig.from_dict(doc["config"]),
-        splits=from_frame(frame),
-        shard_of={str(r.sample_id): int(r.shard) for r in frame.itertuples() if r.split == "train"},
+        config=config,
+        splits=splits,
+        shard_of=dict(zip(train["sample_id"].astype(str), train["shard"].astype(int), strict=True)),
         prompts=dict(zip(frame["sample_id"].astype(str), frame["prompt"], strict=True)),
         history_prompts=dict(zip(frame["sample_id"].astype(str), frame["history_prompt"], strict=True)),
         base_model_sha256=str(doc["base_model"]["sha256"]),
+        sisa_of=sisa_of,
+        centres=None if doc.get("centres") is None else np.asarray(doc["centres"], dtype=np.float32),
     )
+
+
+def _sisa_partition(train: list[Sample], cfg: RunConfig) -> dict[str, int]:
+    parts = partition("random", train, np.zeros((len(train), 0), dtype=np.float32), k=cfg.shards, seed=cfg.seed)
+    return {s.sample_id: int(k) for s, k in zip(train, parts.assignment, strict=True)}
+
+
+def valid_clusters(run_dir: Path, run: RunData) -> dict[str, int]:
+    """Validation sample id -> its nearest K-means centre (cosine), for semantic runs; else empty."""
+    if run.centres is None:
+        return {}
+    with np.load(memory_path(run_dir)) as data:
+        ids = [str(s) for s in data["sample_ids"]]
+        nearest = np.argmax(data["embeddings"] @ run.centres.T, axis=1)  # [m]
+    return dict(zip(ids, nearest.tolist(), strict=True))
+
+
+MIN_PER_CLASS = 2  # a cluster's validation samples judge its shard only with this many of each label
+
+
+def selection_samples(run_dir: Path, run: RunData, adapter: int | str, valid: list[Sample]) -> tuple[list[Sample], str]:
+    """The validation samples that pick an adapter's epoch, and which they are (``cluster`` or ``all``).
+
+    A semantic shard is a specialist of its cluster: it is judged on the validation samples nearest
+    its centre, unless they lack ``MIN_PER_CLASS`` of a label. Everything else is judged on all.
+    """
+    if isinstance(adapter, int) and run.centres is not None:
+        clusters = valid_clusters(run_dir, run)
+        own = [s for s in valid if clusters.get(s.sample_id) == adapter]
+        liked = sum(s.label for s in own)
+        if min(liked, len(own) - liked) >= MIN_PER_CLASS:
+            return own, "cluster"
+    return list(valid), "all"
 
 
 def _prepare(cfg: RunConfig, run_dir: Path, base: BaseModel, dataset: data.Dataset) -> RunData:
@@ -118,6 +186,8 @@ def _prepare(cfg: RunConfig, run_dir: Path, base: BaseModel, dataset: data.Datas
     ).save(memory_path(run_dir))
 
     frame = to_frame(splits, shard_of)
+    sisa_of = shard_of if cfg.partition == "random" else _sisa_partition(train, cfg)
+    frame["sisa_shard"] = [sisa_of.get(i, -1) for i in frame["sample_id"]]
     frame["prompt"] = [prompts[i] for i in frame["sample_id"]]
     frame["history_prompt"] = [history[i] for i in frame["sample_id"]]
     frame.to_parquet(run_dir / "samples.parquet", index=False)
@@ -140,45 +210,65 @@ def _prepare(cfg: RunConfig, run_dir: Path, base: BaseModel, dataset: data.Datas
 def train_version(
     run: RunData, run_dir: Path, base: BaseModel, shard: int | str, samples: list[Sample],
     valid: list[Sample] | None = None, gate: Callable[[dict[str, float]], None] | None = None,
+    resumable: bool = False,
 ) -> tuple[int, Path]:
-    """Train one adapter from scratch on ``samples`` and write it as the shard's next version.
+    """Train one adapter from scratch on ``samples``, kept at its best epoch on validation
+    (``selection_samples``), and write it as the adapter's next version.
 
-    Shard versions also carry their p(yes) on every validation sample in ``valid`` (default: the
-    run's validation split), which the aggregation memory reads. ``gate(predictions)`` may raise to
-    refuse the version before it is written.
+    Every version carries its p(yes) on every validation sample in ``valid`` (default: the run's
+    validation split), which the aggregation memory reads. ``gate(predictions)`` may raise to refuse
+    the version before it is written. ``resumable`` keeps each epoch's state under ``cache/train`` so
+    an interrupted training continues where it stopped (``apa train``; the worker starts afresh).
+    With no validation sample left, training falls back to the fixed schedule (the manifest says so).
     """
     cfg = run.config
-    seed = training.derive_seed(cfg.seed, shard)
-    name = "single" if shard == artifacts.SINGLE else f"shard {shard}"
-    model, stats = training.train_adapter(
-        base, [run.prompts[s.sample_id] for s in samples], [s.label for s in samples], cfg.train,
-        seed=seed, desc=f"train {name} ({len(samples)} samples)",
-    )
+    sisa = artifacts.sisa_shard(shard)
+    seed = training.derive_seed(cfg.seed, shard if sisa is None else sisa)  # SISA's = a random run's shards
+    name = {artifacts.SINGLE: "single"}.get(str(shard), f"shard {shard}" if sisa is None else f"SISA shard {sisa}")
     valid = run.splits["valid"] if valid is None else valid
-    predictions: dict[str, float] = {}
-    if shard != artifacts.SINGLE:
-        scores = training.predict(base, model, [run.prompts[s.sample_id] for s in valid],
-                                  batch_size=cfg.batch_size, desc=f"validate {name}")
-        predictions = {s.sample_id: p for s, p in zip(valid, scores, strict=True)}
-        if gate is not None:
-            gate(predictions)
+    select, judged_on = selection_samples(run_dir, run, shard, valid)
     doc = artifacts.manifest(shard=shard, samples=samples, config=cfg.train.as_dict(), seed=seed,
                              base_model_sha256=base.sha256)
-    doc["training"] = stats.summary()
+    train_cfg = cfg.train if select else replace(cfg.train, patience=None)
+
+    def validate(model: Any) -> training.EpochScore:
+        scores = training.predict(base, model, [run.prompts[s.sample_id] for s in select],
+                                  batch_size=cfg.batch_size)
+        return training.EpochScore(score=selection_score(labels(select), np.array(scores)),
+                                   predictions={s.sample_id: p for s, p in zip(select, scores, strict=True)})
+
+    checkpoint = run_dir / "cache" / "train" / f"{shard}-{doc['manifest_sha256'][:16]}" if resumable else None
+    model, stats = training.train_adapter(
+        base, [run.prompts[s.sample_id] for s in samples], [s.label for s in samples], train_cfg,
+        seed=seed, validate=validate, checkpoint=checkpoint, desc=f"train {name} ({len(samples)} samples)",
+    )
+    known = stats.best.predictions if stats.best is not None else {}
+    rest = [s for s in valid if s.sample_id not in known]
+    scores = training.predict(base, model, [run.prompts[s.sample_id] for s in rest], batch_size=cfg.batch_size,
+                              desc=f"validate {name}" if rest else None)
+    predictions = {**known, **{s.sample_id: p for s, p in zip(rest, scores, strict=True)}}
+    predictions = {s.sample_id: predictions[s.sample_id] for s in valid}  # validation order
+    if gate is not None:
+        gate(predictions)
+    doc["training"] = {**stats.summary(), "selection": {"on": judged_on if select else "none",
+                                                         "samples": len(select)}}
 
     def fill(folder: Path) -> None:
         training.save_adapter(model, folder)
-        if predictions:
-            artifacts.write_json_atomic(folder / "valid_predictions.json", predictions)
+        artifacts.write_json_atomic(folder / "valid_predictions.json", predictions)
 
-    return artifacts.write_version(run_dir, shard, fill, doc)
+    written = artifacts.write_version(run_dir, shard, fill, doc)
+    if checkpoint is not None:
+        shutil.rmtree(checkpoint, ignore_errors=True)
+    return written
 
 
 def train_run(
     cfg: RunConfig, run_dir: Path, base: BaseModel, *, datasets_dir: Path, assets_dir: Path,
-    single: bool = True,
+    single: bool = True, sisa: bool = True,
 ) -> RunData:
-    """Train (or resume) a whole run. Returns what the run folder holds."""
+    """Train (or resume) a whole run: the shards, then the baselines asked for. Returns what the run
+    folder holds."""
     run_dir.mkdir(parents=True, exist_ok=True)
     artifacts.clean_temp_dirs(run_dir)
     if (run_dir / "run.json").is_file():
@@ -190,9 +280,12 @@ def train_run(
     else:
         dataset = data.load(cfg.dataset, datasets_dir=datasets_dir, assets_dir=assets_dir)
         run = _prepare(cfg, run_dir, base, dataset)
-    for shard in range(cfg.shards):
-        if artifacts.latest_version(run_dir, shard) is None:
-            train_version(run, run_dir, base, shard, run.shard_samples(shard))
-    if single and artifacts.latest_version(run_dir, artifacts.SINGLE) is None:
-        train_version(run, run_dir, base, artifacts.SINGLE, list(run.splits["train"]))
+    adapters: list[int | str] = list(range(cfg.shards))
+    if single:
+        adapters.append(artifacts.SINGLE)
+    if sisa and not run.own_sisa():
+        adapters += [artifacts.sisa_id(k) for k in range(cfg.shards)]
+    for adapter in adapters:
+        if artifacts.latest_version(run_dir, adapter) is None:
+            train_version(run, run_dir, base, adapter, run.adapter_samples(adapter), resumable=True)
     return run

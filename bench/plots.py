@@ -12,27 +12,32 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-METHODS = ["apa_nd", "apa_d", "single", "sisa", "ensemble", "best_shard", "item_mean", "base"]
+from apa.evaluation import METHODS
 
 
 def auc_by_method(report: dict, out: Path) -> None:
-    """Per-sample test AUC of every method; with a ``valid_tau`` section, APA(ND) at the tau chosen on
-    validation as one more bar (older reports lack it)."""
+    """Per-sample test AUC of every method with its 95% bootstrap interval, one bar group per config."""
     results = report["results"]
-    tuned = all("valid_tau" in r for r in results)
-    names = METHODS + (["apa_nd\n(valid τ)"] if tuned else [])
-    fig, ax = plt.subplots(figsize=(10, 4))
+    methods = [m for m in METHODS if any(m in r["eval"]["per-sample"]["auc"] for r in results)]
+    fig, ax = plt.subplots(figsize=(11, 4.2))
     width = 0.8 / len(results)
+    lowest = 1.0
     for i, result in enumerate(results):
-        auc = result["auc"]["per-sample"]
-        values = [auc[m] for m in METHODS] + ([result["valid_tau"]["per-sample"]["auc"]["apa_nd"]] if tuned else [])
-        ax.bar([m + i * width for m in range(len(names))], values, width, label=result["config"]["name"])
-    ax.set_xticks([m + 0.4 - width / 2 for m in range(len(names))], names)
+        ev = result["eval"]["per-sample"]
+        xs = [m + i * width for m, name in enumerate(methods) if name in ev["auc"]]
+        names = [name for name in methods if name in ev["auc"]]
+        values = [ev["auc"][n] for n in names]
+        errors = [[v - ev["ci95"][n][0] for v, n in zip(values, names, strict=True)],
+                  [ev["ci95"][n][1] - v for v, n in zip(values, names, strict=True)]]
+        ax.bar(xs, values, width, yerr=errors, capsize=2, label=result["config"]["name"])
+        lowest = min([lowest, *(ev["ci95"][n][0] for n in names)])
+    ax.set_xticks([m + 0.4 - width / 2 for m in range(len(methods))], [m.replace("_", "\n", 1) for m in methods],
+                  fontsize=8)
     ax.axhline(0.5, color="grey", lw=0.8, ls="--")
-    ax.set_ylabel("test AUC (per-sample weights)")
-    ax.set_ylim(0.4, max(0.8, ax.get_ylim()[1]))
+    ax.set_ylabel("test AUC, per-sample weights\n(bars: 95% bootstrap CI)")
+    ax.set_ylim(min(0.4, lowest - 0.02), max(0.8, ax.get_ylim()[1]))
     ax.legend(fontsize=8)
-    ax.set_title(f"AUC by method — {report['machine']['cpu']}")
+    ax.set_title(f"AUC by method — {report['preset']} preset, {report['machine']['cpu']}")
     fig.tight_layout()
     fig.savefig(out, dpi=120)
     plt.close(fig)

@@ -1,19 +1,23 @@
 """Test AUC of APA and its baselines on MovieLens-100K with SmolLM2, driving `apa train` / `apa eval`.
 
-Each configuration trains into ``<APA_HOME>/bench/quality/<name>`` (resumable: run it again and it
-continues) and is evaluated with per-sample (paper) and per-user (service) weights. Background long
-presets and keep their log: ``nohup python bench/quality.py --preset cpu > quality.log 2>&1 &``.
+Each configuration trains into ``<APA_HOME>/bench/quality/<name>`` and is evaluated with per-sample
+(the paper's) and per-user (the service's) weights. Everything resumes: a finished adapter is kept,
+an unfinished one continues from its last finished epoch, a finished evaluation pass is read back.
+So a long preset can run in the background and be started again after an interruption::
 
-Presets (the issue's plan):
-* ``cpu``      K=4, 512/250/250, 3 epochs, lr 3e-4, seed 0 (CPU is enough)
-* ``ablation`` partition semantic / random / user at K=2, 256/128/256, 3 epochs (CPU)
-* ``paper``    1024/500/1000, K=4, seeds 0 and 1; K=8 seed 0; ablation at K=4 (GPU: ``--device cuda``)
-* ``--quick``  K=2, 64/32/64, 1 epoch: the same tables and JSON keys in minutes
+    nohup python bench/quality.py --preset paper --out docs/results/quality-paper.json > paper.log 2>&1 &
 
-    python bench/quality.py --preset cpu --out docs/results/quality-cpu.json
+Presets (all: lr 3e-4, batch 8, at most 6 epochs with patience 2 on validation, seed 0, fp32):
 
-Per configuration the JSON holds ``train_wall_s`` (this invocation's training wall time: seconds when
-it resumed a trained run) and ``adapter_train_s`` (each adapter's training time, from its manifest).
+* ``paper``     K=4, 1024/500/1000 samples (the paper's scale; several hours on 2 CPU cores)
+* ``paper-k8``  K=8 on the same samples (reuses the paper preset's single baseline)
+* ``cpu``       K=4, 512/250/250
+* ``ablation``  partition semantic / random / user at K=2, 256/128/256
+* ``--quick``   K=2, 64/32/64, one epoch: the same tables and JSON keys in minutes
+
+The report's top-level ``auc``, ``ci95`` and ``paired`` are the first configuration's, per-sample
+weights; ``<out>-predictions.csv.gz`` holds its per-sample predictions and weights, from which the
+AUCs recompute (``python bench/quality.py --check-predictions REPORT``).
 """
 
 import argparse
@@ -22,15 +26,21 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
+
 from apa import artifacts
+from apa.cli import predictions_path
+from apa.evaluation import METHODS, recompute_auc
 from apa.runs import RunData, read_run
 from apa.settings import get_settings
 from bench import quick
 from bench.machine import describe
+
+WEIGHTS = ("per-sample", "per-user")
 
 
 @dataclass(frozen=True)
@@ -40,145 +50,210 @@ class Config:
     n_train: int
     n_valid: int
     n_test: int
-    epochs: int = 3
+    max_epochs: int = 6
+    patience: int = 2
     seed: int = 0
     partition: str = "semantic"
 
     def train_args(self) -> list[str]:
         return ["--shards", str(self.shards), "--train-samples", str(self.n_train), "--valid-samples",
-                str(self.n_valid), "--test-samples", str(self.n_test), "--epochs", str(self.epochs),
-                "--seed", str(self.seed), "--partition", self.partition, "--lr", "3e-4"]
+                str(self.n_valid), "--test-samples", str(self.n_test), "--max-epochs", str(self.max_epochs),
+                "--patience", str(self.patience), "--seed", str(self.seed), "--partition", self.partition,
+                "--lr", "3e-4"]
 
 
-def ablation(k: int, n: tuple[int, int, int], epochs: int = 3) -> list[Config]:
-    return [Config(f"ablation-k{k}-{p}", k, *n, epochs=epochs, partition=p) for p in ("semantic", "random", "user")]
+def ablation(k: int, n: tuple[int, int, int]) -> list[Config]:
+    return [Config(f"ablation-k{k}-{p}", k, *n, partition=p) for p in ("semantic", "random", "user")]
 
 
 PRESETS: dict[str, list[Config]] = {
-    "quick": [Config("quick-k2", quick.SHARDS, quick.N_TRAIN, quick.N_VALID, quick.N_TEST, epochs=quick.EPOCHS)],
+    "quick": [Config("quick-k2", quick.SHARDS, quick.N_TRAIN, quick.N_VALID, quick.N_TEST, max_epochs=quick.EPOCHS)],
+    "paper": [Config("paper-k4-s0", 4, 1024, 500, 1000)],
+    "paper-k8": [Config("paper-k8-s0", 8, 1024, 500, 1000)],
     "cpu": [Config("cpu-k4-512", 4, 512, 250, 250)],
     "ablation": ablation(2, (256, 128, 256)),
-    "paper": [Config("paper-k4-s0", 4, 1024, 500, 1000), Config("paper-k4-s1", 4, 1024, 500, 1000, seed=1),
-              Config("paper-k8-s0", 8, 1024, 500, 1000), *ablation(4, (1024, 500, 1000))[1:]],
 }
+DONORS: dict[str, list[str]] = {"paper-k8": ["paper-k4-s0"]}  # other presets' runs whose baselines may fit
 
 
 def apa(*args: str) -> None:
     subprocess.run([sys.executable, "-m", "apa.cli", *args], check=True)
 
 
-def same_single(run: Path, donor: Path) -> bool:
-    """Whether ``donor``'s single adapter is the one ``run`` would train: the partition does not enter
-    it, so runs that differ only in partition or K train it on the same samples, in the same order,
-    with the same configuration and seed."""
-    if artifacts.latest_version(donor, artifacts.SINGLE) != 1 or not (run / "run.json").is_file():
-        return False
-    mine, theirs = read_run(run), read_run(donor)
+def _same_validation(mine: RunData, theirs: RunData) -> bool:
+    def split(data: RunData) -> list[tuple[str, str, int]]:
+        return [(s.sample_id, data.prompts[s.sample_id], s.label) for s in data.splits["valid"]]
 
-    def train_split(data: RunData) -> list[tuple[str, str, int]]:
-        return [(s.sample_id, data.prompts[s.sample_id], s.label) for s in data.splits["train"]]
-
-    return (replace(mine.config, partition="", shards=0) == replace(theirs.config, partition="", shards=0)
-            and mine.base_model_sha256 == theirs.base_model_sha256 and train_split(mine) == train_split(theirs))
+    return mine.base_model_sha256 == theirs.base_model_sha256 and split(mine) == split(theirs)
 
 
-def single_source(run: Path, donors: list[Path]) -> Path | None:
-    """The donor whose single adapter ``run`` holds a copy of (its manifest, training time included,
-    is byte for byte the donor's), or None if ``run`` trained its own. Derived, so resuming reports it."""
-    mine = artifacts.version_dir(run, artifacts.SINGLE, 1) / "manifest.json"
-    return next((d for d in donors if (theirs := artifacts.version_dir(d, artifacts.SINGLE, 1) / "manifest.json")
-                 .is_file() and theirs.read_bytes() == mine.read_bytes()), None)
+def _aliases(adapter: int | str, donor: RunData) -> list[int | str]:
+    """The donor's adapter ids that could be the baseline ``adapter``: the same id, and for SISA's
+    shard k also a random run's own shard k."""
+    k = artifacts.sisa_shard(adapter)
+    return [adapter, k] if k is not None and donor.own_sisa() else [adapter]
 
 
-def training_seconds(run: Path, shards: int) -> dict[str, float]:
-    """Training time of each adapter's first version, from its manifest: unlike this invocation's wall
-    time, it survives a resume (and a copied single adapter reports its donor's)."""
+def donor_version(run: Path, adapter: int | str, donors: list[Path]) -> Path | None:
+    """A donor's first version of the adapter ``run`` would train as ``adapter``: the same manifest
+    hash (samples, training config, seed, base model) and the same validation split (which picks the
+    epoch kept), so training it again would give the same adapter. None if no donor has one."""
+    mine = read_run(run)
+    expected = artifacts.manifest(shard=adapter, samples=mine.adapter_samples(adapter),
+                                  config=mine.config.train.as_dict(), seed=_seed(mine, adapter),
+                                  base_model_sha256=mine.base_model_sha256)["manifest_sha256"]
+    for donor in donors:
+        if not (donor / "run.json").is_file():
+            continue
+        theirs = read_run(donor)
+        if not _same_validation(mine, theirs):
+            continue
+        for alias in _aliases(adapter, theirs):
+            folder = artifacts.version_dir(donor, alias, 1)
+            if (folder / "manifest.json").is_file() and \
+                    artifacts.read_json(folder / "manifest.json")["manifest_sha256"] == expected:
+                return folder
+    return None
+
+
+def _seed(run: RunData, adapter: int | str) -> int:
+    from apa.training import derive_seed
+
+    k = artifacts.sisa_shard(adapter)
+    return derive_seed(run.config.seed, adapter if k is None else k)
+
+
+def baseline_ids(run: RunData) -> list[int | str]:
+    ids: list[int | str] = [artifacts.SINGLE]
+    return ids + ([] if run.own_sisa() else [artifacts.sisa_id(k) for k in range(run.config.shards)])
+
+
+def adapter_seconds(run: Path, data: RunData) -> dict[str, dict[str, Any]]:
+    """Each adapter's training and per-epoch validation time and epochs, from its first version's
+    manifest (unlike this invocation's wall time, it survives a resume; a copied adapter reports
+    its donor's)."""
     out = {}
-    for shard in [*range(shards), artifacts.SINGLE]:
-        doc = artifacts.read_json(artifacts.version_dir(run, shard, 1) / "manifest.json")
-        out[str(shard)] = float(doc["training"]["seconds"])
+    for adapter in [*range(data.config.shards), *baseline_ids(data)]:
+        doc = artifacts.read_json(artifacts.version_dir(run, adapter, 1) / "manifest.json")["training"]
+        out[str(adapter)] = {"train_s": doc["seconds"], "validation_s": doc.get("validation_seconds", 0.0),
+                             "epochs_run": doc.get("epochs_run"), "epoch_kept": doc.get("epoch_kept"),
+                             "n_samples": len(data.adapter_samples(adapter))}
     return out
 
 
 def run_config(cfg: Config, root: Path, device: str, donors: list[Path]) -> dict[str, Any]:
-    """Train (resuming) and evaluate one configuration; the single baseline is copied from an earlier
-    run of the preset when ``same_single`` says it is the same adapter (the ablation saves half its
-    training that way)."""
+    """Train (resuming) and evaluate one configuration, copying a donor's baseline where it is the
+    same adapter (``donor_version``)."""
     run = root / cfg.name
     started = time.perf_counter()
-    apa("train", *cfg.train_args(), "--no-single", "--no-ledger", "--device", device, "--out", str(run))
-    if artifacts.latest_version(run, artifacts.SINGLE) is None:
-        donor = next((d for d in donors if same_single(run, d)), None)
-        if donor is not None:
-            print(f"{cfg.name}: the single baseline is {donor.name}'s (same training samples and config)", flush=True)
-            shutil.copytree(artifacts.shard_dir(donor, artifacts.SINGLE), artifacts.shard_dir(run, artifacts.SINGLE))
+    apa("train", *cfg.train_args(), "--no-single", "--no-sisa", "--no-ledger", "--device", device, "--out", str(run))
+    data = read_run(run)
+    copied: dict[str, str] = {}
+    for adapter in baseline_ids(data):
+        if artifacts.latest_version(run, adapter) is not None:
+            continue
+        source = donor_version(run, adapter, donors)
+        if source is not None:
+            target = artifacts.version_dir(run, adapter, 1)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copytree(source, target)
+            copied[str(adapter)] = str(source.relative_to(root))
+            print(f"{cfg.name}: {adapter} is {source.relative_to(root)} (same samples, config, seed, validation)",
+                  flush=True)
     apa("train", *cfg.train_args(), "--no-ledger", "--device", device, "--out", str(run))
     train_s = time.perf_counter() - started
-    donor = single_source(run, donors)
-    result: dict[str, Any] = {"config": cfg.__dict__, "train_wall_s": round(train_s, 1),
-                              "adapter_train_s": training_seconds(run, cfg.shards), "auc": {},
-                              "single_from": donor.name if donor else cfg.name}
-    for weights in ("per-sample", "per-user"):
+    result: dict[str, Any] = {"config": asdict(cfg), "train_wall_s": round(train_s, 1),
+                              "adapters": adapter_seconds(run, data), "copied_from": copied, "eval": {}}
+    for weights in WEIGHTS:
         out = run / f"eval-{weights}.json"
         if not out.is_file():
             apa("eval", "--run", str(run), "--weights", weights, "--device", device, "--out", str(out))
-        report = json.loads(out.read_text())
-        result["auc"][weights] = report["auc"]
-        result.setdefault("eval_seconds", {})[weights] = report["seconds"]
-        result.setdefault("valid_tau", {})[weights] = report["valid_tau"]
-    auc = result["auc"]["per-sample"]
-    tuned = {**auc, **result["valid_tau"]["per-sample"]["auc"]}
-    result["apa_nd_over_single"] = round(auc["apa_nd"] / auc["single"], 4)
-    result["valid_tau_apa_nd_over_single"] = round(tuned["apa_nd"] / auc["single"], 4)
-    result["checks"] = {"apa_nd_ge_0.97_single": auc["apa_nd"] >= 0.97 * auc["single"],
-                        "apa_nd_gt_sisa": auc["apa_nd"] > auc["sisa"],
-                        "trained_gt_base": all(auc[m] > auc["base"] for m in
-                                               ("apa_nd", "apa_d", "single", "sisa", "ensemble", "best_shard")),
-                        "valid_tau_apa_nd_ge_0.97_single": tuned["apa_nd"] >= 0.97 * auc["single"],
-                        "valid_tau_apa_nd_gt_sisa": tuned["apa_nd"] > auc["sisa"]}
+        result["eval"][weights] = json.loads(out.read_text())
+    result["checks"] = checks(result["eval"]["per-sample"])
     return result
 
 
+def checks(report: dict[str, Any]) -> dict[str, Any]:
+    """The issue's targets, read off one report (None where a baseline is missing)."""
+    auc, paired = report["auc"], report["paired"]
+
+    def ratio(a: str, b: str) -> float | None:
+        return round(auc[a] / auc[b], 4) if a in auc and b in auc else None
+
+    def above(pair: str) -> bool | None:
+        return paired[pair][1] > 0 if pair in paired else None
+
+    return {"apa_nd_over_single": ratio("apa_nd", "single"),
+            "apa_nd_paper_over_single": ratio("apa_nd_paper", "single"),
+            "apa_nd_ge_0.97_single": auc["apa_nd"] >= 0.97 * auc["single"] if "single" in auc else None,
+            "apa_nd_gt_sisa_paired_ci_above_0": above("apa_nd-sisa"),
+            "apa_nd_ge_best_shard": auc["apa_nd"] >= auc["best_shard"],
+            "apa_nd_ge_avg_semantic": auc["apa_nd"] >= auc["avg_semantic"],
+            "apa_nd_ge_single": auc["apa_nd"] >= auc["single"] if "single" in auc else None,
+            "trained_gt_base": all(auc[m] > auc["base"] for m in METHODS if m in auc and m not in
+                                   ("base", "item_mean"))}
+
+
 def table(results: list[dict[str, Any]]) -> str:
-    methods = ["apa_nd", "apa_d", "single", "sisa", "ensemble", "best_shard", "item_mean", "base"]
-    lines = ["| config | weights | " + " | ".join(methods) + " | apa_nd/single |",
-             "|---|---|" + "---|" * (len(methods) + 1)]
+    lines = ["| config | weights | method | test AUC | 95% CI |", "|---|---|---|---:|---|"]
     for r in results:
-        for weights, auc in r["auc"].items():
-            lines.append(f"| {r['config']['name']} | {weights} | " + " | ".join(f"{auc[m]:.4f}" for m in methods)
-                         + f" | {auc['apa_nd'] / auc['single']:.3f} |")
-    lines += ["", "The weighted methods with tau chosen on the validation memory (leave one out; the table "
-              "above uses the paper's 1000):", "",
-              "| config | weights | tau | apa_nd | apa_d | ensemble | sisa | single | apa_nd/single |",
-              "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for weights, report in r["eval"].items():
+            for method, value in sorted(report["auc"].items(), key=lambda kv: -kv[1]):
+                low, high = report["ci95"][method]
+                lines.append(f"| {r['config']['name']} | {weights} | {method} | {value:.4f} | "
+                             f"[{low:.4f}, {high:.4f}] |")
+    lines.append("")
     for r in results:
-        for weights, tuned in r["valid_tau"].items():
-            auc, nd = r["auc"][weights], tuned["auc"]["apa_nd"]
-            lines.append(f"| {r['config']['name']} | {weights} | {tuned['tau']:g} | "
-                         + " | ".join(f"{tuned['auc'][m]:.4f}" for m in ("apa_nd", "apa_d", "ensemble"))
-                         + f" | {auc['sisa']:.4f} | {auc['single']:.4f} | {nd / auc['single']:.3f} |")
+        for weights, report in r["eval"].items():
+            for pair, (diff, low, high) in report["paired"].items():
+                lines.append(f"* {r['config']['name']} {weights}: {pair} {diff:+.4f} [{low:+.4f}, {high:+.4f}]")
+            chosen = report["attention"]["chosen"]
+            lines.append(f"* {r['config']['name']} {weights}: attention {chosen['error']}/{chosen['knn']}/"
+                         f"{chosen['tau']:g} (LOO valid AUC {chosen['loo_valid_auc']:.4f})")
     return "\n".join(lines)
 
 
-def main() -> None:
+def check_predictions(report_path: Path) -> bool:
+    """Whether the per-sample file recomputes the report's top-level AUCs."""
+    report = json.loads(report_path.read_text())
+    frame = pd.read_csv(predictions_path(report_path))
+    again = recompute_auc(frame, list(report["auc"]))
+    for method, value in report["auc"].items():
+        print(f"{method}: report {value:.4f}, recomputed {again[method]:.4f}")
+    return again == report["auc"]
+
+
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
     parser.add_argument("--quick", action="store_true", help="same as --preset quick")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--out", type=Path)
+    parser.add_argument("--out", type=Path, help="report JSON; its per-sample predictions go beside it")
+    parser.add_argument("--check-predictions", type=Path, metavar="REPORT",
+                        help="only recompute REPORT's AUCs from its predictions file")
     args = parser.parse_args()
+    if args.check_predictions:
+        return 0 if check_predictions(args.check_predictions) else 1
     preset = "quick" if args.quick else args.preset
     root = get_settings().home / "bench" / "quality"
     results: list[dict[str, Any]] = []
+    donors = [root / name for name in DONORS.get(preset, [])]
     for cfg in PRESETS[preset]:
-        results.append(run_config(cfg, root, args.device, donors=[root / r["config"]["name"] for r in results]))
+        results.append(run_config(cfg, root, args.device, donors=donors + [root / r["config"]["name"]
+                                                                          for r in results]))
+    first = results[0]["eval"]["per-sample"]
     report = {"benchmark": "quality", "preset": preset, "machine": describe(args.device),
-              "command": "python bench/quality.py " + " ".join(sys.argv[1:]), "results": results}
+              "command": "python bench/quality.py " + " ".join(sys.argv[1:]),
+              "auc": first["auc"], "ci95": first["ci95"], "paired": first["paired"], "results": results}
     print(table(results))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(predictions_path(root / results[0]["config"]["name"] / "eval-per-sample.json"),
+                        predictions_path(args.out))
         args.out.write_text(json.dumps(report, indent=1))
+        print(f"wrote {args.out} and {predictions_path(args.out)}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

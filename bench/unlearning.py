@@ -1,7 +1,8 @@
 """What forgetting costs: retraining one shard from scratch vs retraining one adapter on all data.
 
-* training alone, per K: ``train_adapter`` on ceil(N/K) training samples vs on all N (same epochs,
-  batch, hardware; N = the run's training split);
+* training alone, per K: ``train_adapter`` on ceil(N/K) training samples vs on all N (the same fixed
+  number of epochs — the run's ``max_epochs`` unless ``--epochs`` — batch and hardware, no per-epoch
+  validation; N = the run's training split);
 * the whole job, for the run's own K: ``worker.tasks.retrain_shard`` end to end after a real deletion
   (snapshot, train, validation predictions and gate, publish, purge) on a copy of the run with its
   own SQLite ledger and Redis prefix.
@@ -20,6 +21,7 @@ import shutil
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -81,7 +83,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", type=Path, help="a trained run folder (not modified)")
     parser.add_argument("--ks", default="2,4,8")
-    parser.add_argument("--epochs", type=int, help="default: the run's")
+    parser.add_argument("--epochs", type=int, help="default: the run's max_epochs")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
@@ -91,8 +93,7 @@ def main() -> None:
     if args.run is None:
         parser.error("--run is required without --quick")
     run = read_run(args.run)
-    cfg = run.config.train if args.epochs is None else training.TrainConfig(
-        **{**run.config.train.as_dict(), "epochs": args.epochs, "target_modules": run.config.train.target_modules})
+    cfg = replace(run.config.train, patience=None, max_epochs=args.epochs or run.config.train.max_epochs)
     base = load_base_model(get_settings().base_model_dir)
     train = run.splits["train"]
     prompts, labels = [run.prompts[s.sample_id] for s in train], [s.label for s in train]
@@ -110,7 +111,7 @@ def main() -> None:
     job["k"] = run.config.shards
     print(f"whole retrain job, K={run.config.shards}, shard {job['shard']} ({job['samples']} samples): "
           f"{job['seconds']:.1f} s ({job['status']})")
-    report = {"benchmark": "unlearning", "machine": describe(), "epochs": cfg.epochs, "n_train": len(train),
+    report = {"benchmark": "unlearning", "machine": describe(), "epochs": cfg.max_epochs, "n_train": len(train),
               "command": "python bench/unlearning.py " + " ".join(sys.argv[1:]), "training": rows, "whole_job": job}
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The main job, end to end on this machine's CPU: install, fetch the pinned assets, train a small APA
-# model (K=4 shards; 256 training samples, 2 epochs), record it in the ledger, start the gateway and the
+# model (K=4 shards; 256 training samples, at most 2 epochs), record it in the ledger, start the gateway and the
 # retraining worker, ask /recommend, forget a user, follow the deletion to `completed`, print the
 # certificate and /admin/status, stop cleanly.
 # Ledger: SQLite in the run folder unless APA_DATABASE_URL is set (it must point at an empty database).
@@ -20,7 +20,7 @@ bash scripts/services.sh redis
 
 apa train --shards "${DEMO_SHARDS:-4}" --train-samples "${DEMO_TRAIN:-256}" \
   --valid-samples "${DEMO_VALID:-64}" --test-samples "${DEMO_TEST:-64}" \
-  --epochs "${DEMO_EPOCHS:-2}" --no-single --out "$run"
+  --max-epochs "${DEMO_EPOCHS:-2}" --no-single --no-sisa --out "$run"
 if [ "${DEMO_EVAL:-0}" = 1 ]; then apa eval --run "$run" --out "$run/eval.json"; fi
 
 port="${DEMO_PORT:-8000}"

@@ -111,12 +111,20 @@ class ModelInfo(BaseModel):
     sha256: str
 
 
+class AttentionSetting(BaseModel):
+    error: str = Field(description="mae | brier | logloss (or auto, as configured)")
+    knn: int | Literal["all", "auto"]
+    tau: float | Literal["auto"]
+
+
 class AttentionStatus(BaseModel):
     mode: Literal["nd", "d"]
-    knn: int
-    tau_setting: float | Literal["auto"] = Field(description="APA_TAU as configured")
-    tau: float | None = Field(description="The temperature in use (chosen on the memory when auto); "
-                                          "null before the first sync")
+    configured: AttentionSetting = Field(description="APA_ATTENTION_ERROR, APA_KNN and APA_TAU")
+    in_use: AttentionSetting | None = Field(description="The attention in use, chosen on the validation memory "
+                                                        "(leave one out) where configured auto; null before the "
+                                                        "first sync")
+    loo_valid_auc: float | None = Field(description="Leave-one-out validation AUC of the attention in use; null "
+                                                    "when too few samples were left to choose with")
     validation_samples: int = Field(description="Live validation samples the per-user weights attend over")
 
 

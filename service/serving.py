@@ -45,10 +45,11 @@ class RunInfo:
 
 @dataclass(frozen=True)
 class Attention:
-    """The validation memory and the temperature used with it, replaced together."""
+    """The validation memory and the attention used with it, replaced together."""
 
     memory: ValidationMemory
-    tau: float
+    setting: aggregation.Attention
+    choice: aggregation.AttentionChoice | None  # None: too few validation samples to choose with
 
 
 class Serving:
@@ -94,10 +95,10 @@ class Serving:
                 self.engine.load(refs)
                 for shard in {r.shard for r in refs} - serving:
                     self.engine.quarantine(shard)
-            else:
+            elif changed:
                 for ref in changed:
                     log.info("hot-swap shard %d: v%s -> v%d", ref.shard, live.get(ref.shard), ref.version)
-                    self.engine.load_shard(ref)
+                self.engine.load_shards(changed)
             with self._state_lock:
                 if self._epoch == epoch:
                     for shard in serving - set(+self._pending):
@@ -134,16 +135,22 @@ class Serving:
                 self._pending.subtract(shards)
 
     def _attend(self, memory: ValidationMemory) -> Attention:
-        if self.settings.tau != "auto":
-            return Attention(memory, self.settings.tau)
+        """Choose the attention on the (per-user) validation memory, leave one out; with too few
+        samples to choose, the configured parts and the paper's for the rest."""
+        grid = self.settings.attention_grid()
         try:
-            choice = aggregation.choose_tau(memory, mode="per-user", knn=self.settings.knn)
-        except ConfigError as exc:  # too few validation samples left to choose from
-            log.warning("APA_TAU=auto: %s; using the paper's tau=%g", exc, aggregation.PAPER_TAU)
-            return Attention(memory, aggregation.PAPER_TAU)
-        log.info("APA_TAU=auto: tau %g (leave-one-out validation AUC %.4f, %d samples)", choice.tau,
-                 choice.valid_auc[choice.tau], len(memory.sample_ids))
-        return Attention(memory, choice.tau)
+            choice = aggregation.choose_attention(memory, mode="per-user", grid=grid)
+        except ConfigError as exc:
+            paper = aggregation.PAPER
+            fallback = aggregation.Attention(
+                error=grid.errors[0] if len(grid.errors) == 1 else paper.error,
+                knn=grid.knns[0] if len(grid.knns) == 1 else paper.knn,
+                tau=grid.taus[0] if len(grid.taus) == 1 else paper.tau)
+            log.warning("attention: %s; using %s", exc, fallback.label())
+            return Attention(memory, fallback, None)
+        log.info("attention %s (leave-one-out validation AUC %.4f, %d samples)", choice.attention.label(),
+                 choice.valid_auc, choice.samples)
+        return Attention(memory, choice.attention, choice)
 
     def drop_valid(self, sample_ids: Sequence[str]) -> None:
         attention = self.attention
@@ -171,7 +178,7 @@ class Serving:
         if attention is None or not attention.memory.sample_ids:  # no validation evidence: uniform over the active
             return np.array(mask, dtype=np.float64) / max(1, sum(mask))
         return aggregation.weights(attention.memory, history_embedding[None, :], mode="per-user",
-                                   knn=self.settings.knn, tau=attention.tau, active=mask)[0]
+                                   attention=attention.setting, active=mask)[0]
 
 
 class EventListener(threading.Thread):

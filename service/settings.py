@@ -5,22 +5,35 @@ from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr
 
-from apa.aggregation import PAPER_TAU
+from apa import aggregation
 from apa.settings import CoreSettings
+
+Auto = Literal["auto"]
 
 
 class ServiceSettings(CoreSettings):
     admin_token: SecretStr | None = None  # required: DELETE and /admin/* need it
     device: str = "cpu"
     mode: Literal["nd", "d"] = "nd"  # APA(ND) exact mixture, or APA(D)
-    knn: int = 20
-    tau: Annotated[float, Field(ge=0)] | Literal["auto"] = PAPER_TAU  # auto: chosen on the validation memory
+    # The attention: each part a value, or auto (chosen on the validation memory, leave one out, each
+    # time the memory changes). The paper's is mae / 20 / 1000.
+    attention_error: Literal["mae", "brier", "logloss"] | Auto = "auto"
+    knn: Annotated[int, Field(ge=1)] | Literal["all"] | Auto = "auto"
+    tau: Annotated[float, Field(ge=0)] | Auto = "auto"
     popular_candidates: int = 20  # candidates when a request names none
     score_batch_size: int = 8  # prompts per forward
     batch_window_ms: float = 5.0  # how long the micro-batcher waits for concurrent requests
     max_batch_prompts: int = 128
     poll_interval_s: float = 2.0  # ledger poll, the fallback to pub/sub
     history_cache_size: int = 4096  # users whose history embedding is kept (0: recompute every request)
+
+
+    def attention_grid(self) -> aggregation.AttentionGrid:
+        """The settings the gateway chooses its attention from (a fixed part is a grid of one)."""
+        return aggregation.AttentionGrid(
+            errors=aggregation.ERROR_GRID if self.attention_error == "auto" else (self.attention_error,),
+            knns=aggregation.KNN_GRID if self.knn == "auto" else (None if self.knn == "all" else self.knn,),
+            taus=aggregation.TAU_GRID if self.tau == "auto" else (self.tau,))
 
 
 @lru_cache

@@ -169,9 +169,9 @@ POSTGRES_URL = os.environ.get("APA_TEST_POSTGRES_URL", "postgresql+psycopg://pos
 REDIS_URL = os.environ.get("APA_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 ADMIN_TOKEN = "test-admin-token"
 TINY_RUN = RunConfig(
-    dataset="handmade", shards=2, partition="semantic", n_train=8, n_valid=8, n_test=8, seed=0,
-    batch_size=4, train=TrainConfig(r=4, epochs=1, batch_size=4),
-)
+    dataset="handmade", shards=2, partition="semantic", n_train=8, n_valid=8, n_test=8, seed=0, min_history=1,
+    batch_size=4, train=TrainConfig(r=4, max_epochs=1, batch_size=4),
+)  # seed 0 puts both labels in valid and test (AUC needs them); the hand-made users have 6-8 ratings
 
 
 @pytest.fixture(scope="session")

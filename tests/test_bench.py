@@ -1,47 +1,48 @@
-"""The benchmarks' own logic: sharing the single baseline, comparing report keys."""
+"""The benchmarks' own logic: sharing baselines between runs, comparing report keys."""
 
-import shutil
 from dataclasses import replace
 from pathlib import Path
 
 from apa import artifacts
-from apa.runs import train_run
-from bench.quality import same_single, single_source, training_seconds
+from apa.runs import read_run, train_run
+from bench.quality import adapter_seconds, donor_version
 from bench.same_keys import key_paths
 from tests.conftest import TINY_RUN, load_tiny
 
 
-def test_runs_differing_only_in_partition_train_the_same_single(tiny_run_template: Path, tiny_model_dir: Path,
-                                                                 tmp_path: Path) -> None:
+def test_a_donor_baseline_is_found_only_when_it_is_the_same_adapter(tiny_run_template: Path, tiny_model_dir: Path,
+                                                                      tmp_path: Path) -> None:
     donor = tiny_run_template / "runs" / "tiny"
     base = load_tiny(tiny_model_dir)
     dirs = {"datasets_dir": tiny_run_template / "datasets", "assets_dir": tiny_run_template / "assets"}
     other = tmp_path / "random"
-    train_run(replace(TINY_RUN, partition="random"), other, base, **dirs)
-    assert same_single(other, donor)
+    train_run(replace(TINY_RUN, partition="random"), other, base, single=False, **dirs)
+    # another partition trains the same single adapter, and a random run's shard k is SISA's shard k
+    assert donor_version(other, artifacts.SINGLE, [donor]) == artifacts.version_dir(donor, artifacts.SINGLE, 1)
+    assert donor_version(donor, artifacts.sisa_id(1), [other]) == artifacts.version_dir(other, 1, 1)
     # the claim behind sharing: trained again, it is byte for byte the donor's adapter
+    train_run(replace(TINY_RUN, partition="random"), other, base, **dirs)
     weights = "v1/adapter_model.safetensors"
     assert ((artifacts.shard_dir(other, artifacts.SINGLE) / weights).read_bytes()
             == (artifacts.shard_dir(donor, artifacts.SINGLE) / weights).read_bytes())
+    assert ((artifacts.shard_dir(other, 1) / weights).read_bytes()
+            == (artifacts.shard_dir(donor, artifacts.sisa_id(1)) / weights).read_bytes())
 
     longer = tmp_path / "longer"
-    train_run(replace(TINY_RUN, partition="random", train=replace(TINY_RUN.train, epochs=2)), longer, base,
-              single=False, **dirs)
-    assert not same_single(longer, donor)
-    assert not same_single(donor, longer), "a run without a single adapter is no donor"
-
-    # a copied single adapter is reported as the donor's, also when a resumed run finds it already there
-    shutil.copytree(artifacts.shard_dir(donor, artifacts.SINGLE), artifacts.shard_dir(longer, artifacts.SINGLE))
-    assert single_source(longer, [donor]) == donor
-    assert single_source(donor, []) is None
+    train_run(replace(TINY_RUN, train=replace(TINY_RUN.train, max_epochs=2)), longer, base, single=False,
+              sisa=False, **dirs)
+    assert donor_version(longer, artifacts.SINGLE, [donor]) is None, "another training config"
+    assert donor_version(longer, artifacts.sisa_id(0), [donor, other]) is None
+    assert donor_version(donor, artifacts.SINGLE, [longer]) is None, "a run without a single adapter is no donor"
 
 
-def test_training_seconds_come_from_the_manifests(tiny_run_template: Path) -> None:
+def test_adapter_seconds_come_from_the_manifests(tiny_run_template: Path) -> None:
     run = tiny_run_template / "runs" / "tiny"
-    seconds = training_seconds(run, TINY_RUN.shards)
-    assert set(seconds) == {"0", "1", "single"}
+    seconds = adapter_seconds(run, read_run(run))
+    assert set(seconds) == {"0", "1", "single", "sisa-0", "sisa-1"}
     single = artifacts.read_json(artifacts.version_dir(run, artifacts.SINGLE, 1) / "manifest.json")
-    assert seconds["single"] == single["training"]["seconds"] > 0
+    assert seconds["single"]["train_s"] == single["training"]["seconds"] > 0
+    assert seconds["single"]["epoch_kept"] == 1 and seconds["single"]["n_samples"] == TINY_RUN.n_train
 
 
 def test_key_paths_ignore_values_list_lengths_and_numbered_keys() -> None:

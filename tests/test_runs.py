@@ -14,21 +14,18 @@ import pytest
 from typer.testing import CliRunner, Result
 
 from apa import artifacts, data, training
-from apa.aggregation import TAU_GRID, choose_tau
+from apa.aggregation import PAPER, AttentionGrid, choose_attention
 from apa.cli import app
 from apa.errors import ConfigError
-from apa.evaluation import METHODS, evaluate, load_memory, serving_refs
+from apa.evaluation import METHODS, evaluate, load_memory, recompute_auc, serving_refs
 from apa.integrity import check_run
 from apa.model import BaseModel
-from apa.runs import RunConfig, RunData, read_run, train_run
+from apa.runs import RunConfig, RunData, read_run, selection_samples, train_run, valid_clusters
 from apa.settings import get_settings
-from tests.conftest import TITLES, load_tiny, raw_frames
+from tests.conftest import TINY_RUN, TITLES, load_tiny, raw_frames
 
 K = 2
-CONFIG = RunConfig(
-    dataset="handmade", shards=K, partition="semantic", n_train=8, n_valid=8, n_test=8, seed=0,
-    batch_size=4, train=training.TrainConfig(r=4, epochs=1, batch_size=4),
-)  # seed 0 puts both labels in valid and test (AUC needs them)
+CONFIG = TINY_RUN
 
 
 @dataclasses.dataclass
@@ -56,8 +53,12 @@ def _manifest(run_dir: Path, shard: int | str, version: int = 1) -> dict:
     return artifacts.read_json(artifacts.version_dir(run_dir, shard, version) / "manifest.json")
 
 
+ADAPTERS: list[int | str] = [*range(K), artifacts.SINGLE, *(artifacts.sisa_id(k) for k in range(K))]
+ONE_EACH = {str(a): [1] for a in ADAPTERS}
+
+
 def _all_versions(run_dir: Path) -> dict[str, list[int]]:
-    return {str(s): artifacts.versions(artifacts.shard_dir(run_dir, s)) for s in [*range(K), artifacts.SINGLE]}
+    return {str(s): artifacts.versions(artifacts.shard_dir(run_dir, s)) for s in ADAPTERS}
 
 
 def test_run_folder_layout(trained: TrainedRun) -> None:
@@ -69,7 +70,7 @@ def test_run_folder_layout(trained: TrainedRun) -> None:
     assert len(doc["centres"]) == K
     assert (run_dir / "samples.parquet").is_file()
     assert (run_dir / "memory" / "valid.npz").is_file()
-    assert _all_versions(run_dir) == {"0": [1], "1": [1], "single": [1]}
+    assert _all_versions(run_dir) == ONE_EACH
     assert list(run_dir.glob("**/.tmp-*")) == []
     assert read_run(run_dir).splits == trained.run.splits
     assert [len(trained.run.splits[s]) for s in ("train", "valid", "test")] == [8, 8, 8]
@@ -104,58 +105,150 @@ def test_adapters_load_in_peft_and_match_their_stored_predictions(trained: Train
 
     run = trained.run
     valid = run.splits["valid"]
-    for shard in [*range(K), artifacts.SINGLE]:
-        folder = artifacts.version_dir(trained.run_dir, shard, 1)
+    for adapter in ADAPTERS:
+        folder = artifacts.version_dir(trained.run_dir, adapter, 1)
         base = load_tiny(tiny_model_dir)
         model = PeftModel.from_pretrained(base.model, str(folder))
         model.eval()
         config: Any = model.peft_config["default"]
         assert sorted(config.target_modules) == ["q_proj", "v_proj"]
         assert config.r == 4
-        if shard == artifacts.SINGLE:
-            assert not (folder / "valid_predictions.json").exists()
-            continue
         stored = artifacts.read_json(folder / "valid_predictions.json")
-        assert set(stored) == {s.sample_id for s in valid}
+        assert list(stored) == [s.sample_id for s in valid]
         fresh = training.predict(base, model, [run.prompts[s.sample_id] for s in valid], batch_size=4)
         np.testing.assert_allclose([stored[s.sample_id] for s in valid], fresh, atol=1e-5, rtol=0.0)
 
 
-def test_evaluate_reports_every_method(trained: TrainedRun) -> None:
-    report = evaluate(trained.run_dir, trained.base, knn=3, tau=100.0, batch_size=4)
-    assert set(report["auc"]) == set(METHODS)
+def test_sisa_shards_are_a_random_partition_of_the_same_samples(trained: TrainedRun) -> None:
+    from apa.partition import random_split
+
+    run = trained.run
+    train = run.splits["train"]
+    expected = random_split(train, np.zeros((len(train), 0)), K, CONFIG.seed).assignment
+    semantic = [run.shard_of[s.sample_id] for s in train]
+    seen: set[str] = set()
+    for k in range(K):
+        doc = _manifest(trained.run_dir, artifacts.sisa_id(k))
+        ids = {s["sample_id"] for s in doc["samples"]}
+        assert ids == {s.sample_id for s, shard in zip(train, expected, strict=True) if shard == k}
+        assert ids.isdisjoint(seen)
+        seen |= ids
+        assert doc["seed"] == training.derive_seed(CONFIG.seed, k)  # what a random-partition run's shard k uses
+    assert seen == {s.sample_id for s in train}
+    assert list(expected) != semantic  # not the semantic shards again
+
+
+def test_a_random_partition_run_is_its_own_sisa(trained: TrainedRun, tmp_path: Path) -> None:
+    cfg = dataclasses.replace(CONFIG, partition="random")
+    run = train_run(cfg, tmp_path / "run", trained.base, datasets_dir=trained.datasets_dir,
+                    assets_dir=trained.assets_dir, single=False)
+    assert run.own_sisa()
+    assert not (tmp_path / "run" / artifacts.SISA).exists()
+    for k in range(K):  # the same samples, config and seed as the semantic run's SISA shard k
+        assert _manifest(tmp_path / "run", k)["manifest_sha256"] == \
+            _manifest(trained.run_dir, artifacts.sisa_id(k))["manifest_sha256"]
+    report, _ = evaluate(tmp_path / "run", trained.base, batch_size=4)
+    assert report["auc"]["sisa"] == report["auc"]["avg_semantic"]  # the same K passes, averaged
+
+
+def test_evaluate_reports_every_method_with_intervals(trained: TrainedRun) -> None:
+    report, table = evaluate(trained.run_dir, trained.base, batch_size=4, resamples=200)
+    assert set(report["auc"]) == set(METHODS) == set(report["ci95"])
     for method, value in report["auc"].items():
+        low, high = report["ci95"][method]
+        assert 0.0 <= low <= high <= 1.0, method
         assert 0.0 <= value <= 1.0, method
+    assert set(report["paired"]) == {"apa_nd-single", "apa_nd-sisa", "apa_nd-best_shard", "apa_nd-avg_semantic",
+                                     "apa_nd-apa_nd_paper"}
     assert report["config"]["n_test"] == 8
     assert report["shards"]["versions"] == [1, 1]
-    assert sum(report["shards"]["mean_weights"]) == pytest.approx(1.0, abs=1e-3)
-    per_user = evaluate(trained.run_dir, trained.base, knn=3, tau=100.0, weights_mode="per-user", batch_size=4)
+    assert sum(report["routing"]["chosen"]["mean_weights"]) == pytest.approx(1.0, abs=1e-3)
+    # the per-sample table: one row per test sample, the AUCs recompute from it
+    assert list(table["sample_id"]) == [s.sample_id for s in trained.run.splits["test"]]
+    assert recompute_auc(table, list(METHODS)) == report["auc"]
+    np.testing.assert_allclose(table[[f"w_{k}" for k in range(K)]].sum(axis=1), 1.0, atol=1e-9)
+    per_user, _ = evaluate(trained.run_dir, trained.base, weights_mode="per-user", batch_size=4, resamples=200)
     assert set(per_user["auc"]) == set(METHODS)
     assert per_user["auc"]["base"] == report["auc"]["base"]
 
 
-def test_evaluate_repeats_the_weighted_methods_with_the_validation_tau(trained: TrainedRun) -> None:
-    memory = load_memory(trained.run_dir, serving_refs(trained.run_dir, 2))
-    choice = choose_tau(memory, knn=3)
-    other = next(t for t in TAU_GRID if t != choice.tau)
-    report = evaluate(trained.run_dir, trained.base, knn=3, tau=other, batch_size=4)
-    tuned = report["valid_tau"]
-    assert tuned["tau"] == choice.tau
-    assert tuned["loo_valid_auc"] == {f"{t:g}": round(v, 4) for t, v in choice.valid_auc.items()}
-    assert set(tuned["auc"]) == {"apa_nd", "apa_d", "ensemble"} and set(tuned["seconds"]) == {"apa_nd", "apa_d"}
-    # evaluated at the chosen tau itself, the repeat is the main table's (its passes and their
-    # seconds are reused), with the same keys as when it runs passes of its own
-    same = evaluate(trained.run_dir, trained.base, knn=3, tau=choice.tau, batch_size=4)
-    assert same["valid_tau"]["auc"] == {m: same["auc"][m] for m in ("apa_nd", "apa_d", "ensemble")}
-    assert same["valid_tau"]["seconds"] == {m: same["seconds"][m] for m in ("apa_nd", "apa_d")}
-    assert tuned["auc"] == same["valid_tau"]["auc"]
+def test_evaluate_chooses_the_attention_on_validation_and_reports_the_papers(trained: TrainedRun) -> None:
+    memory = load_memory(trained.run_dir, serving_refs(trained.run_dir, K))
+    choice = choose_attention(memory)
+    report, _ = evaluate(trained.run_dir, trained.base, batch_size=4, resamples=200)
+    assert report["attention"]["chosen"] == choice.as_dict()
+    assert report["attention"]["paper"]["error"] == PAPER.error and report["attention"]["paper"]["tau"] == PAPER.tau
+    # a grid of one is a fixed attention: the paper's gives apa_nd == apa_nd_paper
+    fixed, _ = evaluate(trained.run_dir, trained.base, batch_size=4, resamples=200,
+                        grid=AttentionGrid((PAPER.error,), (PAPER.knn,), (PAPER.tau,)))
+    assert fixed["auc"]["apa_nd"] == fixed["auc"]["apa_nd_paper"] == report["auc"]["apa_nd_paper"]
+    assert fixed["paired"]["apa_nd-apa_nd_paper"] == [0.0, 0.0, 0.0]
+
+
+def test_no_attention_choice_looks_at_test_labels(trained: TrainedRun, tmp_path: Path) -> None:
+    import pandas as pd
+
+    report, table = evaluate(trained.run_dir, trained.base, batch_size=4, resamples=200)
+    copy = tmp_path / "run"
+    shutil.copytree(trained.run_dir, copy)
+    frame = pd.read_parquet(copy / "samples.parquet")
+    test = frame["split"] == "test"
+    frame.loc[test, "label"] = 1 - frame.loc[test, "label"].to_numpy()[::-1]  # flipped and reversed
+    frame.to_parquet(copy / "samples.parquet", index=False)
+    permuted, permuted_table = evaluate(copy, trained.base, batch_size=4, resamples=200)
+    assert list(permuted_table["label"]) != list(table["label"])
+    assert permuted["attention"] == report["attention"]
+    weights = [c for c in table.columns if c.startswith("w_")]
+    assert weights and permuted_table[weights].equals(table[weights])
+    assert permuted["shards"]["best_shard"] == report["shards"]["best_shard"]  # picked on validation too
+
+
+def test_shards_are_judged_on_their_cluster_and_baselines_on_all(trained: TrainedRun) -> None:
+    run, valid = trained.run, trained.run.splits["valid"]
+    clusters = valid_clusters(trained.run_dir, run)
+    assert set(clusters) == {s.sample_id for s in valid} and set(clusters.values()) <= set(range(K))
+    for adapter in ADAPTERS:
+        chosen, on = selection_samples(trained.run_dir, run, adapter, valid)
+        if on == "cluster":
+            assert isinstance(adapter, int)
+            assert {s.sample_id for s in chosen} == {i for i, c in clusters.items() if c == adapter}
+        else:
+            assert chosen == valid
+        doc = _manifest(trained.run_dir, adapter)["training"]
+        assert doc["selection"] == {"on": on, "samples": len(chosen)}
+        assert doc["epoch_kept"] == 1 and doc["curve"][0]["epoch"] == 1
+    # a cluster without two samples of each label is no judge: its shard falls back to all
+    one_label = [s for s in valid if s.label == 1]
+    assert selection_samples(trained.run_dir, run, 0, one_label)[1] == "all"
+
+
+def test_samples_carry_ten_earlier_items_by_default(dataset: data.Dataset) -> None:
+    from apa.samples import build_samples
+
+    assert RunConfig().min_history == 10
+    assert build_samples(dataset, min_history=RunConfig().min_history) == []  # the hand-made users have < 11
+    assert all(len(s.history_item_ids) >= 5 for s in build_samples(dataset, min_history=5))
+
+
+def test_evaluate_reads_finished_passes_back(trained: TrainedRun, monkeypatch: pytest.MonkeyPatch) -> None:
+    first, _ = evaluate(trained.run_dir, trained.base, batch_size=4, resamples=200)
+    assert list((trained.run_dir / "cache" / "eval").glob("*.json"))
+
+    def no_forward(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a cached pass ran again")
+
+    monkeypatch.setattr("apa.evaluation.TorchEngine.score", no_forward)
+    again, _ = evaluate(trained.run_dir, trained.base, batch_size=4, resamples=200)
+    assert again["auc"] == first["auc"]
+    passes = set(METHODS) - {"base", "item_mean"}  # base is read off the embedding pass, timed each time
+    assert {m: again["seconds"][m] for m in passes} == {m: first["seconds"][m] for m in passes}
 
 
 def test_resume_trains_nothing_new(trained: TrainedRun) -> None:
     before = {p: p.stat().st_mtime_ns for p in trained.run_dir.glob("**/manifest.json")}
     again = train_run(CONFIG, trained.run_dir, trained.base, datasets_dir=trained.datasets_dir,
                       assets_dir=trained.assets_dir)
-    assert _all_versions(trained.run_dir) == {"0": [1], "1": [1], "single": [1]}
+    assert _all_versions(trained.run_dir) == ONE_EACH
     assert {p: p.stat().st_mtime_ns for p in trained.run_dir.glob("**/manifest.json")} == before
     assert again.shard_of == trained.run.shard_of
 
@@ -169,7 +262,7 @@ def test_resume_trains_only_the_missing_shard(trained: TrainedRun, tmp_path: Pat
     os.utime(crashed, (time.time() - 3600, time.time() - 3600))
     kept = (artifacts.version_dir(copy, 0, 1) / "manifest.json").read_text()
     train_run(CONFIG, copy, trained.base, datasets_dir=trained.datasets_dir, assets_dir=trained.assets_dir)
-    assert _all_versions(copy) == {"0": [1], "1": [1], "single": [1]}
+    assert _all_versions(copy) == ONE_EACH
     assert (artifacts.version_dir(copy, 0, 1) / "manifest.json").read_text() == kept
     assert not (artifacts.shard_dir(copy, 0) / ".tmp-crashed").exists()
     retrained = _manifest(copy, 1)
@@ -178,7 +271,7 @@ def test_resume_trains_only_the_missing_shard(trained: TrainedRun, tmp_path: Pat
 
 def test_other_config_or_base_on_the_same_folder_is_refused(trained: TrainedRun) -> None:
     for changed in (dataclasses.replace(CONFIG, seed=1), dataclasses.replace(CONFIG, shards=3),
-                    dataclasses.replace(CONFIG, train=training.TrainConfig(r=4, epochs=2, batch_size=4))):
+                    dataclasses.replace(CONFIG, train=training.TrainConfig(r=4, max_epochs=2, batch_size=4))):
         with pytest.raises(ConfigError, match="another configuration"):
             train_run(changed, trained.run_dir, trained.base, datasets_dir=trained.datasets_dir,
                       assets_dir=trained.assets_dir)
@@ -188,7 +281,7 @@ def test_other_config_or_base_on_the_same_folder_is_refused(trained: TrainedRun)
                   assets_dir=trained.assets_dir)
     with pytest.raises(ConfigError):
         evaluate(trained.run_dir, other_base)
-    assert _all_versions(trained.run_dir) == {"0": [1], "1": [1], "single": [1]}
+    assert _all_versions(trained.run_dir) == ONE_EACH
 
 
 def test_user_partition_run_without_single(trained: TrainedRun, tmp_path: Path) -> None:
@@ -200,7 +293,7 @@ def test_user_partition_run_without_single(trained: TrainedRun, tmp_path: Path) 
         shards_of_user.setdefault(sample.user_id, set()).add(run.shard_of[sample.sample_id])
     assert all(len(s) == 1 for s in shards_of_user.values())
     assert artifacts.latest_version(tmp_path / "run", artifacts.SINGLE) is None
-    report = evaluate(tmp_path / "run", trained.base, knn=3, tau=100.0, batch_size=4)
+    report, _ = evaluate(tmp_path / "run", trained.base, batch_size=4, resamples=200)
     assert set(report["auc"]) == set(METHODS) - {"single"}
 
 
@@ -299,7 +392,7 @@ def test_cli_import_malformed_gives_one_line_error(apa_home: Path, tmp_path: Pat
 def test_check_run_passes_then_catches_tampering(trained: TrainedRun, tmp_path: Path) -> None:
     report = check_run(trained.run_dir, trained.base)
     assert report.ok, report.problems
-    assert sum("loads with peft.PeftModel.from_pretrained" in line for line in report.checked) == K + 1
+    assert sum("loads with peft.PeftModel.from_pretrained" in line for line in report.checked) == len(ADAPTERS)
 
     copy = tmp_path / "run"
     shutil.copytree(trained.run_dir, copy)

@@ -113,14 +113,18 @@ def test_delete_quarantines_retrains_certifies_and_purges(env: dict) -> None:
     wait_for(swapped)
     assert all(s["state"] == "serving" for s in client.get("/admin/status", headers=AUTH).json()["shards"])
 
-    # purged: no rows, no samples in the run folder, no single baseline trained on them
+    # purged: no rows, no samples in the run folder, no baseline trained on them, no cached pass
     with session_scope(settings.ledger_url) as session:
         assert session.query(Interaction).filter(Interaction.user_id == user).count() == 0
         assert session.query(Sample).filter(Sample.user_id == user).count() == 0
     frame = pd.read_parquet(run_dir / "samples.parquet")
     assert user not in set(frame["user_id"])
-    assert not (run_dir / "single").exists() or not list((run_dir / "single").glob("v*"))
-    for path in run_dir.glob("adapters/shard-*/v*/valid_predictions.json"):
+    for baseline in [artifacts.SINGLE, *(artifacts.sisa_id(k) for k in range(2))]:
+        for version in artifacts.versions(artifacts.shard_dir(run_dir, baseline)):
+            manifest = artifacts.read_json(artifacts.version_dir(run_dir, baseline, version) / "manifest.json")
+            assert all(s["user_id"] != user for s in manifest["samples"])
+    assert not (run_dir / "cache" / "eval").exists() and not (run_dir / "cache" / "train").exists()
+    for path in run_dir.glob("**/v*/valid_predictions.json"):
         assert not any(key.startswith(f"{user}:") for key in json.loads(path.read_text()))
     assert user not in json.dumps(artifacts.read_json(run_dir / "run.json")["samples"])
     metrics = client.get("/metrics").text

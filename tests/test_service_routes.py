@@ -169,9 +169,12 @@ def test_admin_status_and_retrain_errors(api: TestClient) -> None:
     assert status["queue"] == {"depth": 0, "workers": 0}
     assert status["deletions"] == {}
     assert status["model"]["name"] and len(status["model"]["sha256"]) == 64
-    assert status["attention"]["tau_setting"] == status["attention"]["tau"] == 1000.0
-    memory = api.app.state.gateway.serving.attention.memory  # type: ignore[attr-defined]
-    assert status["attention"]["validation_samples"] == len(memory.sample_ids) > 0
+    attention = api.app.state.gateway.serving.attention  # type: ignore[attr-defined]
+    shown = status["attention"]
+    assert shown["configured"] == {"error": "auto", "knn": "auto", "tau": "auto"}  # the defaults
+    assert shown["in_use"] == attention.setting.as_dict()
+    assert shown["loo_valid_auc"] == round(attention.choice.valid_auc, 4)
+    assert shown["validation_samples"] == len(attention.memory.sample_ids) > 0
     assert api.post("/admin/shards/7/retrain", headers=AUTH).status_code == 404
     assert api.post("/admin/shards/0/retrain", headers=AUTH).status_code == 409
 
@@ -203,10 +206,10 @@ def test_a_sync_never_lifts_a_quarantine_whose_deletion_has_not_committed(api: T
     assert set(serving.active()) == {0, 1}, "once nothing is pending, the ledger's word counts"
 
 
-def test_tau_auto_is_chosen_on_the_memory_and_again_when_it_shrinks(
+def test_the_attention_is_chosen_on_the_memory_and_again_when_it_shrinks(
     service_home: Path, ledger_url: str, redis_prefix: str, tiny_model_dir: Path,
 ) -> None:
-    from apa.aggregation import choose_tau
+    from apa.aggregation import Attention, AttentionGrid, choose_attention
     from service.app import create_app
 
     settings = service_settings(service_home, ledger_url, redis_prefix, tiny_model_dir, tau="auto", knn=3)
@@ -214,23 +217,29 @@ def test_tau_auto_is_chosen_on_the_memory_and_again_when_it_shrinks(
     with TestClient(create_app(settings)) as client:
         serving = client.app.state.gateway.serving  # type: ignore[attr-defined]
         attention = serving.attention
-        assert attention.tau == choose_tau(attention.memory, mode="per-user", knn=3).tau
+        grid = AttentionGrid(knns=(3,))  # the error and tau are auto, the neighbours fixed
+        assert attention.setting == choose_attention(attention.memory, mode="per-user", grid=grid).attention
+        assert attention.setting.knn == 3
         serving.drop_valid(list(attention.memory.sample_ids[1:]))  # one sample left: nothing to choose with
         assert len(serving.attention.memory.sample_ids) == 1
-        assert serving.attention.tau == 1000.0  # the paper's, said in the log
+        assert serving.attention.setting == Attention("mae", 3, 1000.0)  # the fixed part, the paper's for the rest
         assert client.post("/recommend", json={"user_id": "u1", "candidates": ["1"]}).status_code == 200
         shown = client.get("/admin/status", headers=AUTH).json()["attention"]
-        assert shown == {"mode": "nd", "knn": 3, "tau_setting": "auto", "tau": 1000.0, "validation_samples": 1}
+        assert shown == {"mode": "nd", "configured": {"error": "auto", "knn": 3, "tau": "auto"},
+                         "in_use": {"error": "mae", "knn": 3, "tau": 1000.0}, "loo_valid_auc": None,
+                         "validation_samples": 1}
 
 
-def test_tau_setting_is_a_number_or_auto() -> None:
+def test_attention_settings_are_values_or_auto() -> None:
     from pydantic import ValidationError
 
     from service.settings import ServiceSettings
 
     assert ServiceSettings(tau="auto").tau == "auto"
     assert ServiceSettings(tau="30").tau == 30.0
-    with pytest.raises(ValidationError):
-        ServiceSettings(tau=-1.0)
-    with pytest.raises(ValidationError):
-        ServiceSettings(tau="often")
+    assert ServiceSettings(knn="all").knn == "all" and ServiceSettings(knn="7").knn == 7
+    assert ServiceSettings(attention_error="brier").attention_grid().errors == ("brier",)
+    assert ServiceSettings(knn="all").attention_grid().knns == (None,)
+    for bad in ({"tau": -1.0}, {"tau": "often"}, {"knn": 0}, {"attention_error": "hinge"}):
+        with pytest.raises(ValidationError):
+            ServiceSettings(**bad)

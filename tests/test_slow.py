@@ -68,8 +68,8 @@ def test_real_model_trains_and_engine_matches_peft(tmp_path: Path, monkeypatch: 
     titles = dataset.titles
     train = splits["train"]
     prompts = [s.prompt(titles) for s in train]
-    model, stats = train_adapter(base, prompts, [s.label for s in train], TrainConfig(epochs=1, batch_size=8),
-                                 seed=0)
+    model, stats = train_adapter(base, prompts, [s.label for s in train],
+                                 TrainConfig(max_epochs=1, patience=None, batch_size=8), seed=0)
     assert stats.steps == 2
     assert all(np.isfinite(stats.losses))
     folder = tmp_path / "adapter"

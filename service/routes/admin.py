@@ -4,7 +4,15 @@ from fastapi import APIRouter
 
 from apa.ledger import repository
 from service.deps import AdminDep, GatewayDep, ServingDep, SessionDep
-from service.schemas import AdminStatus, AttentionStatus, ModelInfo, QueueStatus, RetrainAccepted, ShardStatus
+from service.schemas import (
+    AdminStatus,
+    AttentionSetting,
+    AttentionStatus,
+    ModelInfo,
+    QueueStatus,
+    RetrainAccepted,
+    ShardStatus,
+)
 from worker import queue
 
 log = logging.getLogger(__name__)
@@ -28,8 +36,12 @@ def status(_: AdminDep, session: SessionDep, gateway: GatewayDep, serving: Servi
     return AdminStatus(shards=shards, queue=queue_state, deletions=repository.deletion_counts(session=session),
                        model=ModelInfo(name=serving.base.name, sha256=serving.base.sha256),
                        attention=AttentionStatus(
-                           mode=settings.mode, knn=settings.knn, tau_setting=settings.tau,
-                           tau=attention.tau if attention else None,
+                           mode=settings.mode,
+                           configured=AttentionSetting(error=settings.attention_error, knn=settings.knn,
+                                                       tau=settings.tau),
+                           in_use=AttentionSetting(**attention.setting.as_dict()) if attention else None,
+                           loo_valid_auc=round(attention.choice.valid_auc, 4) if attention and attention.choice
+                           else None,
                            validation_samples=len(attention.memory.sample_ids) if attention else 0))
 
 
