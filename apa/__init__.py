@@ -4,4 +4,9 @@ This package holds the method itself — data, samples, prompts, embeddings, par
 training, aggregation, engines and evaluation. It imports no web or queue code.
 """
 
-__version__ = "0.1.0"
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("apa-rec")  # one source: pyproject.toml
+except PackageNotFoundError:  # a source tree that was never installed
+    __version__ = "0+unknown"

@@ -10,6 +10,7 @@ from pathlib import Path
 from fastapi import FastAPI, Request, Response
 from starlette.concurrency import run_in_threadpool
 
+from apa import __version__
 from apa.errors import ConfigError, LedgerError
 from apa.ledger import repository
 from apa.ledger.db import require_current, session_factory
@@ -84,7 +85,7 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
     settings = settings or get_service_settings()
     if settings.admin_token is None or not settings.admin_token.get_secret_value():
         raise ConfigError("set APA_ADMIN_TOKEN: DELETE and /admin/* need it")
-    app = FastAPI(title="APA-Rec", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
+    app = FastAPI(title="APA-Rec", version=__version__, description=DESCRIPTION, lifespan=lifespan)
     app.state.gateway = Gateway(settings=settings, sessions=session_factory(settings.ledger_url), metrics=Metrics())
     errors.install(app)
     for module in (recommend, deletions, admin, health):

@@ -47,3 +47,43 @@ def test_compose_services_run_real_commands() -> None:
                 break
             group = group.commands[word]  # type: ignore[attr-defined]
     assert (ROOT / services["gateway"]["build"]["dockerfile"]).is_file()
+
+
+def test_dockerfile_is_multi_stage_non_root_non_editable_with_a_healthcheck() -> None:
+    dockerfile = ROOT / services_dockerfile()
+    lines = [line.strip() for line in dockerfile.read_text().splitlines() if line.strip() and not line.startswith("#")]
+    assert sum(line.startswith("FROM ") for line in lines) >= 2
+    assert any(line.startswith("COPY --from=") for line in lines)
+    assert not any("-e ." in line or "--editable" in line for line in lines)
+    users = [line.split()[1] for line in lines if line.startswith("USER ")]
+    assert users and users[-1] not in {"root", "0"}
+    assert any(line.startswith("HEALTHCHECK ") for line in lines)
+    assert any("APA_MIGRATIONS_DIR=" in line for line in lines), "an installed package needs the migrations' path"
+
+
+def test_the_dockerignore_is_the_one_buildkit_reads() -> None:
+    dockerfile = ROOT / services_dockerfile()
+    context = ROOT / yaml.safe_load(COMPOSE.read_text())["x-apa"]["build"]["context"]
+    # BuildKit reads <Dockerfile>.dockerignore beside the Dockerfile first, else <context>/.dockerignore
+    ignore = dockerfile.with_name(dockerfile.name + ".dockerignore")
+    if not ignore.is_file():
+        ignore = context / ".dockerignore"
+    patterns = set(ignore.read_text().split())
+    assert {".git", ".venv", "var"} <= patterns
+
+
+def services_dockerfile() -> str:
+    return yaml.safe_load(COMPOSE.read_text())["services"]["gateway"]["build"]["dockerfile"]
+
+
+def test_the_version_is_written_once_in_pyproject() -> None:
+    from importlib.metadata import version
+
+    import apa
+
+    assert apa.__version__ == version("apa-rec")
+    import re
+
+    sources = [path for path in (ROOT / "apa").rglob("*.py") if re.search(r'__version__ = "\d', path.read_text())]
+    assert not sources, f"a hard-coded version in {sources}"
+    assert (ROOT / "apa" / "py.typed").is_file()

@@ -5,6 +5,7 @@ it), PostgreSQL with ``APA_DATABASE_URL=postgresql+psycopg://...``. Tables come 
 migrations in ``migrations/`` (``apa ledger upgrade``), never from ``create_all``.
 """
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import lru_cache
@@ -16,7 +17,9 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from apa.errors import LedgerError
 
-MIGRATIONS_DIR = Path(__file__).resolve().parents[2] / "migrations"
+# The source tree's migrations; an installed (non-editable) package, as in the Docker image, names them
+# with APA_MIGRATIONS_DIR.
+MIGRATIONS_DIR = Path(os.environ.get("APA_MIGRATIONS_DIR") or Path(__file__).resolve().parents[2] / "migrations")
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
