@@ -84,6 +84,6 @@ def test_the_version_is_written_once_in_pyproject() -> None:
     assert apa.__version__ == version("apa-rec")
     import re
 
-    sources = [path for path in (ROOT / "apa").rglob("*.py") if re.search(r'__version__ = "\d', path.read_text())]
+    sources = [path for path in (ROOT / "apa").rglob("*.py") if re.search(r'__version__ = "\d+\.\d', path.read_text())]
     assert not sources, f"a hard-coded version in {sources}"
     assert (ROOT / "apa" / "py.typed").is_file()
