@@ -1,7 +1,6 @@
 """The ``apa`` command line (Typer). The one module allowed to reach outside the core."""
 
 import json
-import logging
 import sys
 import time
 from collections.abc import Callable
@@ -10,6 +9,7 @@ from typing import Annotated, Any
 
 import typer
 
+from apa import logs
 from apa.errors import APAError, LedgerError
 from apa.settings import get_settings
 
@@ -277,7 +277,7 @@ def serve(
         application = create_app()
     except APAError as exc:
         _fail(exc)
-    uvicorn.run(application, host=host, port=port, log_level="info")
+    uvicorn.run(application, host=host, port=port, log_config=None)  # logs through apa.logs' configuration
 
 
 @app.command("worker")
@@ -311,7 +311,11 @@ def audit(request_id: Annotated[str, typer.Argument(help="A deletion request id"
 
 
 def main() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        logs.configure()
+    except ValueError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise SystemExit(2) from None
     app()
 
 
