@@ -11,8 +11,8 @@ Presets (all: lr 3e-4, batch 8, at most 6 epochs with patience 2 on validation, 
 
 * ``paper``     K=4, 1024/500/1000 samples (the paper's scale; several hours on 2 CPU cores)
 * ``paper-k8``  K=8 on the same samples (reuses the paper preset's single baseline)
-* ``cpu``       K=4, 512/250/250 (about 4 hours on 2 cores)
-* ``cpu-k2``    K=2, 256/128/256, at most 4 epochs: what 2 busy cores finish in about 2 hours
+* ``cpu``       K=4, 512/250/250
+* ``cpu-k2``    K=2, 256/128/256, at most 4 epochs: the smallest preset whose shards learn something
 * ``ablation``  partition semantic / random / user at K=2, 256/128/256
 * ``--quick``   K=2, 64/32/64, one epoch: the same tables and JSON keys in minutes
 
