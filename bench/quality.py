@@ -12,7 +12,7 @@ Presets (all: lr 3e-4, batch 8, at most 6 epochs with patience 2 on validation, 
 * ``paper``     K=4, 1024/500/1000 samples (the paper's scale; several hours on 2 CPU cores)
 * ``paper-k8``  K=8 on the same samples (reuses the paper preset's single baseline)
 * ``cpu``       K=4, 512/250/250
-* ``cpu-k2``    K=2, 256/128/256, at most 4 epochs: the smallest preset whose shards learn something
+* ``cpu-k2``    K=2, 256/128/256, at most 4 epochs
 * ``ablation``  partition semantic / random / user at K=2, 256/128/256
 * ``--quick``   K=2, 64/32/64, one epoch: the same tables and JSON keys in minutes
 
