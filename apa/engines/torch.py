@@ -32,7 +32,15 @@ from torch import nn
 
 from apa.engines.base import AdapterRef, Mode, ShardState
 from apa.errors import AdapterMismatch, AllShardsQuarantined
-from apa.model import BaseModel, forward_last_hidden, score_hidden
+from apa.model import (
+    BaseModel,
+    forward_last_hidden,
+    prefix_key_values,
+    score_hidden,
+    shared_prefix_length,
+    suffix_last_hidden,
+    token_ids,
+)
 
 _PREFIX = "base_model.model."
 
@@ -251,4 +259,48 @@ class TorchEngine:
                 _MIX.reset(token)
 
         hidden = forward_last_hidden(self.base, prompts, batch_size=batch_size, desc=desc, around=mixing)
+        return score_hidden(self.base, hidden).numpy()
+
+    @torch.inference_mode()
+    def score_shared(self, prompts: Sequence[str], weights: np.ndarray, *, mode: Mode = "nd",
+                     batch_size: int = 8) -> np.ndarray:
+        """p(yes) per prompt for prompts scored with one weight vector ``weights`` ([K]), e.g. one user's
+        candidates: their longest common token prefix runs once with the mixture active, then the
+        suffixes run in batches against its keys and values. Equal to ``score`` (same tokens, same
+        positions, same per-token mixture); the whole call uses one stack, whatever swaps meanwhile."""
+        live = self._live
+        if live.stack is None:
+            raise AdapterMismatch("no adapters loaded")
+        if weights.shape != (len(live.stack.adapters),):
+            raise AdapterMismatch(f"weights shape {weights.shape} != ({len(live.stack.adapters)},)")
+        if not prompts:
+            return np.empty(0)
+        w = torch.from_numpy(self.effective_weights(weights[None, :], live.active)).float()  # [1, K]
+        w = w.to(self.base.device)
+        stack, net, device = live.stack, self.base.model, self.base.device
+        ids = token_ids(self.base.tokenizer, prompts)
+        cut = shared_prefix_length(ids)
+
+        def mixed(rows: int) -> _Mix:
+            return _Mix(stack=stack, weights=w.expand(rows, -1), mode=mode)  # [rows, K]
+
+        token = _MIX.set(mixed(1))
+        try:
+            prefix = prefix_key_values(net, ids[0][:cut], device) if cut else None
+        finally:
+            _MIX.reset(token)
+        hidden = torch.empty(len(prompts), net.config.hidden_size, dtype=torch.float32)  # [n, hidden]
+        order = sorted(range(len(prompts)), key=lambda i: len(ids[i]))
+        for start in range(0, len(order), batch_size):
+            index = order[start:start + batch_size]
+            token = _MIX.set(mixed(len(index)))
+            try:
+                if prefix is None:  # nothing shared: plain right-padded forwards of the whole prompts
+                    hidden[index] = forward_last_hidden(self.base, [prompts[i] for i in index],
+                                                        batch_size=len(index)).float().cpu()
+                else:
+                    hidden[index] = suffix_last_hidden(net, prefix, [ids[i][cut:] for i in index],
+                                                       self.base.tokenizer.pad_token_id, device).float().cpu()
+            finally:
+                _MIX.reset(token)
         return score_hidden(self.base, hidden).numpy()
