@@ -263,6 +263,11 @@ def test_prefix_sharing_on_and_off_answer_the_same(
         with TestClient(create_app(settings)) as client, ThreadPoolExecutor(4) as pool:
             bodies = [{"user_id": u, "top_k": 100} for u in ("u1", "u2", "u3", "u4")]
             answers[sharing] = list(pool.map(lambda b: client.post("/recommend", json=b).json(), bodies))
+            if sharing:  # u1 again: its prefix comes from the cache across requests
+                assert client.post("/recommend", json=bodies[0]).json()["items"] == answers[True][0]["items"]
+                metrics = client.get("/metrics").text
+                assert 'apa_prefix_cache{stat="hits"} 1.0' in metrics
+                assert 'apa_prefix_cache{stat="entries"} 4.0' in metrics
     for on, off in zip(answers[True], answers[False], strict=True):
         assert on["fallback"] is False and on["adapters"] == off["adapters"]
         assert [i["item_id"] for i in on["items"]] == [i["item_id"] for i in off["items"]]
