@@ -543,16 +543,20 @@ def test_prefix_cache_by_hand() -> None:
 
     states = [(torch.zeros(1, 1, 4, 2), torch.zeros(1, 1, 4, 2))]  # 2 x 8 floats: 64 bytes
     cache = PrefixCache(capacity_bytes=150)
-    cache.put(key(1), states)
-    cache.put(key(2), states)
+    cache.put(key(1), states, generation=0)
+    cache.put(key(2), states, generation=0)
     assert cache.get(key(1)) is states  # 1 is now the most recent
-    cache.put(key(3), states)  # 192 bytes > 150: the least recently used (2) goes
+    cache.put(key(3), states, generation=0)  # 192 bytes > 150: the least recently used (2) goes
     assert cache.get(key(2)) is None and cache.get(key(3)) is states
     stats = cache.stats()
     assert (stats.hits, stats.misses, stats.entries, stats.bytes) == (2, 1, 2, 128)
     assert cache.drop(lambda k: k.tokens == (1,)) == 1 and len(cache) == 1
+    cache.put(key(4), states, generation=0)  # computed before that drop: refused
+    assert cache.get(key(4)) is None
+    cache.put(key(4), states, generation=cache.generation)
+    assert cache.get(key(4)) is states
     off = PrefixCache(capacity_bytes=0)
-    off.put(key(1), states)
+    off.put(key(1), states, generation=0)
     assert len(off) == 0
 
 

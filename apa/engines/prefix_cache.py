@@ -43,7 +43,12 @@ class PrefixCache:
         self._bytes = 0
         self._hits = 0
         self._misses = 0
+        self._generation = 0  # bumped by every drop: a put computed before one is refused
         self._lock = threading.Lock()
+
+    @property
+    def generation(self) -> int:
+        return self._generation
 
     def get(self, key: PrefixKey) -> KeyValues | None:
         with self._lock:
@@ -55,11 +60,15 @@ class PrefixCache:
             self._entries.move_to_end(key)
             return found[0]
 
-    def put(self, key: PrefixKey, states: KeyValues) -> None:
+    def put(self, key: PrefixKey, states: KeyValues, *, generation: int) -> None:
+        """Keep ``states`` unless a drop happened since ``generation`` was read (before the live adapters
+        were): a call under way during a swap, quarantine or deletion must not store what it dropped."""
         size = size_of(states)
         if size > self.capacity_bytes:
             return  # also covers a capacity of 0: the cache is off
         with self._lock:
+            if generation != self._generation:
+                return
             old = self._entries.pop(key, None)
             if old is not None:
                 self._bytes -= old[1]
@@ -72,6 +81,7 @@ class PrefixCache:
     def drop(self, stale: Callable[[PrefixKey], bool]) -> int:
         """Remove every entry whose key is ``stale``; returns how many."""
         with self._lock:
+            self._generation += 1
             keys = [key for key in self._entries if stale(key)]
             for key in keys:
                 self._bytes -= self._entries.pop(key)[1]

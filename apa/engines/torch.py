@@ -281,6 +281,7 @@ class TorchEngine:
         candidates: their longest common token prefix runs once with the mixture active, then the
         suffixes run in batches against its keys and values. Equal to ``score`` (same tokens, same
         positions, same per-token mixture); the whole call uses one stack, whatever swaps meanwhile."""
+        generation = self.prefixes.generation  # before the live view: see PrefixCache.put
         live = self._live
         if live.stack is None:
             raise AdapterMismatch("no adapters loaded")
@@ -306,7 +307,7 @@ class TorchEngine:
                 prefix = prefix_key_values(net, key.tokens, device)
             finally:
                 _MIX.reset(token)
-            self.prefixes.put(key, prefix)
+            self.prefixes.put(key, prefix, generation=generation)
         hidden = torch.empty(len(prompts), net.config.hidden_size, dtype=torch.float32)  # [n, hidden]
         order = sorted(range(len(prompts)), key=lambda i: len(ids[i]))
         for start in range(0, len(order), batch_size):
