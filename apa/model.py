@@ -146,3 +146,57 @@ def score_hidden(base: BaseModel, hidden: torch.Tensor, model: Any = None) -> to
     head = net.get_output_embeddings()
     logits = answer_logits(net, hidden.to(head.weight.device, head.weight.dtype), base.yes_id, base.no_id)
     return p_yes(logits).cpu()
+
+
+# -- prompts that share a prefix: the prefix once, then every prompt's suffix against its keys/values --------
+def token_ids(tokenizer: Any, texts: Sequence[str]) -> list[list[int]]:
+    """Each prompt's token ids exactly as ``encode`` feeds them to the model (no padding)."""
+    return [list(ids) for ids in
+            tokenizer(list(texts), truncation=True, max_length=MAX_PROMPT_TOKENS)["input_ids"]]
+
+
+def shared_prefix_length(ids: Sequence[Sequence[int]]) -> int:
+    """Length of the longest common token prefix, short enough to leave every prompt one token of its own
+    (its last token is where the answer is read)."""
+    limit = min(len(x) for x in ids) - 1
+    first = ids[0]
+    n = 0
+    while n < limit and all(x[n] == first[n] for x in ids):
+        n += 1
+    return n
+
+
+KeyValues = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys, values [1, kv_heads, prefix, head_dim]
+
+
+def prefix_key_values(model: Any, prefix: Sequence[int], device: torch.device) -> KeyValues:
+    """Every layer's keys and values of one prefix (batch of one)."""
+    from transformers import DynamicCache
+
+    ids = torch.tensor([list(prefix)], device=device)  # [1, prefix]
+    cache: Any = DynamicCache(config=model.config)
+    model.get_decoder()(input_ids=ids, attention_mask=torch.ones_like(ids), cache=cache, use_cache=True)
+    return [(layer.keys, layer.values) for layer in cache.layers]
+
+
+def suffix_last_hidden(model: Any, prefix: KeyValues, suffixes: Sequence[Sequence[int]], pad_id: int,
+                       device: torch.device) -> torch.Tensor:
+    """Final hidden state at each suffix's last token, every suffix read after the same cached prefix:
+    [batch, hidden]. Suffixes are right-padded; their positions continue the prefix's."""
+    from transformers import DynamicCache
+
+    b, width, past = len(suffixes), max(len(s) for s in suffixes), prefix[0][0].shape[-2]
+    ids = torch.full((b, width), pad_id, dtype=torch.long)  # [batch, width]
+    mask = torch.zeros((b, past + width), dtype=torch.long)  # [batch, prefix + width]
+    mask[:, :past] = 1
+    lengths = torch.tensor([len(s) for s in suffixes])  # [batch]
+    for i, suffix in enumerate(suffixes):
+        ids[i, :len(suffix)] = torch.tensor(list(suffix))
+        mask[i, past:past + len(suffix)] = 1
+    positions = (past + torch.arange(width)).expand(b, -1)  # [batch, width]
+    cache = DynamicCache([(k.expand(b, -1, -1, -1), v.expand(b, -1, -1, -1)) for k, v in prefix],
+                         config=model.config)  # the update concatenates: the shared prefix is never written
+    out = model.get_decoder()(input_ids=ids.to(device), attention_mask=mask.to(device),
+                              position_ids=positions.to(device), cache=cache, use_cache=True)
+    hidden = out.last_hidden_state  # [batch, width, hidden]
+    return hidden[torch.arange(b, device=hidden.device), (lengths - 1).to(hidden.device)]  # [batch, hidden]

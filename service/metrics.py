@@ -21,5 +21,7 @@ class Metrics:
             buckets=(1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200), registry=self.registry)
         self.history_cache = Counter("apa_history_cache_total", "History-embedding lookups", ["result"],
                                      registry=self.registry)
+        self.prefix_cache = Gauge("apa_prefix_cache", "Prefix cache across requests: hits and misses since "
+                                  "start, entries, bytes, capacity_bytes", ["stat"], registry=self.registry)
         self.batches = Counter("apa_forward_batches_total", "Micro-batches run on the model thread", ["kind"],
                                registry=self.registry)

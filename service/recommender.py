@@ -42,7 +42,7 @@ class Recommender:
         window = settings.batch_window_ms / 1000
         self.embedder: MicroBatcher[str, np.ndarray] = MicroBatcher(
             self._embed, executor=self.executor, window_s=window, max_items=settings.max_batch_prompts)
-        self.scorer: MicroBatcher[tuple[str, np.ndarray], float] = MicroBatcher(
+        self.scorer: MicroBatcher[tuple[str, str, np.ndarray], float] = MicroBatcher(
             self._score, executor=self.executor, window_s=window, max_items=settings.max_batch_prompts)
 
     def start(self) -> None:
@@ -59,13 +59,25 @@ class Recommender:
         self.metrics.batches.labels(kind="embed").inc()
         return list(embed(self.serving.base, texts, batch_size=self.settings.score_batch_size))
 
-    def _score(self, items: list[tuple[str, np.ndarray]]) -> list[float]:
+    def _score(self, items: list[tuple[str, str, np.ndarray]]) -> list[float]:
+        """(user, prompt, weights [K]) -> p(yes). With prefix sharing, each user's prompts are scored
+        together on their common prefix; otherwise every prompt is one full forward."""
         self.metrics.batches.labels(kind="score").inc()
-        texts = [text for text, _ in items]
-        weights = np.stack([w for _, w in items])  # [n, K]
-        p = self.serving.engine.score(texts, weights, mode=self.settings.mode,
-                                      batch_size=self.settings.score_batch_size)
-        return [float(x) for x in p]
+        engine, mode, batch_size = self.serving.engine, self.settings.mode, self.settings.score_batch_size
+        if not self.settings.prefix_sharing:
+            weights = np.stack([w for _, _, w in items])  # [n, K]
+            p = engine.score([text for _, text, _ in items], weights, mode=mode, batch_size=batch_size)
+            return [float(x) for x in p]
+        groups: dict[tuple[str, bytes], list[int]] = {}
+        for i, (user, _, w) in enumerate(items):
+            groups.setdefault((user, w.tobytes()), []).append(i)
+        out = [0.0] * len(items)
+        for index in groups.values():
+            p = engine.score_shared([items[i][1] for i in index], items[index[0]][2], mode=mode,
+                                    batch_size=batch_size)
+            for i, x in zip(index, p, strict=True):
+                out[i] = float(x)
+        return out
 
     # -- per request ----------------------------------------------------------------------------
     def prepare(self, request: RecommendRequest) -> Query:
@@ -108,7 +120,7 @@ class Recommender:
             history_embedding = await self.history_embedding(query, epoch)
             weights = self.serving.weights(history_embedding, active)  # [K]
             try:
-                scores = await self.scorer.submit([(p, weights) for p in query.prompts])
+                scores = await self.scorer.submit([(query.user_id, p, weights) for p in query.prompts])
             except AllShardsQuarantined:
                 active = {}
             else:

@@ -55,7 +55,8 @@ class Attention:
 class Serving:
     def __init__(self, settings: ServiceSettings, base: BaseModel, run: RunInfo) -> None:
         self.settings, self.base, self.run = settings, base, run
-        self.engine = TorchEngine(base)
+        cache_bytes = int(settings.prefix_cache_mb * 2**20) if settings.prefix_sharing else 0
+        self.engine = TorchEngine(base, prefix_cache_bytes=cache_bytes)
         self.attention: Attention | None = None
         self.histories = HistoryCache(settings.history_cache_size)
         self._valid_ids: frozenset[str] = frozenset()
@@ -105,6 +106,7 @@ class Serving:
                         self.engine.release(shard)
             if completed:
                 self.histories.forget_subjects(subjects, self.settings.hmac_secret())  # nothing deleted lingers
+                self.engine.prefixes.clear()  # their prefixes held the deleted history
                 self._completed_seen = max(done for _, done in completed if done is not None)
                 self.on_completed([(done - created).total_seconds() for created, done in completed
                                    if done is not None and created is not None])
@@ -134,6 +136,12 @@ class Serving:
             with self._state_lock:
                 self._pending.subtract(shards)
 
+    def forget_user(self, user_id: str) -> None:
+        """A user deleted data: drop what holds their history (the prefix cache is keyed by prompt text,
+        not user, so all of it goes; deletions are rare)."""
+        self.histories.forget(user_id)
+        self.engine.prefixes.clear()
+
     def _attend(self, memory: ValidationMemory) -> Attention:
         """Choose the attention on the (per-user) validation memory, leave one out; with too few
         samples to choose, the configured parts and the paper's for the rest."""
@@ -162,7 +170,7 @@ class Serving:
         if event.get("type") == "quarantine":
             self.quarantine([int(s) for s in event.get("shards", [])])
             if event.get("user_id") is not None:
-                self.histories.forget(str(event["user_id"]))
+                self.forget_user(str(event["user_id"]))
         self.sync()
 
     # -- answering ------------------------------------------------------------------------------

@@ -51,3 +51,22 @@ def test_key_paths_ignore_values_list_lengths_and_numbered_keys() -> None:
     assert key_paths(quick) == key_paths(full)
     assert key_paths({**quick, "extra": 1}) != key_paths(full)
     assert key_paths({"per_k": {"2": {}}, "rows": []}) != key_paths(full)
+
+
+def test_serving_load_counts_latencies_candidates_and_errors() -> None:
+    import os
+    from typing import Any
+
+    from bench.serving import load, peak_rss_mb
+
+    class Stub:
+        def recommend(self, user_id: str, top_k: int) -> dict[str, Any]:
+            if user_id == "down":
+                raise RuntimeError("503")
+            return {"fallback": user_id == "fallback", "items": [{"item_id": str(i)} for i in range(20)]}
+
+    report = load(Stub(), ["a", "b", "down", "fallback"], concurrency=2, timeout_s=10)  # type: ignore[arg-type]
+    assert report["requests"] == 4 and report["errors"] == 2 and report["candidates_scored"] == 40
+    assert report["error_examples"][0].startswith("RuntimeError")
+    assert set(report) >= {"p50_s", "p99_s", "wall_s", "candidates_per_s"}
+    assert (peak_rss_mb(os.getpid()) or 0) > 10

@@ -429,3 +429,157 @@ def test_loading_errors(
     eng.load(refs(adapter_dirs[:2]))
     with pytest.raises(AdapterMismatch, match="weights shape"):
         eng.score(texts, one_hot(len(texts), 3, 0))
+
+
+# -- (f) prefix-shared scoring: one user's candidates, the common prefix run once ------------------------
+
+SHARED_TOL = 1e-5  # fp32: the prefix once vs inside every full forward
+
+
+@pytest.fixture
+def candidates(dataset: Dataset) -> list[str]:
+    """One user's history and every title as the target: suffixes of 5 to 9 tokens, prefix shared."""
+    from apa import prompts
+
+    titles = list(dataset.titles.values())
+    return [prompts.sample_prompt(titles[:3], titles[3:5], t) for t in titles]
+
+
+def test_shared_prefix_length_by_hand() -> None:
+    from apa.model import shared_prefix_length
+
+    assert shared_prefix_length([[1, 2, 3, 4], [1, 2, 5], [1, 2, 3]]) == 2
+    assert shared_prefix_length([[1, 2, 3], [1, 2, 3]]) == 2  # every prompt keeps its last token
+    assert shared_prefix_length([[7, 1], [8, 1]]) == 0
+    assert shared_prefix_length([[1, 2, 3]]) == 2
+
+
+def test_candidates_share_most_of_their_tokens(tiny_base: BaseModel, candidates: list[str]) -> None:
+    from apa.model import shared_prefix_length, token_ids
+
+    ids = token_ids(tiny_base.tokenizer, candidates)
+    cut = shared_prefix_length(ids)
+    assert cut > 0.8 * min(map(len, ids))
+    assert len({len(x) - cut for x in ids}) >= 3  # suffixes of different lengths: padded batches
+
+
+@pytest.mark.parametrize("mode", ["nd", "d"])
+def test_shared_prefix_equals_full_forwards(engine: TorchEngine, candidates: list[str], mode: str) -> None:
+    w = np.array([0.5, 0.3, 0.2])
+    plain = engine.score(candidates, np.tile(w, (len(candidates), 1)), mode=mode, batch_size=4)  # type: ignore[arg-type]
+    shared = engine.score_shared(candidates, w, mode=mode, batch_size=4)  # type: ignore[arg-type]
+    np.testing.assert_allclose(shared, plain, atol=SHARED_TOL, rtol=0.0)
+    assert np.ptp(plain) > 1e-3  # the targets matter: a wrong suffix readout could not pass
+
+
+@pytest.mark.parametrize("batch_size", [1, 5, 64])
+def test_shared_prefix_is_independent_of_the_suffix_batching(
+    engine: TorchEngine, candidates: list[str], batch_size: int
+) -> None:
+    w = np.array([0.1, 0.2, 0.7])
+    plain = engine.score(candidates, np.tile(w, (len(candidates), 1)), batch_size=1)
+    np.testing.assert_allclose(engine.score_shared(candidates, w, batch_size=batch_size), plain,
+                               atol=SHARED_TOL, rtol=0.0)
+
+
+def test_shared_prefix_uses_the_effective_weights_under_quarantine(
+    engine: TorchEngine, candidates: list[str]
+) -> None:
+    w = np.array([0.5, 0.3, 0.2])
+    engine.quarantine(0)
+    shared = engine.score_shared(candidates, w)
+    engine.release(0)
+    expected = engine.score(candidates, np.tile([0.0, 0.6, 0.4], (len(candidates), 1)))
+    np.testing.assert_allclose(shared, expected, atol=SHARED_TOL, rtol=0.0)
+
+
+@pytest.mark.parametrize("shard", [0, 2])
+def test_shared_prefix_one_hot_equals_peft(
+    engine: TorchEngine, adapter_dirs: list[Path], tiny_model_dir: Path, candidates: list[str], shard: int
+) -> None:
+    ref_base, ref_model = peft_reference(tiny_model_dir, adapter_dirs[shard])
+    _, ref_p = peft_outputs(ref_base, ref_model, candidates)
+    np.testing.assert_allclose(engine.score_shared(candidates, np.eye(K)[shard]), ref_p, atol=LOGIT_TOL, rtol=0.0)
+
+
+def test_shared_prefix_edge_cases(engine: TorchEngine, candidates: list[str], texts: list[str]) -> None:
+    w = np.array([0.2, 0.2, 0.6])
+    one = engine.score_shared(candidates[:1], w)  # a single prompt: all but its last token is "shared"
+    np.testing.assert_allclose(one, engine.score(candidates[:1], w[None, :]), atol=SHARED_TOL, rtol=0.0)
+    mixed = [*texts, *candidates[:3]]  # different histories: only the template's start is common
+    np.testing.assert_allclose(engine.score_shared(mixed, w), engine.score(mixed, np.tile(w, (len(mixed), 1))),
+                               atol=SHARED_TOL, rtol=0.0)
+    assert engine.score_shared([], w).shape == (0,)
+    with pytest.raises(AdapterMismatch):
+        engine.score_shared(candidates, np.ones((len(candidates), K)) / K)
+
+
+def test_shared_prefix_keeps_one_stack_through_a_swap(
+    engine: TorchEngine, adapter_dirs: list[Path], candidates: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A swap that lands between the prefix and the suffixes changes nothing in the call under way."""
+    w = np.array([0.6, 0.3, 0.1])
+    old = engine.score_shared(candidates, w)
+    real = torch_engine.prefix_key_values
+
+    def swap_midway(*args: Any) -> Any:
+        states = real(*args)
+        engine.load_shard(AdapterRef(shard=0, version=2, path=adapter_dirs[K]))
+        return states
+
+    monkeypatch.setattr(torch_engine, "prefix_key_values", swap_midway)
+    during = engine.score_shared(candidates, w, batch_size=4)
+    monkeypatch.undo()
+    after = engine.score_shared(candidates, w)
+    np.testing.assert_allclose(during, old, atol=SAME_ATOL, rtol=0.0)
+    assert np.abs(after - old).max() > 1e-3  # the new version is live for the next call
+
+
+def test_prefix_cache_by_hand() -> None:
+    from apa.engines.prefix_cache import PrefixCache, PrefixKey
+
+    def key(i: int) -> PrefixKey:
+        return PrefixKey(tokens=(i,), weights=(1.0, 0.0), mode="nd", versions=((0, 1), (1, 1)))
+
+    states = [(torch.zeros(1, 1, 4, 2), torch.zeros(1, 1, 4, 2))]  # 2 x 8 floats: 64 bytes
+    cache = PrefixCache(capacity_bytes=150)
+    cache.put(key(1), states, generation=0)
+    cache.put(key(2), states, generation=0)
+    assert cache.get(key(1)) is states  # 1 is now the most recent
+    cache.put(key(3), states, generation=0)  # 192 bytes > 150: the least recently used (2) goes
+    assert cache.get(key(2)) is None and cache.get(key(3)) is states
+    stats = cache.stats()
+    assert (stats.hits, stats.misses, stats.entries, stats.bytes) == (2, 1, 2, 128)
+    assert cache.drop(lambda k: k.tokens == (1,)) == 1 and len(cache) == 1
+    cache.put(key(4), states, generation=0)  # computed before that drop: refused
+    assert cache.get(key(4)) is None
+    cache.put(key(4), states, generation=cache.generation)
+    assert cache.get(key(4)) is states
+    off = PrefixCache(capacity_bytes=0)
+    off.put(key(1), states, generation=0)
+    assert len(off) == 0
+
+
+def test_prefix_cache_across_calls_is_exact_and_dropped_when_stale(
+    tiny_base: BaseModel, adapter_dirs: list[Path], candidates: list[str]
+) -> None:
+    engine = TorchEngine(tiny_base, prefix_cache_bytes=2**24)
+    engine.load(refs(adapter_dirs[:K]))
+    w = np.array([0.5, 0.3, 0.2])
+    first = engine.score_shared(candidates, w)
+    again = engine.score_shared(candidates[3:], w)  # same user, fewer candidates: same prefix
+    np.testing.assert_allclose(again, first[3:], atol=SHARED_TOL, rtol=0.0)
+    assert (engine.prefixes.stats().hits, engine.prefixes.stats().misses) == (1, 1)
+    engine.score_shared(candidates, np.array([0.0, 0.0, 1.0]))  # other weights: another entry
+    assert len(engine.prefixes) == 2
+
+    engine.quarantine(0)  # only the entry that used shard 0 goes
+    assert [k.weights for k in engine.prefixes._entries] == [(0.0, 0.0, 1.0)]
+    np.testing.assert_allclose(engine.score_shared(candidates, w),
+                               engine.score(candidates, np.tile([0.0, 0.6, 0.4], (len(candidates), 1))),
+                               atol=SHARED_TOL, rtol=0.0)
+    engine.release(0)
+    engine.load_shard(AdapterRef(shard=2, version=2, path=adapter_dirs[K]))  # a swap: old versions go
+    assert len(engine.prefixes) == 0
+    np.testing.assert_allclose(engine.score_shared(candidates, w),
+                               engine.score(candidates, np.tile(w, (len(candidates), 1))), atol=SHARED_TOL, rtol=0.0)

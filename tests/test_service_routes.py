@@ -243,3 +243,33 @@ def test_attention_settings_are_values_or_auto() -> None:
     for bad in ({"tau": -1.0}, {"tau": "often"}, {"knn": 0}, {"attention_error": "hinge"}):
         with pytest.raises(ValidationError):
             ServiceSettings(**bad)
+
+
+@pytest.mark.parametrize("ledger_url", ["sqlite"], indirect=True)
+def test_prefix_sharing_on_and_off_answer_the_same(
+        service_home: Path, ledger_url: str, redis_prefix: str, tiny_model_dir: Path) -> None:
+    """Two gateways on the same run, APA_PREFIX_SHARING true and false: same items, same scores; concurrent
+    users land in one micro-batch and are still each scored on their own prefix."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from service.app import create_app
+
+    answers = {}
+    for sharing in (True, False):
+        settings = service_settings(service_home, ledger_url, redis_prefix, tiny_model_dir,
+                                    prefix_sharing=sharing, batch_window_ms=200.0)
+        if sharing:
+            record_run(settings)
+        with TestClient(create_app(settings)) as client, ThreadPoolExecutor(4) as pool:
+            bodies = [{"user_id": u, "top_k": 100} for u in ("u1", "u2", "u3", "u4")]
+            answers[sharing] = list(pool.map(lambda b: client.post("/recommend", json=b).json(), bodies))
+            if sharing:  # u1 again: its prefix comes from the cache across requests
+                assert client.post("/recommend", json=bodies[0]).json()["items"] == answers[True][0]["items"]
+                metrics = client.get("/metrics").text
+                assert 'apa_prefix_cache{stat="hits"} 1.0' in metrics
+                assert 'apa_prefix_cache{stat="entries"} 4.0' in metrics
+    for on, off in zip(answers[True], answers[False], strict=True):
+        assert on["fallback"] is False and on["adapters"] == off["adapters"]
+        assert [i["item_id"] for i in on["items"]] == [i["item_id"] for i in off["items"]]
+        assert [i["score"] for i in on["items"]] == pytest.approx([i["score"] for i in off["items"]], abs=1e-4)
+    assert len({tuple(i["score"] for i in a["items"]) for a in answers[True]}) == 4  # four users, four rankings

@@ -46,3 +46,9 @@ class Engine(Protocol):
               batch_size: int = 8) -> np.ndarray:
         """p(yes) per prompt; ``weights`` is [n, K] in shard order (quarantined shards get 0)."""
         ...
+
+    def score_shared(self, prompts: Sequence[str], weights: np.ndarray, *, mode: Mode = "nd",
+                     batch_size: int = 8) -> np.ndarray:
+        """p(yes) per prompt, every prompt with the same ``weights`` ([K]); equal to ``score`` with that
+        row repeated, but a prefix the prompts share may be computed once."""
+        ...

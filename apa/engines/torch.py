@@ -31,8 +31,17 @@ from safetensors.torch import load_file
 from torch import nn
 
 from apa.engines.base import AdapterRef, Mode, ShardState
+from apa.engines.prefix_cache import PrefixCache, PrefixKey
 from apa.errors import AdapterMismatch, AllShardsQuarantined
-from apa.model import BaseModel, forward_last_hidden, score_hidden
+from apa.model import (
+    BaseModel,
+    forward_last_hidden,
+    prefix_key_values,
+    score_hidden,
+    shared_prefix_length,
+    suffix_last_hidden,
+    token_ids,
+)
 
 _PREFIX = "base_model.model."
 
@@ -134,11 +143,18 @@ def read_adapter(ref: AdapterRef) -> tuple[dict[str, Any], dict[str, tuple[torch
 class TorchEngine:
     """One forward pass per batch, whatever K (see module docstring)."""
 
-    def __init__(self, base: BaseModel) -> None:
+    def __init__(self, base: BaseModel, *, prefix_cache_bytes: int = 0) -> None:
         self.base = base
         self._lock = threading.Lock()
         self._live = _Live(stack=None, active=frozenset())
         self._wrapped: set[str] = set()
+        self.prefixes = PrefixCache(prefix_cache_bytes)  # score_shared's prefixes across calls (0: off)
+
+    def _drop_stale_prefixes(self) -> None:
+        """After a swap: prefixes computed with versions no longer live go."""
+        live = self._live
+        versions = tuple((a.shard, a.version) for a in live.stack.adapters) if live.stack is not None else ()
+        self.prefixes.drop(lambda key: key.versions != versions)
 
     # -- loading -------------------------------------------------------------------------------
     def _build(self, refs: Sequence[AdapterRef], reuse: _Stack | None = None) -> _Stack:
@@ -179,6 +195,7 @@ class TorchEngine:
         stack = self._build(adapters)
         with self._lock:
             self._live = _Live(stack=stack, active=frozenset(a.shard for a in stack.adapters))
+        self._drop_stale_prefixes()
 
     def load_shard(self, adapter: AdapterRef) -> None:
         self.load_shards([adapter])
@@ -195,13 +212,17 @@ class TorchEngine:
             new = {a.shard: a for a in adapters}
             stack = self._build([new.get(a.shard, a) for a in current.stack.adapters], reuse=current.stack)
             with self._lock:
-                if self._live.stack is current.stack:  # nobody swapped meanwhile
+                swapped = self._live.stack is current.stack  # nobody swapped meanwhile
+                if swapped:
                     self._live = _Live(stack=stack, active=self._live.active)
-                    return
+            if swapped:
+                self._drop_stale_prefixes()
+                return
 
     def quarantine(self, shard: int) -> None:
         with self._lock:
             self._live = _Live(stack=self._live.stack, active=self._live.active - {shard})
+        self.prefixes.drop(lambda key: shard < len(key.weights) and key.weights[shard] > 0)  # used the shard
 
     def release(self, shard: int) -> None:
         with self._lock:
@@ -251,4 +272,54 @@ class TorchEngine:
                 _MIX.reset(token)
 
         hidden = forward_last_hidden(self.base, prompts, batch_size=batch_size, desc=desc, around=mixing)
+        return score_hidden(self.base, hidden).numpy()
+
+    @torch.inference_mode()
+    def score_shared(self, prompts: Sequence[str], weights: np.ndarray, *, mode: Mode = "nd",
+                     batch_size: int = 8) -> np.ndarray:
+        """p(yes) per prompt for prompts scored with one weight vector ``weights`` ([K]), e.g. one user's
+        candidates: their longest common token prefix runs once with the mixture active, then the
+        suffixes run in batches against its keys and values. Equal to ``score`` (same tokens, same
+        positions, same per-token mixture); the whole call uses one stack, whatever swaps meanwhile."""
+        generation = self.prefixes.generation  # before the live view: see PrefixCache.put
+        live = self._live
+        if live.stack is None:
+            raise AdapterMismatch("no adapters loaded")
+        if weights.shape != (len(live.stack.adapters),):
+            raise AdapterMismatch(f"weights shape {weights.shape} != ({len(live.stack.adapters)},)")
+        if not prompts:
+            return np.empty(0)
+        w = torch.from_numpy(self.effective_weights(weights[None, :], live.active)).float()  # [1, K]
+        w = w.to(self.base.device)
+        stack, net, device = live.stack, self.base.model, self.base.device
+        ids = token_ids(self.base.tokenizer, prompts)
+        cut = shared_prefix_length(ids)
+
+        def mixed(rows: int) -> _Mix:
+            return _Mix(stack=stack, weights=w.expand(rows, -1), mode=mode)  # [rows, K]
+
+        key = PrefixKey(tokens=tuple(ids[0][:cut]), weights=tuple(float(x) for x in w[0]), mode=mode,
+                        versions=tuple((a.shard, a.version) for a in stack.adapters))
+        prefix = self.prefixes.get(key) if cut else None
+        if cut and prefix is None:
+            token = _MIX.set(mixed(1))
+            try:
+                prefix = prefix_key_values(net, key.tokens, device)
+            finally:
+                _MIX.reset(token)
+            self.prefixes.put(key, prefix, generation=generation)
+        hidden = torch.empty(len(prompts), net.config.hidden_size, dtype=torch.float32)  # [n, hidden]
+        order = sorted(range(len(prompts)), key=lambda i: len(ids[i]))
+        for start in range(0, len(order), batch_size):
+            index = order[start:start + batch_size]
+            token = _MIX.set(mixed(len(index)))
+            try:
+                if prefix is None:  # nothing shared: plain right-padded forwards of the whole prompts
+                    hidden[index] = forward_last_hidden(self.base, [prompts[i] for i in index],
+                                                        batch_size=len(index)).float().cpu()
+                else:
+                    hidden[index] = suffix_last_hidden(net, prefix, [ids[i][cut:] for i in index],
+                                                       self.base.tokenizer.pad_token_id, device).float().cpu()
+            finally:
+                _MIX.reset(token)
         return score_hidden(self.base, hidden).numpy()

@@ -46,7 +46,7 @@ def delete_interactions(
         serving.drop_valid(outcome.valid_sample_ids)
         with serving.quarantined_until_committed(request.affected_shards):  # before the commit: the safe side
             session.commit()
-        serving.histories.forget(user_id)
+        serving.forget_user(user_id)
         gateway.metrics.time_to_quarantine.observe(time.perf_counter() - received)
         gateway.metrics.deletion_requests.labels(first_status=request.status).inc()
         _wake_worker(gateway, request, user_id)

@@ -1,3 +1,5 @@
+from dataclasses import asdict
+
 from fastapi import APIRouter, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
@@ -41,4 +43,7 @@ def readyz(gateway: GatewayDep, response: Response) -> Health:
 def metrics(gateway: GatewayDep, session: SessionDep) -> Response:
     for status, count in repository.deletion_counts(session=session).items():
         gateway.metrics.deletions.labels(status=status).set(count)
+    if gateway.serving is not None:
+        for stat, value in asdict(gateway.serving.engine.prefixes.stats()).items():
+            gateway.metrics.prefix_cache.labels(stat=stat).set(value)
     return Response(generate_latest(gateway.metrics.registry), media_type=CONTENT_TYPE_LATEST)

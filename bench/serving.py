@@ -1,0 +1,168 @@
+"""The gateway under load on loopback, with prefix sharing on and off, side by side in one run.
+
+Serves a *copy* of the given run from a temp home (its own SQLite ledger, its own Redis key prefix on
+the machine's Redis) with the real ``apa serve`` in a subprocess, once with ``APA_PREFIX_SHARING=true``
+and once with ``false``. Each ``/recommend`` names no candidates, so the gateway scores the user's 20
+most popular unrated items; every request is a different user (a first request: the history
+embedding is computed too), the same users for both settings. Per concurrency level: p50/p99 latency,
+candidates scored per second, errors; per gateway: peak resident memory (VmHWM). Every request count
+is bounded and every request has a timeout.
+
+    python bench/serving.py --run <run folder> --out docs/results/serving.json
+    python bench/serving.py --quick --out docs/results/serving-quick.json   # trains the small run first
+"""
+
+import argparse
+import json
+import os
+import secrets
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from bench.machine import describe
+from bench.quick import train_quick_run
+from service.client import Client
+
+ASSETS = Path("var/assets")
+
+
+def peak_rss_mb(pid: int) -> float | None:
+    """The process's peak resident set (Linux VmHWM), in MiB."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    return None
+
+
+def load(client: Client, users: list[str], concurrency: int, timeout_s: float) -> dict[str, Any]:
+    """``users`` requests, ``concurrency`` at a time; latency per request, candidates per second."""
+
+    def one(user: str) -> tuple[float, int, str | None]:
+        started = time.perf_counter()
+        try:
+            body = client.recommend(user, top_k=100)
+        except Exception as exc:  # counted, not raised: a load test reports its errors
+            return time.perf_counter() - started, 0, f"{type(exc).__name__}: {str(exc)[:200]}"
+        if body["fallback"]:
+            return time.perf_counter() - started, 0, "fallback answer (no model used)"
+        return time.perf_counter() - started, len(body["items"]), None
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        results = list(pool.map(one, users, timeout=timeout_s))
+    wall = time.perf_counter() - started
+    latencies = np.array([r[0] for r in results])
+    scored = sum(r[1] for r in results)
+    errors = [r[2] for r in results if r[2] is not None]
+    return {"requests": len(users), "concurrency": concurrency, "errors": len(errors), "error_examples": errors[:3],
+            "p50_s": round(float(np.percentile(latencies, 50)), 3),
+            "p99_s": round(float(np.percentile(latencies, 99)), 3),
+            "mean_s": round(float(latencies.mean()), 3), "wall_s": round(wall, 3),
+            "candidates_scored": scored, "candidates_per_s": round(scored / wall, 2)}
+
+
+def gateway(env: dict[str, str], port: int, sharing: bool, log: Path) -> tuple[subprocess.Popen[bytes], Any]:
+    handle = open(log, "w")  # noqa: SIM115 (closed by the caller with the process)
+    proc = subprocess.Popen([sys.executable, "-m", "apa.cli", "serve", "--port", str(port)],
+                            env={**env, "APA_PREFIX_SHARING": str(sharing).lower()},
+                            stdout=handle, stderr=subprocess.STDOUT)
+    return proc, handle
+
+
+def measure(env: dict[str, str], args: argparse.Namespace, users: list[str], work: Path) -> dict[str, Any]:
+    levels = [1, 4, 16] if args.full else [1, 4]
+    per_level = {1: args.requests, 4: 2 * args.requests, 16: 4 * args.requests}
+    need = 1 + sum(per_level[c] for c in levels)
+    if len(users) < need:
+        raise SystemExit(f"the run has {len(users)} users; {need} are needed (one per request)")
+    report: dict[str, Any] = {}
+    for sharing in (True, False):
+        name = "sharing_on" if sharing else "sharing_off"
+        proc, handle = gateway(env, args.port, sharing, work / f"gateway-{name}.log")
+        client = Client(f"http://127.0.0.1:{args.port}", timeout_s=args.timeout)
+        try:
+            client.wait_ready(timeout_s=args.timeout)
+            started = time.perf_counter()
+            client.recommend(users[0], top_k=1)  # warm-up: first forward, lazy imports; not measured
+            result: dict[str, Any] = {"warmup_s": round(time.perf_counter() - started, 3)}
+            rest = users[1:]
+            for c in levels:
+                batch, rest = rest[:per_level[c]], rest[per_level[c]:]
+                result[f"c{c}"] = load(client, batch, c, args.timeout)
+                print(f"{name} c={c}: {json.dumps(result[f'c{c}'])}", flush=True)
+            result["peak_rss_mb"] = peak_rss_mb(proc.pid)
+            report[name] = result
+        finally:
+            client.close()
+            proc.terminate()
+            proc.wait(timeout=60)
+            handle.close()
+    on, off = report["sharing_on"], report["sharing_off"]
+    report["speedup"] = {
+        f"c{c}": {"p50": round(off[f"c{c}"]["p50_s"] / on[f"c{c}"]["p50_s"], 2),
+                  "throughput": round(on[f"c{c}"]["candidates_per_s"] / max(off[f"c{c}"]["candidates_per_s"], 1e-9), 2)}
+        for c in levels}
+    return report
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", type=Path, help="trained run folder (copied; the copy is served)")
+    parser.add_argument("--quick", action="store_true", help="fewer requests (trains the small run unless --run)")
+    parser.add_argument("--full", action="store_true", help="also concurrency 16")
+    parser.add_argument("--requests", type=int, default=None,
+                        help="requests at concurrency 1 (2x at 4, 4x at 16); default 8, --quick 2")
+    parser.add_argument("--port", type=int, default=8766)
+    parser.add_argument("--timeout", type=float, default=900.0, help="per request and per wait, seconds")
+    parser.add_argument("--note", default="", help="recorded with the result (e.g. what else loaded the machine)")
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    if args.requests is None:
+        args.requests = 2 if args.quick else 8
+    work = Path(tempfile.mkdtemp(prefix="apa-serving-"))
+    source = args.run if args.run is not None else train_quick_run(work / "quick") if args.quick else None
+    if source is None:
+        parser.error("--run is required without --quick")
+    home = work / "home"
+    (home / "runs").mkdir(parents=True)
+    (home / "assets").symlink_to(ASSETS.resolve())
+    run = home / "runs" / "served"
+    shutil.copytree(source, run, ignore=shutil.ignore_patterns("*.db", "*.db-*", "logs"))
+    env = {**os.environ, "APA_HOME": str(home), "APA_DATABASE_URL": f"sqlite:///{home / 'apa.db'}",
+           "APA_ADMIN_TOKEN": secrets.token_urlsafe(16), "APA_HMAC_KEY": secrets.token_hex(32),
+           "APA_REDIS_PREFIX": f"apa-bench-{secrets.token_hex(4)}:"}
+    subprocess.run([sys.executable, "-m", "apa.cli", "ledger", "import", str(run)], env=env, check=True)
+    frame = pd.read_parquet(run / "samples.parquet")
+    users = sorted({str(u) for u in frame["user_id"]}, key=lambda u: (len(u), u))
+    try:
+        report: dict[str, Any] = {"benchmark": "serving", "candidates_per_request": 20,
+                                  **measure(env, args, users, work)}
+    except BaseException:
+        print(f"logs kept in {work}", file=sys.stderr)
+        raise
+    report["machine"] = describe()
+    report["note"] = args.note
+    report["command"] = "python bench/serving.py " + " ".join(sys.argv[1:])
+    print(json.dumps(report, indent=1))
+    print("sharing on vs off: " + ", ".join(
+        f"c={c[1:]} p50 {s['p50']}x faster, throughput {s['throughput']}x" for c, s in report["speedup"].items()))
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=1) + "\n")
+    shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
