@@ -49,6 +49,8 @@ def _start(gateway: Gateway) -> None:
     def observe_completed(seconds: list[float]) -> None:
         for value in seconds:
             gateway.metrics.time_to_forget.observe(value)
+            if value > settings.forget_deadline_s:
+                gateway.metrics.completed_overdue.inc()
 
     serving.on_completed = observe_completed
     serving.sync()
@@ -86,6 +88,7 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
         raise ConfigError("set APA_ADMIN_TOKEN: DELETE and /admin/* need it")
     app = FastAPI(title="APA-Rec", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
     app.state.gateway = Gateway(settings=settings, sessions=session_factory(settings.ledger_url), metrics=Metrics())
+    app.state.gateway.metrics.forget_deadline.set(settings.forget_deadline_s)
     errors.install(app)
     for module in (recommend, deletions, admin, health):
         app.include_router(module.router)

@@ -12,6 +12,7 @@ from apa.errors import (
     ShardNotFound,
     UserNotFound,
 )
+from service.deadline import LoadShed
 
 STATUS: dict[type[APAError], int] = {
     UserNotFound: 404,
@@ -33,6 +34,13 @@ def _handler(status: int):  # type: ignore[no-untyped-def]
     return handle
 
 
+async def _shed(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, LoadShed)
+    return JSONResponse(status_code=503, content={"detail": str(exc)},
+                        headers={"Retry-After": str(exc.retry_after_s)})
+
+
 def install(app: FastAPI) -> None:
     for error, status in STATUS.items():
         app.add_exception_handler(error, _handler(status))
+    app.add_exception_handler(LoadShed, _shed)

@@ -4,6 +4,7 @@ Ledger reads run in a worker thread; the history embedding and the candidates' s
 micro-batchers onto the single model thread, so concurrent requests share forwards.
 """
 
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -17,6 +18,7 @@ from apa.errors import AllShardsQuarantined, ItemsNotFound
 from apa.ledger import repository
 from apa.samples import recent_history
 from service.batching import MicroBatcher
+from service.deadline import LoadShed
 from service.metrics import Metrics
 from service.schemas import AdapterWeight, ItemScore, RecommendRequest, RecommendResponse
 from service.serving import Serving
@@ -57,14 +59,19 @@ class Recommender:
     # -- on the model thread ------------------------------------------------------------------
     def _embed(self, texts: list[str]) -> list[np.ndarray]:
         self.metrics.batches.labels(kind="embed").inc()
-        return list(embed(self.serving.base, texts, batch_size=self.settings.score_batch_size))
+        started = time.perf_counter()
+        out = list(embed(self.serving.base, texts, batch_size=self.settings.score_batch_size))
+        self.serving.deadline.pause_after(time.perf_counter() - started)  # yields to an owed retrain
+        return out
 
     def _score(self, items: list[tuple[str, np.ndarray]]) -> list[float]:
         self.metrics.batches.labels(kind="score").inc()
+        started = time.perf_counter()
         texts = [text for text, _ in items]
         weights = np.stack([w for _, w in items])  # [n, K]
         p = self.serving.engine.score(texts, weights, mode=self.settings.mode,
                                       batch_size=self.settings.score_batch_size)
+        self.serving.deadline.pause_after(time.perf_counter() - started)
         return [float(x) for x in p]
 
     # -- per request ----------------------------------------------------------------------------
@@ -101,6 +108,10 @@ class Recommender:
         return embedding
 
     async def recommend(self, request: RecommendRequest) -> RecommendResponse:
+        deadline = self.serving.deadline
+        if deadline.stance() == "shed":
+            self.metrics.shed.inc()
+            raise LoadShed(self.settings.shed_retry_after_s, deadline.waited_s() or 0.0)
         epoch = self.serving.histories.epoch  # before the history is read
         query = await run_in_threadpool(self.prepare, request)
         active = self.serving.active()

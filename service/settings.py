@@ -26,6 +26,13 @@ class ServiceSettings(CoreSettings):
     max_batch_prompts: int = 128
     poll_interval_s: float = 2.0  # ledger poll, the fallback to pub/sub
     history_cache_size: int = 4096  # users whose history embedding is kept (0: recompute every request)
+    # The time-to-forget policy (service/deadline.py), as fractions of APA_FORGET_DEADLINE_S that the
+    # oldest open deletion has waited: from yield_at the model thread sleeps yield_ratio x each batch's
+    # time after it; from shed_at /recommend answers 503 + Retry-After until the retrain is live.
+    forget_yield_at: Annotated[float, Field(ge=0)] = 0.25
+    forget_shed_at: Annotated[float, Field(ge=0)] = 0.75
+    forget_yield_ratio: Annotated[float, Field(ge=0)] = 1.0
+    shed_retry_after_s: Annotated[int, Field(ge=1)] = 5
 
 
     def attention_grid(self) -> aggregation.AttentionGrid:

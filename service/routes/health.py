@@ -3,6 +3,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
 
 from apa.ledger import repository
+from service.deadline import STANCE_LEVEL
 from service.deps import GatewayDep, SessionDep
 from service.schemas import Health
 
@@ -41,4 +42,9 @@ def readyz(gateway: GatewayDep, response: Response) -> Health:
 def metrics(gateway: GatewayDep, session: SessionDep) -> Response:
     for status, count in repository.deletion_counts(session=session).items():
         gateway.metrics.deletions.labels(status=status).set(count)
+    if gateway.serving is not None:
+        deadline, metrics = gateway.serving.deadline, gateway.metrics
+        metrics.forget_waited.set(deadline.waited_s() or 0.0)
+        metrics.forget_overdue.set(deadline.overdue())
+        metrics.forget_stance.set(STANCE_LEVEL[deadline.stance()])
     return Response(generate_latest(gateway.metrics.registry), media_type=CONTENT_TYPE_LATEST)
