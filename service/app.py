@@ -22,6 +22,7 @@ from service.recommender import Recommender
 from service.routes import admin, deletions, health, recommend
 from service.serving import EventListener, LedgerPoller, RunInfo, Serving
 from service.settings import ServiceSettings, get_service_settings
+from service.timeout import RequestTimeout
 from worker import queue
 
 log = logging.getLogger(__name__)
@@ -102,4 +103,6 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
             time.perf_counter() - started)
         return response
 
+    app.add_middleware(RequestTimeout, timeout_s=settings.request_timeout_s,
+                       exempt=("/healthz",))
     return app

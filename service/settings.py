@@ -33,6 +33,9 @@ class ServiceSettings(CoreSettings):
     forget_shed_at: Annotated[float, Field(ge=0)] = 0.75
     forget_yield_ratio: Annotated[float, Field(ge=0)] = 1.0
     shed_retry_after_s: Annotated[int, Field(ge=1)] = 5
+    # Every request answers within this (503 + Retry-After past it: service/timeout.py); 0 turns it off.
+    # Above the slowest /recommend the model should serve (a 20-candidate request on 2 CPU cores: ~12 s).
+    request_timeout_s: Annotated[float, Field(ge=0)] = 120.0
 
 
     def attention_grid(self) -> aggregation.AttentionGrid:

@@ -155,6 +155,9 @@ def test_the_reconciler_fails_a_dead_workers_job_frees_its_lock_and_requeues_the
     """A worker SIGKILLed mid-retrain leaves its job in RQ's started registry and holds the shard lock:
     judged by the job's own worker (no heartbeat), the job fails, the lock and temp dir go, and the
     shard (dirty in the ledger) is enqueued and retrained: one new version."""
+    import os
+    import time
+
     from rq.job import JobStatus
     from rq.registry import FailedJobRegistry, StartedJobRegistry
 
@@ -173,6 +176,7 @@ def test_the_reconciler_fails_a_dead_workers_job_frees_its_lock_and_requeues_the
     redis.set(names.lock(0), lock_token("dead-worker"), ex=600)
     tmp = artifacts.shard_dir(env["run_dir"], 0) / ".tmp-killed"
     tmp.mkdir()
+    os.utime(tmp, (time.time() - 20, time.time() - 20))  # a minute-old temp dir would wait 10 min unlocked
     alive = Heartbeat(redis, prefix, "live-worker", ttl_s=30)
     alive.beat()
     redis.set(names.lock(1), lock_token("live-worker"), ex=600)  # a live worker's lock stays

@@ -21,6 +21,8 @@ from worker.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
 
+UNLOCKED_TEMP_AGE_S = 10.0
+
 
 def reconcile(settings: WorkerSettings, redis: Any) -> dict[str, Any]:
     orphans = recover_orphans(redis, settings.redis_prefix)  # first: frees the locks dead workers held
@@ -40,11 +42,12 @@ def reconcile(settings: WorkerSettings, redis: Any) -> dict[str, Any]:
     cleaned = 0
     if run_dir is not None and run_dir.is_dir():
         cleaned = artifacts.clean_temp_dirs(run_dir)
-        lock_prefix = names.lock("")
-        for lock in orphans["freed_locks"]:  # its dead owner was the shard's only writer: any age goes
-            shard = lock.removeprefix(lock_prefix)
-            if shard.isdigit():
-                cleaned += artifacts.clean_temp_dirs(artifacts.shard_dir(run_dir, int(shard)), older_than_s=0)
+        for shard_dir in run_dir.glob("adapters/shard-*"):
+            # Only the holder of a shard's lock writes its versions: with no lock, a temp folder is a dead
+            # writer's (one a new holder made since the check above is seconds old and stays).
+            shard = shard_dir.name.removeprefix("shard-")
+            if shard.isdigit() and not redis.exists(names.lock(int(shard))):
+                cleaned += artifacts.clean_temp_dirs(shard_dir, older_than_s=UNLOCKED_TEMP_AGE_S)
     if enqueued or purges or cleaned or orphans["failed_jobs"] or orphans["freed_locks"]:
         log.info("reconciled: enqueued shards %s, %d purge(s) pending, %d temp dir(s) removed, orphans %s",
                  enqueued, len(purges), cleaned, orphans)

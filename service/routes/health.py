@@ -11,8 +11,8 @@ router = APIRouter(tags=["health"])
 
 
 @router.get("/healthz", response_model=Health)
-def healthz() -> Health:
-    """The process is up."""
+async def healthz() -> Health:
+    """The process is up. On the event loop: never waits for the thread pool, the ledger or the model."""
     return Health(status="ok")
 
 
