@@ -61,6 +61,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", type=Path, required=True, help="trained run folder (copied; the copy is served)")
     parser.add_argument("--base-model", type=Path, help="base model folder (default: APA_BASE_MODEL_PATH / assets)")
+    parser.add_argument("--home", type=Path, help="APA_HOME holding the run's dataset (default: APA_HOME / var)")
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--candidates", type=int, default=3)
@@ -74,11 +75,13 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="apa-load-"))
     run = work / "served"
     shutil.copytree(args.run, run, ignore=shutil.ignore_patterns("*.db", "*.db-*", "logs"))
-    env = {**os.environ, "APA_DATABASE_URL": f"sqlite:///{work / 'ledger.db'}", "APA_HOME": str(work),
+    env = {**os.environ, "APA_DATABASE_URL": f"sqlite:///{work / 'ledger.db'}",
            "APA_ADMIN_TOKEN": secrets.token_urlsafe(16), "APA_HMAC_KEY": secrets.token_hex(32),
            "APA_REDIS_PREFIX": os.environ.get("APA_REDIS_PREFIX", f"apa-load-{secrets.token_hex(4)}:")}
     if args.base_model:
         env["APA_BASE_MODEL_PATH"] = str(args.base_model)
+    if args.home:
+        env["APA_HOME"] = str(args.home)
     subprocess.run([sys.executable, "-m", "apa.cli", "ledger", "import", str(run)], env=env, check=True)
     logs = [open(work / name, "w") for name in ("gateway.log", "worker.log")]  # noqa: SIM115
     procs = [subprocess.Popen([sys.executable, "-m", "apa.cli", "serve", "--port", str(args.port)], env=env,

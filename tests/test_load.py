@@ -22,7 +22,8 @@ def test_load_quick_during_a_deletion(tiny_run_template: Path, tiny_model_dir: P
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
            "APA_REDIS_URL": REDIS_URL, "APA_REDIS_PREFIX": redis_prefix, "APA_NICE": "0", "OMP_NUM_THREADS": "1"}
     subprocess.run([sys.executable, "-m", "bench.load", "--run", str(tiny_run_template / "runs" / "tiny"),
-                    "--base-model", str(tiny_model_dir), "--quick", "--port", str(free_port()), "--timeout", "300",
+                    "--base-model", str(tiny_model_dir), "--home", str(tiny_run_template), "--quick",
+                    "--port", str(free_port()), "--timeout", "300",
                     "--out", str(out)], env=env, cwd=ROOT, check=True, timeout=900, stdout=subprocess.DEVNULL)
     report = json.loads(out.read_text())
     assert report["requests"] == 200 and report["concurrency"] == 8
