@@ -25,6 +25,9 @@ class CoreSettings(BaseSettings):
     redis_url: str = "redis://127.0.0.1:6379/0"
     redis_prefix: str = "apa:"  # every queue name, lock and channel starts with it
     retrain_timeout_s: int = 6 * 3600  # RQ job timeout: above the longest retrain
+    # A deletion must complete (its retrained shards serving) within this many seconds of its request;
+    # the gateway yields and then sheds /recommend to keep it so (service/deadline.py).
+    forget_deadline_s: float = 3600.0
 
     @property
     def assets_dir(self) -> Path:

@@ -23,6 +23,7 @@ from service.recommender import Recommender
 from service.routes import admin, deletions, health, recommend
 from service.serving import EventListener, LedgerPoller, RunInfo, Serving
 from service.settings import ServiceSettings, get_service_settings
+from service.timeout import RequestTimeout
 from worker import queue
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,8 @@ def _start(gateway: Gateway) -> None:
     def observe_completed(seconds: list[float]) -> None:
         for value in seconds:
             gateway.metrics.time_to_forget.observe(value)
+            if value > settings.forget_deadline_s:
+                gateway.metrics.completed_overdue.inc()
 
     serving.on_completed = observe_completed
     serving.sync()
@@ -87,6 +90,7 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
         raise ConfigError("set APA_ADMIN_TOKEN: DELETE and /admin/* need it")
     app = FastAPI(title="APA-Rec", version=__version__, description=DESCRIPTION, lifespan=lifespan)
     app.state.gateway = Gateway(settings=settings, sessions=session_factory(settings.ledger_url), metrics=Metrics())
+    app.state.gateway.metrics.forget_deadline.set(settings.forget_deadline_s)
     errors.install(app)
     for module in (recommend, deletions, admin, health):
         app.include_router(module.router)
@@ -100,4 +104,6 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
             time.perf_counter() - started)
         return response
 
+    app.add_middleware(RequestTimeout, timeout_s=settings.request_timeout_s,
+                       exempt=("/healthz",))
     return app

@@ -2,6 +2,7 @@
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import OperationalError
 
 from apa.errors import (
     APAError,
@@ -12,6 +13,7 @@ from apa.errors import (
     ShardNotFound,
     UserNotFound,
 )
+from service.deadline import LoadShed
 
 STATUS: dict[type[APAError], int] = {
     UserNotFound: 404,
@@ -33,6 +35,20 @@ def _handler(status: int):  # type: ignore[no-untyped-def]
     return handle
 
 
+async def _shed(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, LoadShed)
+    return JSONResponse(status_code=503, content={"detail": str(exc)},
+                        headers={"Retry-After": str(exc.retry_after_s)})
+
+
+async def _ledger_down(_request: Request, exc: Exception) -> JSONResponse:
+    """The ledger refused or dropped the connection: the service is unavailable, the input was fine."""
+    return JSONResponse(status_code=503, content={"detail": "the ledger is unavailable; try again"},
+                        headers={"Retry-After": "5"})
+
+
 def install(app: FastAPI) -> None:
     for error, status in STATUS.items():
         app.add_exception_handler(error, _handler(status))
+    app.add_exception_handler(LoadShed, _shed)
+    app.add_exception_handler(OperationalError, _ledger_down)

@@ -23,5 +23,18 @@ class Metrics:
                                      registry=self.registry)
         self.prefix_cache = Gauge("apa_prefix_cache", "Prefix cache across requests: hits and misses since "
                                   "start, entries, bytes, capacity_bytes", ["stat"], registry=self.registry)
+        self.shed = Counter("apa_recommend_shed_total", "/recommend answered 503: a deletion's retrain is owed "
+                            "the machine (service/deadline.py)", registry=self.registry)
+        self.forget_deadline = Gauge("apa_forget_deadline_seconds", "APA_FORGET_DEADLINE_S", registry=self.registry)
+        self.forget_waited = Gauge("apa_forget_oldest_open_seconds",
+                                   "How long the oldest open deletion has waited (0: none open)",
+                                   registry=self.registry)
+        self.forget_overdue = Gauge("apa_forget_overdue", "Open deletions past APA_FORGET_DEADLINE_S (alert on > 0)",
+                                    registry=self.registry)
+        self.forget_stance = Gauge("apa_forget_stance", "Serving's stance toward owed retrains: 0 normal, "
+                                   "1 yielding the model thread, 2 shedding /recommend", registry=self.registry)
+        self.completed_overdue = Counter("apa_deletions_completed_overdue_total",
+                                         "Deletions this replica saw complete after APA_FORGET_DEADLINE_S",
+                                         registry=self.registry)
         self.batches = Counter("apa_forward_batches_total", "Micro-batches run on the model thread", ["kind"],
                                registry=self.registry)

@@ -4,6 +4,7 @@ Ledger reads run in a worker thread; the history embedding and the candidates' s
 micro-batchers onto the single model thread, so concurrent requests share forwards.
 """
 
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -17,6 +18,7 @@ from apa.errors import AllShardsQuarantined, ItemsNotFound
 from apa.ledger import repository
 from apa.samples import recent_history
 from service.batching import MicroBatcher
+from service.deadline import LoadShed
 from service.metrics import Metrics
 from service.schemas import AdapterWeight, ItemScore, RecommendRequest, RecommendResponse
 from service.serving import Serving
@@ -57,12 +59,22 @@ class Recommender:
     # -- on the model thread ------------------------------------------------------------------
     def _embed(self, texts: list[str]) -> list[np.ndarray]:
         self.metrics.batches.labels(kind="embed").inc()
-        return list(embed(self.serving.base, texts, batch_size=self.settings.score_batch_size))
+        started = time.perf_counter()
+        out = list(embed(self.serving.base, texts, batch_size=self.settings.score_batch_size))
+        self.serving.deadline.pause_after(time.perf_counter() - started)  # yields to an owed retrain
+        return out
 
     def _score(self, items: list[tuple[str, str, np.ndarray]]) -> list[float]:
         """(user, prompt, weights [K]) -> p(yes). With prefix sharing, each user's prompts are scored
         together on their common prefix; otherwise every prompt is one full forward."""
         self.metrics.batches.labels(kind="score").inc()
+        started = time.perf_counter()
+        try:
+            return self._score_items(items)
+        finally:
+            self.serving.deadline.pause_after(time.perf_counter() - started)  # yields to an owed retrain
+
+    def _score_items(self, items: list[tuple[str, str, np.ndarray]]) -> list[float]:
         engine, mode, batch_size = self.serving.engine, self.settings.mode, self.settings.score_batch_size
         if not self.settings.prefix_sharing:
             weights = np.stack([w for _, _, w in items])  # [n, K]
@@ -113,6 +125,10 @@ class Recommender:
         return embedding
 
     async def recommend(self, request: RecommendRequest) -> RecommendResponse:
+        deadline = self.serving.deadline
+        if deadline.stance() == "shed":
+            self.metrics.shed.inc()
+            raise LoadShed(self.settings.shed_retry_after_s, deadline.waited_s() or 0.0)
         epoch = self.serving.histories.epoch  # before the history is read
         query = await run_in_threadpool(self.prepare, request)
         active = self.serving.active()

@@ -90,6 +90,7 @@ class DeletionRequestPublic(BaseModel):
     completed_at: datetime | None
     certificate: Certificate | None
     error: str | None = None
+    overdue: bool = Field(False, description="It took (or has taken so far) longer than APA_FORGET_DEADLINE_S")
 
 
 class ShardStatus(BaseModel):
@@ -128,12 +129,22 @@ class AttentionStatus(BaseModel):
     validation_samples: int = Field(description="Live validation samples the per-user weights attend over")
 
 
+class ForgetStatus(BaseModel):
+    deadline_s: float = Field(description="APA_FORGET_DEADLINE_S: a deletion completes within it")
+    oldest_open_s: float | None = Field(description="How long the oldest open deletion has waited (this replica's "
+                                                    "last ledger sync); null when none is open")
+    overdue: int = Field(description="Open deletions past the deadline (alert on > 0)")
+    stance: Literal["normal", "yield", "shed"] = Field(
+        description="normal; yield: the model thread sleeps between batches; shed: /recommend answers 503")
+
+
 class AdminStatus(BaseModel):
     shards: list[ShardStatus]
     queue: QueueStatus
     deletions: dict[str, int]
     model: ModelInfo
     attention: AttentionStatus
+    forget: ForgetStatus | None = None
 
 
 class RetrainAccepted(BaseModel):

@@ -31,6 +31,7 @@ from apa.ledger.models import SERVING, utcnow
 from apa.ledger.repository import as_utc
 from apa.model import BaseModel
 from apa.runs import RunConfig, memory_path
+from service.deadline import Deadline, Policy
 from service.history_cache import HistoryCache
 from service.settings import ServiceSettings
 
@@ -69,6 +70,8 @@ class Serving:
         self._pending: Counter[int] = Counter()
         self.on_completed: Callable[[list[float]], None] = lambda seconds: None  # DELETE -> completed, s
         self._completed_seen: datetime = utcnow()
+        self.deadline = Deadline(Policy(deadline_s=settings.forget_deadline_s, yield_at=settings.forget_yield_at,
+                                        shed_at=settings.forget_shed_at, yield_ratio=settings.forget_yield_ratio))
 
     # -- keeping in line with the ledger ------------------------------------------------------
     def sync(self) -> None:
@@ -81,6 +84,8 @@ class Serving:
                 finished = repository.completed_since(session=session, since=self._completed_seen)
                 completed = [(as_utc(r.created_at), as_utc(r.completed_at)) for r in finished]
                 subjects = {r.subject_hmac for r in finished}
+                open_created = repository.open_deletions_created(session=session)
+            self.deadline.update(open_created)
             if any(v.path is None for v in views):
                 raise LedgerError(f"shards without a serving version: {[v.shard for v in views if v.path is None]}")
             refs = [AdapterRef(shard=v.shard, version=v.version or 0, path=v.path) for v in views if v.path]

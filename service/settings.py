@@ -32,6 +32,16 @@ class ServiceSettings(CoreSettings):
     # Recent users' prefixes (keys and values) kept across requests, least recently used dropped first;
     # about 46 KiB per prefix token with SmolLM2-135M in fp32 (~9 MiB per user). 0: off.
     prefix_cache_mb: Annotated[float, Field(ge=0)] = 256.0
+    # The time-to-forget policy (service/deadline.py), as fractions of APA_FORGET_DEADLINE_S that the
+    # oldest open deletion has waited: from yield_at the model thread sleeps yield_ratio x each batch's
+    # time after it; from shed_at /recommend answers 503 + Retry-After until the retrain is live.
+    forget_yield_at: Annotated[float, Field(ge=0)] = 0.25
+    forget_shed_at: Annotated[float, Field(ge=0)] = 0.75
+    forget_yield_ratio: Annotated[float, Field(ge=0)] = 1.0
+    shed_retry_after_s: Annotated[int, Field(ge=1)] = 5
+    # Every request answers within this (503 + Retry-After past it: service/timeout.py); 0 turns it off.
+    # Above the slowest /recommend the model should serve (a 20-candidate request on 2 CPU cores: ~12 s).
+    request_timeout_s: Annotated[float, Field(ge=0)] = 120.0
 
 
     def attention_grid(self) -> aggregation.AttentionGrid:

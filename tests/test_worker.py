@@ -12,6 +12,7 @@ from apa.ledger import repository
 from apa.ledger.db import session_scope
 from apa.ledger.models import Sample
 from tests.conftest import ADMIN_TOKEN, load_tiny, record_run, service_settings
+from tests.test_service_flow import wait_for
 from worker import queue
 from worker.reconciler import reconcile
 from worker.settings import WorkerSettings
@@ -127,3 +128,72 @@ def test_the_shard_lock_outlives_its_ttl_while_held(env: dict) -> None:
         with held_lock(env["redis"], name, 1) as second:
             assert not second
     assert not env["redis"].exists(name)
+
+
+def test_worker_liveness_follows_the_heartbeat_not_rq(env: dict) -> None:
+    """Counted while it beats, again after its key is wiped (a flush), gone once it stops beating."""
+    from worker.liveness import Heartbeat
+
+    redis, prefix = env["redis"], env["settings"].redis_prefix
+    heartbeat = Heartbeat(redis, prefix, "w1", ttl_s=0.6)
+    heartbeat.beat()
+    heartbeat.start()
+    try:
+        assert queue.queue_status(redis, prefix)["workers"] == 1
+        assert env["client"].get("/admin/status", headers=AUTH).json()["queue"]["workers"] == 1
+        redis.delete(queue.Names(prefix).heartbeat("w1"))  # what a FLUSHDB does to it
+        assert queue.live_workers(redis, prefix) == set()
+        wait_for(lambda: queue.live_workers(redis, prefix) == {"w1"}, timeout_s=2.0)
+    finally:
+        heartbeat.stopped.set()  # a SIGKILL: no goodbye, the key just expires
+        heartbeat.join()
+    wait_for(lambda: queue.live_workers(redis, prefix) == set(), timeout_s=2.0)
+    assert env["client"].get("/admin/status", headers=AUTH).json()["queue"]["workers"] == 0
+
+
+def test_the_reconciler_fails_a_dead_workers_job_frees_its_lock_and_requeues_the_shard(env: dict) -> None:
+    """A worker SIGKILLed mid-retrain leaves its job in RQ's started registry and holds the shard lock:
+    judged by the job's own worker (no heartbeat), the job fails, the lock and temp dir go, and the
+    shard (dirty in the ledger) is enqueued and retrained: one new version."""
+    import os
+    import time
+
+    from rq.job import JobStatus
+    from rq.registry import FailedJobRegistry, StartedJobRegistry
+
+    from worker.liveness import Heartbeat, lock_token
+
+    redis, prefix, settings = env["redis"], env["settings"].redis_prefix, env["settings"]
+    names = queue.Names(prefix)
+    request = delete_user_of_shard(env, 0)
+    q = queue.queue(redis, prefix)
+    job = q.jobs[0]
+    q.remove(job)  # "dequeued" by the worker about to die
+    dead = SimpleWorker([q], connection=redis, name="dead-worker")
+    dead.prepare_execution(job)
+    dead.prepare_job_execution(job)
+    queue.clear_queued(redis, prefix, 0)  # the job had started: it cleared its marker
+    redis.set(names.lock(0), lock_token("dead-worker"), ex=600)
+    tmp = artifacts.shard_dir(env["run_dir"], 0) / ".tmp-killed"
+    tmp.mkdir()
+    os.utime(tmp, (time.time() - 20, time.time() - 20))  # a minute-old temp dir would wait 10 min unlocked
+    alive = Heartbeat(redis, prefix, "live-worker", ttl_s=30)
+    alive.beat()
+    redis.set(names.lock(1), lock_token("live-worker"), ex=600)  # a live worker's lock stays
+    started = StartedJobRegistry(queue=q)
+    assert job.id in started.get_job_ids(cleanup=False)
+
+    result = reconcile(settings, redis)
+    assert result["failed_jobs"] == [job.id]
+    assert result["freed_locks"] == [names.lock(0)]
+    assert 0 in result["enqueued"] and not tmp.exists()
+    assert redis.exists(names.lock(1))
+    assert job.id not in started.get_job_ids(cleanup=False)
+    assert job.id in FailedJobRegistry(queue=q).get_job_ids()
+    assert job.get_status(refresh=True) == JobStatus.FAILED
+    redis.delete(names.lock(1))
+    work(env)
+    assert env["client"].get(f"/deletions/{request['request_id']}").json()["status"] == "completed"
+    assert artifacts.versions(artifacts.shard_dir(env["run_dir"], 0)) in ([2], [1, 2])
+    assert shard_state(env, 0).version == 2
+    assert reconcile(settings, redis)["failed_jobs"] == []

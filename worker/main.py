@@ -8,6 +8,7 @@ from rq import SimpleWorker
 from apa.ledger.db import require_current
 from apa.model import load_base_model
 from worker import queue
+from worker.liveness import Heartbeat, worker_name
 from worker.reconciler import Reconciler, reconcile
 from worker.settings import WorkerSettings
 from worker.tasks import WorkerContext, set_context
@@ -22,15 +23,20 @@ def run(settings: WorkerSettings, *, burst: bool = False) -> None:
     redis = queue.connect(settings.redis_url)
     redis.ping()
     log.info("loading base model from %s", settings.base_model_dir)
-    set_context(WorkerContext(settings=settings, redis=redis,
+    name = worker_name()
+    set_context(WorkerContext(settings=settings, redis=redis, name=name,
                               base=load_base_model(settings.base_model_dir, device=settings.device)))
-    reconcile(settings, redis)
+    heartbeat = Heartbeat(redis, settings.redis_prefix, name, settings.heartbeat_ttl_s)
+    heartbeat.beat()  # alive before the first reconcile judges the others
+    heartbeat.start()
     reconciler = Reconciler(settings, redis)
-    if not burst:
-        reconciler.start()
     try:
-        SimpleWorker([queue.queue(redis, settings.redis_prefix)], connection=redis).work(
+        reconcile(settings, redis)
+        if not burst:
+            reconciler.start()
+        SimpleWorker([queue.queue(redis, settings.redis_prefix)], connection=redis, name=name).work(
             burst=burst, logging_level="INFO")
     finally:
         reconciler.stop()
+        heartbeat.stop()
         set_context(None)

@@ -12,7 +12,7 @@ import logging
 from typing import Any
 
 from redis import Redis
-from rq import Queue, Worker
+from rq import Queue
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +38,10 @@ class Names:
 
     def lock(self, shard: int | str) -> str:
         return f"{self.prefix}retrain:lock:{shard}"
+
+    def heartbeat(self, worker: str) -> str:
+        """A live worker's key (``worker.liveness``); ``*`` gives the pattern of all of them."""
+        return f"{self.prefix}worker:{worker}"
 
 
 def connect(url: str) -> Redis:
@@ -75,6 +79,13 @@ def publish(redis: Redis, prefix: str, event: dict[str, Any]) -> None:
     redis.publish(Names(prefix).events, json.dumps(event))
 
 
+def live_workers(redis: Redis, prefix: str) -> set[str]:
+    """Names of the workers whose heartbeat key exists (``worker.liveness``), not RQ's registrations."""
+    pattern = Names(prefix).heartbeat("*")
+    start = len(pattern) - 1
+    return {(key.decode() if isinstance(key, bytes) else key)[start:]
+            for key in redis.scan_iter(match=pattern, count=500)}
+
+
 def queue_status(redis: Redis, prefix: str) -> dict[str, int]:
-    q = queue(redis, prefix)
-    return {"depth": q.count, "workers": len(Worker.all(queue=q))}
+    return {"depth": queue(redis, prefix).count, "workers": len(live_workers(redis, prefix))}

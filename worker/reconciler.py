@@ -1,7 +1,9 @@
 """The ledger is the truth, the queue a wake-up call: enqueue every dirty shard, purge, clean up.
 
 Runs at worker start and every ``APA_RECONCILE_INTERVAL_S`` seconds, so a lost Redis message or a
-killed worker loses nothing. Failed shards wait for ``POST /admin/shards/{k}/retrain``.
+killed worker loses nothing: a started job whose worker has no heartbeat is failed, the shard lock it
+held is freed, and its shard (still dirty in the ledger) is enqueued again.
+Failed shards wait for ``POST /admin/shards/{k}/retrain``.
 """
 
 import logging
@@ -14,12 +16,16 @@ from apa.errors import LedgerError
 from apa.ledger import repository
 from apa.ledger.db import session_scope
 from worker import queue
+from worker.liveness import recover_orphans
 from worker.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
 
+UNLOCKED_TEMP_AGE_S = 10.0
+
 
 def reconcile(settings: WorkerSettings, redis: Any) -> dict[str, Any]:
+    orphans = recover_orphans(redis, settings.redis_prefix)  # first: frees the locks dead workers held
     with session_scope(settings.ledger_url) as session:
         try:
             run_dir: Path | None = Path(repository.get_run(session=session).path)
@@ -33,11 +39,19 @@ def reconcile(settings: WorkerSettings, redis: Any) -> dict[str, Any]:
                 and queue.enqueue_retrain(redis, settings.redis_prefix, k, timeout_s=settings.retrain_timeout_s)]
     if purges:
         queue.enqueue_purge(redis, settings.redis_prefix)
-    cleaned = artifacts.clean_temp_dirs(run_dir) if run_dir is not None and run_dir.is_dir() else 0
-    if enqueued or purges or cleaned:
-        log.info("reconciled: enqueued shards %s, %d purge(s) pending, %d temp dir(s) removed",
-                 enqueued, len(purges), cleaned)
-    return {"dirty": dirty, "enqueued": enqueued, "purges": len(purges), "temp_dirs_removed": cleaned}
+    cleaned = 0
+    if run_dir is not None and run_dir.is_dir():
+        cleaned = artifacts.clean_temp_dirs(run_dir)
+        for shard_dir in run_dir.glob("adapters/shard-*"):
+            # Only the holder of a shard's lock writes its versions: with no lock, a temp folder is a dead
+            # writer's (one a new holder made since the check above is seconds old and stays).
+            shard = shard_dir.name.removeprefix("shard-")
+            if shard.isdigit() and not redis.exists(names.lock(int(shard))):
+                cleaned += artifacts.clean_temp_dirs(shard_dir, older_than_s=UNLOCKED_TEMP_AGE_S)
+    if enqueued or purges or cleaned or orphans["failed_jobs"] or orphans["freed_locks"]:
+        log.info("reconciled: enqueued shards %s, %d purge(s) pending, %d temp dir(s) removed, orphans %s",
+                 enqueued, len(purges), cleaned, orphans)
+    return {"dirty": dirty, "enqueued": enqueued, "purges": len(purges), "temp_dirs_removed": cleaned, **orphans}
 
 
 class Reconciler(threading.Thread):

@@ -29,6 +29,7 @@ from apa.purge import purge_run_files
 from apa.record import version_record
 from apa.runs import read_run, train_version
 from worker import queue
+from worker.liveness import lock_token
 from worker.settings import WorkerSettings, get_worker_settings
 
 log = logging.getLogger(__name__)
@@ -41,6 +42,7 @@ class WorkerContext:
     settings: WorkerSettings
     base: BaseModel
     redis: Redis
+    name: str = ""  # the RQ worker's name; its heartbeat tells the reconciler whether it lives
 
 
 _context: WorkerContext | None = None
@@ -62,10 +64,14 @@ def get_context() -> WorkerContext:
 
 
 @contextmanager
-def held_lock(redis: Redis, name: str, ttl_s: int) -> Iterator[bool]:
-    """A Redis lock kept alive by a heartbeat while held; yields whether it was acquired."""
+def held_lock(redis: Redis, name: str, ttl_s: int, owner: str = "") -> Iterator[bool]:
+    """A Redis lock kept alive by a heartbeat while held; yields whether it was acquired.
+
+    Its token names ``owner`` (a worker), so the reconciler frees it as soon as that worker's
+    heartbeat is gone instead of waiting out ``ttl_s``.
+    """
     lock = Lock(redis, name, timeout=ttl_s, blocking=False, thread_local=False)  # the heartbeat thread extends it
-    if not lock.acquire():
+    if not lock.acquire(token=lock_token(owner)):
         yield False
         return
     stop = threading.Event()
@@ -95,7 +101,7 @@ def retrain_shard(shard: int) -> dict[str, Any]:
     settings = ctx.settings
     names = queue.Names(settings.redis_prefix)
     result: dict[str, Any]
-    with held_lock(ctx.redis, names.lock(shard), settings.lock_ttl_s) as held:
+    with held_lock(ctx.redis, names.lock(shard), settings.lock_ttl_s, ctx.name) as held:
         if not held:
             log.info("shard %d is being retrained by another worker; it re-enqueues if still dirty", shard)
             return {"shard": shard, "status": "busy"}
@@ -181,7 +187,8 @@ def purge_completed() -> dict[str, Any]:
     ctx = get_context()
     settings = ctx.settings
     purged = []
-    with held_lock(ctx.redis, queue.Names(settings.redis_prefix).lock("purge"), settings.lock_ttl_s) as held:
+    with held_lock(ctx.redis, queue.Names(settings.redis_prefix).lock("purge"), settings.lock_ttl_s,
+                   ctx.name) as held:
         if not held:
             return {"status": "busy"}
         with session_scope(settings.ledger_url) as session:

@@ -43,7 +43,8 @@ def get_engine(url: str) -> Engine:
         # (gateway and worker) wait for each other instead of failing with "database is locked".
         event.listen(engine, "begin", lambda connection: connection.exec_driver_sql("BEGIN IMMEDIATE"))
         return engine
-    return create_engine(url, pool_pre_ping=True)
+    # connect_timeout: a server that accepts but never answers fails the connection instead of hanging it
+    return create_engine(url, pool_pre_ping=True, pool_timeout=10, connect_args={"connect_timeout": 5})
 
 
 def session_factory(url: str) -> sessionmaker[Session]:

@@ -581,6 +581,17 @@ def status_history(*, session: Session, request_id: str) -> list[DeletionEvent]:
                                 .order_by(DeletionEvent.id)))
 
 
+def open_deletions_created(*, session: Session) -> list[datetime]:
+    """When each deletion still waiting for its retrain (quarantined or retraining) was made, oldest first.
+
+    Failed requests are not in it: they wait for an admin's retry, which no serving policy can hasten.
+    """
+    rows = session.scalars(select(DeletionRequest.created_at)
+                           .where(DeletionRequest.status.in_([QUARANTINED, RETRAINING]))
+                           .order_by(DeletionRequest.created_at))
+    return [created for created in (as_utc(row) for row in rows) if created is not None]
+
+
 def completed_since(*, session: Session, since: datetime) -> list[DeletionRequest]:
     return list(session.scalars(select(DeletionRequest).where(DeletionRequest.completed_at > since)))
 

@@ -8,11 +8,13 @@ from service.schemas import (
     AdminStatus,
     AttentionSetting,
     AttentionStatus,
+    ForgetStatus,
     ModelInfo,
     QueueStatus,
     RetrainAccepted,
     ShardStatus,
 )
+from service.serving import Serving
 from worker import queue
 
 log = logging.getLogger(__name__)
@@ -42,7 +44,16 @@ def status(_: AdminDep, session: SessionDep, gateway: GatewayDep, serving: Servi
                            in_use=AttentionSetting(**attention.setting.as_dict()) if attention else None,
                            loo_valid_auc=round(attention.choice.valid_auc, 4) if attention and attention.choice
                            else None,
-                           validation_samples=len(attention.memory.sample_ids) if attention else 0))
+                           validation_samples=len(attention.memory.sample_ids) if attention else 0),
+                       forget=forget_status(serving))
+
+
+def forget_status(serving: Serving) -> ForgetStatus:
+    deadline = serving.deadline
+    waited = deadline.waited_s()
+    return ForgetStatus(deadline_s=deadline.policy.deadline_s,
+                        oldest_open_s=None if waited is None else round(waited, 3),
+                        overdue=deadline.overdue(), stance=deadline.stance())
 
 
 @router.post("/shards/{shard}/retrain", status_code=202, response_model=RetrainAccepted,

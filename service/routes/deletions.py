@@ -6,6 +6,7 @@ from fastapi import APIRouter, Header, Query, Response
 
 from apa.ledger import repository
 from apa.ledger.models import DeletionRequest
+from service.deadline import Policy
 from service.deps import AdminDep, GatewayDep, ServingDep, SessionDep
 from service.schemas import DeletionAccepted, DeletionRequestPublic
 from worker import queue
@@ -14,11 +15,12 @@ log = logging.getLogger(__name__)
 router = APIRouter(tags=["deletions"])
 
 
-def _public(request: DeletionRequest) -> DeletionRequestPublic:
+def _public(request: DeletionRequest, policy: Policy) -> DeletionRequestPublic:
+    created, completed = repository.as_utc(request.created_at), repository.as_utc(request.completed_at)
     return DeletionRequestPublic.model_validate({
         "request_id": request.id, "status": request.status, "affected_shards": request.affected_shards,
-        "created_at": repository.as_utc(request.created_at), "completed_at": repository.as_utc(request.completed_at),
-        "certificate": request.certificate, "error": request.error,
+        "created_at": created, "completed_at": completed, "certificate": request.certificate, "error": request.error,
+        "overdue": created is not None and policy.overdue(created, completed),
     })
 
 
@@ -73,6 +75,7 @@ def _wake_worker(gateway: GatewayDep, request: DeletionRequest, user_id: str) ->
 
 @router.get("/deletions/{request_id}", response_model=DeletionRequestPublic,
             responses={404: {"description": "No such request"}})
-def get_deletion(request_id: str, session: SessionDep) -> DeletionRequestPublic:
-    """A deletion request's status and, once completed, its certificate."""
-    return _public(repository.get_deletion(session=session, request_id=request_id))
+def get_deletion(request_id: str, session: SessionDep, gateway: GatewayDep) -> DeletionRequestPublic:
+    """A deletion request's status and, once completed, its certificate; ``overdue`` past APA_FORGET_DEADLINE_S."""
+    return _public(repository.get_deletion(session=session, request_id=request_id),
+                   Policy(deadline_s=gateway.settings.forget_deadline_s))

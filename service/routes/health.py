@@ -5,6 +5,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
 
 from apa.ledger import repository
+from service.deadline import STANCE_LEVEL
 from service.deps import GatewayDep, SessionDep
 from service.schemas import Health
 
@@ -12,8 +13,8 @@ router = APIRouter(tags=["health"])
 
 
 @router.get("/healthz", response_model=Health)
-def healthz() -> Health:
-    """The process is up."""
+async def healthz() -> Health:
+    """The process is up. On the event loop: never waits for the thread pool, the ledger or the model."""
     return Health(status="ok")
 
 
@@ -46,4 +47,8 @@ def metrics(gateway: GatewayDep, session: SessionDep) -> Response:
     if gateway.serving is not None:
         for stat, value in asdict(gateway.serving.engine.prefixes.stats()).items():
             gateway.metrics.prefix_cache.labels(stat=stat).set(value)
+        deadline, metrics = gateway.serving.deadline, gateway.metrics
+        metrics.forget_waited.set(deadline.waited_s() or 0.0)
+        metrics.forget_overdue.set(deadline.overdue())
+        metrics.forget_stance.set(STANCE_LEVEL[deadline.stance()])
     return Response(generate_latest(gateway.metrics.registry), media_type=CONTENT_TYPE_LATEST)
