@@ -6,6 +6,7 @@ from fastapi.responses import JSONResponse
 from apa.errors import (
     APAError,
     DeletionNotFound,
+    IdempotencyConflict,
     ItemsNotFound,
     LedgerError,
     NothingToRetrain,
@@ -19,6 +20,7 @@ STATUS: dict[type[APAError], int] = {
     ShardNotFound: 404,
     ItemsNotFound: 422,
     NothingToRetrain: 409,
+    IdempotencyConflict: 409,
     LedgerError: 503,
 }
 
