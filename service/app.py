@@ -85,7 +85,8 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
     if settings.admin_token is None or not settings.admin_token.get_secret_value():
         raise ConfigError("set APA_ADMIN_TOKEN: DELETE and /admin/* need it")
     app = FastAPI(title="APA-Rec", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
-    app.state.gateway = Gateway(settings=settings, sessions=session_factory(settings.ledger_url), metrics=Metrics())
+    sessions = session_factory(settings.ledger_url, **settings.ledger_timeouts())
+    app.state.gateway = Gateway(settings=settings, sessions=sessions, metrics=Metrics())
     errors.install(app)
     for module in (recommend, deletions, admin, health):
         app.include_router(module.router)

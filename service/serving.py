@@ -74,7 +74,7 @@ class Serving:
         with self._sync_lock:
             with self._state_lock:
                 epoch = self._epoch
-            with session_scope(self.settings.ledger_url) as session:
+            with session_scope(self.settings.ledger_url, **self.settings.ledger_timeouts()) as session:
                 views = repository.shard_views(session=session)
                 valid_ids = frozenset(repository.live_sample_ids(session=session, split="valid"))
                 finished = repository.completed_since(session=session, since=self._completed_seen)

@@ -1,7 +1,7 @@
 """The gateway process's settings (environment ``APA_*``), built on demand."""
 
 from functools import lru_cache
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, SecretStr
 
@@ -26,7 +26,13 @@ class ServiceSettings(CoreSettings):
     max_batch_prompts: int = 128
     poll_interval_s: float = 2.0  # ledger poll, the fallback to pub/sub
     history_cache_size: int = 4096  # users whose history embedding is kept (0: recompute every request)
+    # The ledger: a refused or silent database answers 503 in bounded time instead of holding threads.
+    ledger_connect_timeout_s: Annotated[int, Field(ge=1)] = 5
+    ledger_statement_timeout_s: Annotated[float, Field(gt=0)] = 15.0  # PostgreSQL statements; SQLite's lock wait
 
+    def ledger_timeouts(self) -> dict[str, Any]:
+        return {"connect_timeout_s": self.ledger_connect_timeout_s,
+                "statement_timeout_s": self.ledger_statement_timeout_s}
 
     def attention_grid(self) -> aggregation.AttentionGrid:
         """The settings the gateway chooses its attention from (a fixed part is a grid of one)."""

@@ -1,10 +1,12 @@
 import logging
+from typing import Annotated
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Path
 
 from apa.ledger import repository
 from service.deps import AdminDep, GatewayDep, ServingDep, SessionDep
 from service.schemas import (
+    SHARD_MAX,
     AdminStatus,
     AttentionSetting,
     AttentionStatus,
@@ -47,7 +49,8 @@ def status(_: AdminDep, session: SessionDep, gateway: GatewayDep, serving: Servi
 
 @router.post("/shards/{shard}/retrain", status_code=202, response_model=RetrainAccepted,
              responses={404: {"description": "No such shard"}, 409: {"description": "Nothing to retrain"}})
-def retrain(shard: int, _: AdminDep, session: SessionDep, gateway: GatewayDep) -> RetrainAccepted:
+def retrain(shard: Annotated[int, Path(ge=0, le=SHARD_MAX)], _: AdminDep, session: SessionDep,
+            gateway: GatewayDep) -> RetrainAccepted:
     """Try a failed (or dirty) shard's retrain again."""
     repository.request_retrain(session=session, shard=shard)
     session.commit()

@@ -2,12 +2,12 @@ import logging
 import time
 from typing import Annotated
 
-from fastapi import APIRouter, Header, Query, Response
+from fastapi import APIRouter, Header, Path, Query, Response
 
 from apa.ledger import repository
 from apa.ledger.models import DeletionRequest
 from service.deps import AdminDep, GatewayDep, ServingDep, SessionDep
-from service.schemas import DeletionAccepted, DeletionRequestPublic
+from service.schemas import MAX_ITEMS, DeletionAccepted, DeletionRequestPublic, IdParam
 from worker import queue
 
 log = logging.getLogger(__name__)
@@ -26,9 +26,10 @@ def _public(request: DeletionRequest) -> DeletionRequestPublic:
                responses={401: {"description": "No bearer token"}, 403: {"description": "Wrong token"},
                           404: {"description": "The user has no live interactions (with those items)"}})
 def delete_interactions(
-    user_id: str, response: Response, session: SessionDep, token_hmac: AdminDep, gateway: GatewayDep,
-    serving: ServingDep,
-    item_id: Annotated[list[str] | None, Query(description="Only these items (repeat the parameter)")] = None,
+    user_id: Annotated[IdParam, Path()], response: Response, session: SessionDep, token_hmac: AdminDep,
+    gateway: GatewayDep, serving: ServingDep,
+    item_id: Annotated[list[IdParam] | None, Query(max_length=MAX_ITEMS,
+                                                   description="Only these items (repeat the parameter)")] = None,
     idempotency_key: Annotated[str | None, Header(max_length=256)] = None,
 ) -> DeletionAccepted:
     """Forget a user's interactions (all, or some items): quarantine at once, retrain in the background.
@@ -73,6 +74,6 @@ def _wake_worker(gateway: GatewayDep, request: DeletionRequest, user_id: str) ->
 
 @router.get("/deletions/{request_id}", response_model=DeletionRequestPublic,
             responses={404: {"description": "No such request"}})
-def get_deletion(request_id: str, session: SessionDep) -> DeletionRequestPublic:
+def get_deletion(request_id: Annotated[IdParam, Path()], session: SessionDep) -> DeletionRequestPublic:
     """A deletion request's status and, once completed, its certificate."""
     return _public(repository.get_deletion(session=session, request_id=request_id))
