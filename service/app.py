@@ -15,8 +15,9 @@ from apa.ledger import repository
 from apa.ledger.db import require_current, session_factory
 from apa.model import load_base_model
 from apa.runs import RunConfig
-from service import errors
+from service import errors, redaction
 from service.deps import Gateway
+from service.limits import BodyLimit, TokenBuckets
 from service.metrics import Metrics
 from service.recommender import Recommender
 from service.routes import admin, deletions, health, recommend
@@ -78,6 +79,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             thread.join(timeout=5)
         if gateway.redis is not None:
             gateway.redis.close()
+        gateway.probes.shutdown(wait=False, cancel_futures=True)
 
 
 def create_app(settings: ServiceSettings | None = None) -> FastAPI:
@@ -86,8 +88,10 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
         raise ConfigError("set APA_ADMIN_TOKEN: DELETE and /admin/* need it")
     app = FastAPI(title="APA-Rec", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
     sessions = session_factory(settings.ledger_url, **settings.ledger_timeouts())
-    app.state.gateway = Gateway(settings=settings, sessions=sessions, metrics=Metrics())
+    app.state.gateway = Gateway(settings=settings, sessions=sessions, metrics=Metrics(),
+                                rate=TokenBuckets(rate=settings.admin_rate_per_s, burst=settings.admin_burst))
     errors.install(app)
+    redaction.install()
     for module in (recommend, deletions, admin, health):
         app.include_router(module.router)
 
@@ -100,4 +104,5 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
             time.perf_counter() - started)
         return response
 
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)  # outermost: before anything reads the body
     return app

@@ -40,6 +40,12 @@ STATUS: dict[type[APAError], int] = {
 RETRY_AFTER_S = 5  # when the ledger is unreachable
 
 
+class Overloaded(Exception):
+    """Too much work waits already (the model queue is full): 503 with Retry-After, never a queue."""
+
+    retry_after_s = 2
+
+
 class SafeJSONResponse(JSONResponse):
     """Escapes non-ASCII, so a lone surrogate echoed from the request cannot break the encoding."""
 
@@ -63,6 +69,10 @@ def _handler(status: int):  # type: ignore[no-untyped-def]
 async def _invalid(_request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
     return error(422, jsonable_encoder(exc.errors()))
+
+
+async def _overloaded(_request: Request, exc: Exception) -> JSONResponse:
+    return error(503, str(exc), {"Retry-After": str(Overloaded.retry_after_s)})
 
 
 async def _ledger_unavailable(request: Request, exc: Exception) -> JSONResponse:
@@ -90,6 +100,7 @@ def install(app: FastAPI) -> None:
     for domain_error, status in STATUS.items():
         app.add_exception_handler(domain_error, _handler(status))
     app.add_exception_handler(RequestValidationError, _invalid)
+    app.add_exception_handler(Overloaded, _overloaded)
     for unavailable in (OperationalError, InterfaceError, PoolTimeout):
         app.add_exception_handler(unavailable, _ledger_unavailable)
     app.add_exception_handler(DBAPIError, _ledger_error)

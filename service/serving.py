@@ -161,8 +161,8 @@ class Serving:
         """A pub/sub event: apply a quarantine at once, then sync with the ledger."""
         if event.get("type") == "quarantine":
             self.quarantine([int(s) for s in event.get("shards", [])])
-            if event.get("user_id") is not None:
-                self.histories.forget(str(event["user_id"]))
+            if event.get("subject") is not None:  # the user's HMAC: events carry no user ids
+                self.histories.forget_subjects({str(event["subject"])}, self.settings.hmac_secret())
         self.sync()
 
     # -- answering ------------------------------------------------------------------------------

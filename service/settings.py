@@ -29,6 +29,12 @@ class ServiceSettings(CoreSettings):
     # The ledger: a refused or silent database answers 503 in bounded time instead of holding threads.
     ledger_connect_timeout_s: Annotated[int, Field(ge=1)] = 5
     ledger_statement_timeout_s: Annotated[float, Field(gt=0)] = 15.0  # PostgreSQL statements; SQLite's lock wait
+    # Bounded work: each limit answers at once (413, 429, 503 + Retry-After) instead of queueing.
+    max_body_bytes: Annotated[int, Field(ge=1024)] = 64 * 1024
+    admin_rate_per_s: Annotated[float, Field(gt=0)] = 5.0  # DELETE and /admin/* per bearer token
+    admin_burst: Annotated[int, Field(ge=1)] = 30
+    max_model_waiting: Annotated[int, Field(ge=1)] = 16  # /recommend requests waiting for the model thread
+    probe_timeout_s: Annotated[float, Field(gt=0)] = 2.0  # /readyz's ledger and Redis checks
 
     def ledger_timeouts(self) -> dict[str, Any]:
         return {"connect_timeout_s": self.ledger_connect_timeout_s,

@@ -50,21 +50,22 @@ def delete_interactions(
         serving.histories.forget(user_id)
         gateway.metrics.time_to_quarantine.observe(time.perf_counter() - received)
         gateway.metrics.deletion_requests.labels(first_status=request.status).inc()
-        _wake_worker(gateway, request, user_id)
+        _wake_worker(gateway, request)
     response.headers["Location"] = f"/deletions/{request.id}"
     return DeletionAccepted(request_id=request.id, status=request.status,  # type: ignore[arg-type]
                             affected_shards=list(request.affected_shards))
 
 
-def _wake_worker(gateway: GatewayDep, request: DeletionRequest, user_id: str) -> None:
+def _wake_worker(gateway: GatewayDep, request: DeletionRequest) -> None:
     """Enqueue the retrains and publish the quarantine; if Redis is down the reconciler catches up."""
     settings = gateway.settings
     try:
         for shard in request.affected_shards:
             queue.enqueue_retrain(gateway.redis, settings.redis_prefix, shard, timeout_s=settings.retrain_timeout_s)
         if request.affected_shards:
-            queue.publish(gateway.redis, settings.redis_prefix,
-                          {"type": "quarantine", "shards": list(request.affected_shards), "user_id": user_id})
+            # the user by the ledger's HMAC only: other replicas drop their cached history with it
+            queue.publish(gateway.redis, settings.redis_prefix, {
+                "type": "quarantine", "shards": list(request.affected_shards), "subject": request.subject_hmac})
         else:
             queue.enqueue_purge(gateway.redis, settings.redis_prefix)
     except Exception:
