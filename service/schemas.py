@@ -148,6 +148,27 @@ class RetrainAccepted(BaseModel):
     enqueued: bool = Field(description="False when a retrain of this shard is already waiting")
 
 
+class ErrorResponse(BaseModel):
+    """Every error: a message, or (422) the validation errors, or (unknown items) the ids."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{"detail": "wrong token"}]})
+
+    detail: str | dict[str, Any] | list[dict[str, Any]]
+
+
+ERROR_DESCRIPTIONS = {
+    400: "The body is not JSON", 401: "No bearer token", 403: "Wrong token", 404: "Not found", 409: "Conflict",
+    413: "Request body too large", 422: "Malformed request", 429: "Too many requests with this token "
+    "(Retry-After)", 503: "Unavailable: ledger unreachable, engine not loaded or model queue full (Retry-After)",
+}
+
+
+def error_responses(*codes: int, **descriptions: str) -> dict[int | str, dict[str, Any]]:
+    """``responses=`` for a route: each code with the typed error body (``descriptions``: ``_404=...``)."""
+    return {code: {"model": ErrorResponse, "description": descriptions.get(f"_{code}", ERROR_DESCRIPTIONS[code])}
+            for code in codes}
+
+
 class Health(BaseModel):
     status: Literal["ok", "unavailable"]
     checks: dict[str, str] = {}

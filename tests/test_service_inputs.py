@@ -99,6 +99,21 @@ def test_openapi_shows_the_id_pattern_and_bounds(api: TestClient) -> None:
     assert request["user_id"]["pattern"] == ID_PATTERN
 
 
+def test_every_error_response_is_declared_with_a_typed_body(api: TestClient) -> None:
+    schema = api.get("/openapi.json").json()
+    expected = {("/recommend", "post"): {"400", "404", "413", "422", "503"},
+                ("/users/{user_id}/interactions", "delete"): {"401", "403", "404", "409", "413", "422", "429", "503"},
+                ("/deletions/{request_id}", "get"): {"404", "413", "422", "503"},
+                ("/admin/status", "get"): {"401", "403", "413", "429", "503"},
+                ("/admin/shards/{shard}/retrain", "post"): {"401", "403", "404", "409", "413", "422", "429", "503"}}
+    for (path, method), codes in expected.items():
+        responses = schema["paths"][path][method]["responses"]
+        assert codes <= set(responses), (path, codes - set(responses))
+        for code in codes:
+            body = responses[code]["content"]["application/json"]["schema"]
+            assert body == {"$ref": "#/components/schemas/ErrorResponse"}, (path, code)
+
+
 def unused_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))

@@ -14,12 +14,12 @@ from service.schemas import (
     QueueStatus,
     RetrainAccepted,
     ShardStatus,
+    error_responses,
 )
 from worker import queue
 
 log = logging.getLogger(__name__)
-router = APIRouter(prefix="/admin", tags=["admin"],
-                   responses={401: {"description": "No bearer token"}, 403: {"description": "Wrong token"}})
+router = APIRouter(prefix="/admin", tags=["admin"], responses=error_responses(401, 403, 413, 429, 503))
 
 
 @router.get("/status", response_model=AdminStatus)
@@ -48,7 +48,7 @@ def status(_: AdminDep, session: SessionDep, gateway: GatewayDep, serving: Servi
 
 
 @router.post("/shards/{shard}/retrain", status_code=202, response_model=RetrainAccepted,
-             responses={404: {"description": "No such shard"}, 409: {"description": "Nothing to retrain"}})
+             responses=error_responses(404, 409, 422, _404="No such shard", _409="Nothing to retrain"))
 def retrain(shard: Annotated[int, Path(ge=0, le=SHARD_MAX)], _: AdminDep, session: SessionDep,
             gateway: GatewayDep) -> RetrainAccepted:
     """Try a failed (or dirty) shard's retrain again."""

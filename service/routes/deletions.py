@@ -7,7 +7,7 @@ from fastapi import APIRouter, Header, Path, Query, Response
 from apa.ledger import repository
 from apa.ledger.models import DeletionRequest
 from service.deps import AdminDep, GatewayDep, ServingDep, SessionDep
-from service.schemas import MAX_ITEMS, DeletionAccepted, DeletionRequestPublic, IdParam
+from service.schemas import MAX_ITEMS, DeletionAccepted, DeletionRequestPublic, IdParam, error_responses
 from worker import queue
 
 log = logging.getLogger(__name__)
@@ -23,8 +23,10 @@ def _public(request: DeletionRequest) -> DeletionRequestPublic:
 
 
 @router.delete("/users/{user_id}/interactions", status_code=202, response_model=DeletionAccepted,
-               responses={401: {"description": "No bearer token"}, 403: {"description": "Wrong token"},
-                          404: {"description": "The user has no live interactions (with those items)"}})
+               responses=error_responses(
+                   401, 403, 404, 409, 413, 422, 429, 503,
+                   _404="The user has no live interactions (with those items)",
+                   _409="The Idempotency-Key was used for another request (another user or other items)"))
 def delete_interactions(
     user_id: Annotated[IdParam, Path()], response: Response, session: SessionDep, token_hmac: AdminDep,
     gateway: GatewayDep, serving: ServingDep,
@@ -74,7 +76,7 @@ def _wake_worker(gateway: GatewayDep, request: DeletionRequest) -> None:
 
 
 @router.get("/deletions/{request_id}", response_model=DeletionRequestPublic,
-            responses={404: {"description": "No such request"}})
+            responses=error_responses(404, 413, 422, 503, _404="No such request"))
 def get_deletion(request_id: Annotated[IdParam, Path()], session: SessionDep) -> DeletionRequestPublic:
     """A deletion request's status and, once completed, its certificate."""
     return _public(repository.get_deletion(session=session, request_id=request_id))

@@ -39,7 +39,7 @@ async def _probe(gateway: Gateway, check: Callable[[Gateway], None]) -> str:
     return "ok"
 
 
-@router.get("/readyz", response_model=Health, responses={503: {"model": Health}})
+@router.get("/readyz", response_model=Health, responses={503: {"model": Health, "description": "Not ready"}})
 async def readyz(gateway: GatewayDep, response: Response) -> Health:
     """Ledger, Redis and engine are ready (each check bounded by ``APA_PROBE_TIMEOUT_S``)."""
     ledger, redis = await asyncio.gather(_probe(gateway, _ledger_check), _probe(gateway, _redis_check))
