@@ -184,7 +184,7 @@ def test_a_long_statement_is_cancelled_by_the_statement_timeout(ledger_url: str)
     try:
         with engine.connect() as connection:
             assert connection.execute(text("SHOW statement_timeout")).scalar() == "300ms"
-            assert connection.execute(text("SELECT current_schemas(false)[1]")).scalar().startswith("t_"), \
+            assert connection.execute(text("SHOW search_path")).scalar().startswith("t_"), \
                 "the URL's own options (search_path) are kept"
         started = time.monotonic()
         with pytest.raises(OperationalError, match="statement timeout"), engine.connect() as connection:
