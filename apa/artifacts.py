@@ -142,6 +142,18 @@ def clean_temp_dirs(run_dir: Path, *, older_than_s: float = 600.0) -> int:
     return removed
 
 
+def private_dir(path: Path) -> Path:
+    """A folder only its owner can enter: run folders hold personal data (samples, prompts, caches)."""
+    path.mkdir(parents=True, exist_ok=True)
+    path.chmod(0o700)
+    return path
+
+
+def owner_only(path: Path) -> Path:
+    path.chmod(0o600)
+    return path
+
+
 def read_json(path: Path) -> Any:
     return json.loads(path.read_text())
 

@@ -59,3 +59,7 @@ class NothingToRetrain(APAError):
 
 class GateFailed(APAError):
     """A retrained version failed its validation gate; it is not served."""
+
+
+class IdempotencyConflict(APAError):
+    """An Idempotency-Key already named another request (another user, or other items)."""

@@ -53,6 +53,7 @@ def purge_run_files(run_dir: Path, sample_ids: set[str], superseded: list[Path],
     report.samples = int(gone.sum())
     if report.samples:
         frame[~gone].to_parquet(run_dir / "samples.parquet", index=False)
+        artifacts.owner_only(run_dir / "samples.parquet")
     if any(s in doc["samples"] for s in sample_ids):
         doc["samples"] = {k: v for k, v in doc["samples"].items() if k not in sample_ids}
         artifacts.write_json_atomic(run_dir / "run.json", doc)

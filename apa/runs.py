@@ -191,6 +191,7 @@ def _prepare(cfg: RunConfig, run_dir: Path, base: BaseModel, dataset: data.Datas
     frame["prompt"] = [prompts[i] for i in frame["sample_id"]]
     frame["history_prompt"] = [history[i] for i in frame["sample_id"]]
     frame.to_parquet(run_dir / "samples.parquet", index=False)
+    artifacts.owner_only(run_dir / "samples.parquet")
     sizes = np.bincount(parts.assignment, minlength=cfg.shards).tolist()
     artifacts.write_json_atomic(run_dir / "run.json", {
         "config": cfg.as_dict(),
@@ -269,7 +270,7 @@ def train_run(
 ) -> RunData:
     """Train (or resume) a whole run: the shards, then the baselines asked for. Returns what the run
     folder holds."""
-    run_dir.mkdir(parents=True, exist_ok=True)
+    artifacts.private_dir(run_dir)
     artifacts.clean_temp_dirs(run_dir)
     if (run_dir / "run.json").is_file():
         run = read_run(run_dir)

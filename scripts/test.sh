@@ -16,4 +16,20 @@ apa assets fetch
 ruff check .
 mypy
 lint-imports
+# Known vulnerabilities in the installed dependencies fail the run. An audit service that cannot be
+# reached (an offline machine) is said plainly and the run goes on; so is every package it does not
+# know (listed as skipped).
+audit_log=$(mktemp)
+if pip-audit --skip-editable --progress-spinner off >"$audit_log" 2>&1; then
+  grep -q "could not be audited" "$audit_log" && grep -c "could not be audited" "$audit_log" \
+    | xargs -I{} echo "note: pip-audit: {} installed package(s) unknown to its service were not audited"
+  echo "pip-audit: no known vulnerabilities in the audited dependencies"
+elif grep -qE "ConnectionError|NameResolutionError|Max retries exceeded|timed out|Temporary failure" "$audit_log"; then
+  echo "note: pip-audit could not reach its vulnerability service; the dependency audit did not run"
+  grep -m1 -E "ConnectionError|NameResolutionError|Max retries exceeded|timed out" "$audit_log" | cut -c1-200
+else
+  cat "$audit_log"
+  exit 1
+fi
+rm -f "$audit_log"
 python -m pytest "$@"

@@ -16,8 +16,9 @@ from apa.ledger import repository
 from apa.ledger.db import require_current, session_factory
 from apa.model import load_base_model
 from apa.runs import RunConfig
-from service import errors
+from service import errors, redaction
 from service.deps import Gateway
+from service.limits import BodyLimit, TokenBuckets
 from service.metrics import Metrics
 from service.recommender import Recommender
 from service.routes import admin, deletions, health, recommend
@@ -82,6 +83,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             thread.join(timeout=5)
         if gateway.redis is not None:
             gateway.redis.close()
+        gateway.probes.shutdown(wait=False, cancel_futures=True)
 
 
 def create_app(settings: ServiceSettings | None = None) -> FastAPI:
@@ -89,9 +91,12 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
     if settings.admin_token is None or not settings.admin_token.get_secret_value():
         raise ConfigError("set APA_ADMIN_TOKEN: DELETE and /admin/* need it")
     app = FastAPI(title="APA-Rec", version=__version__, description=DESCRIPTION, lifespan=lifespan)
-    app.state.gateway = Gateway(settings=settings, sessions=session_factory(settings.ledger_url), metrics=Metrics())
+    sessions = session_factory(settings.ledger_url, **settings.ledger_timeouts())
+    app.state.gateway = Gateway(settings=settings, sessions=sessions, metrics=Metrics(),
+                                rate=TokenBuckets(rate=settings.admin_rate_per_s, burst=settings.admin_burst))
     app.state.gateway.metrics.forget_deadline.set(settings.forget_deadline_s)
     errors.install(app)
+    redaction.install()
     for module in (recommend, deletions, admin, health):
         app.include_router(module.router)
 
@@ -106,4 +111,5 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
 
     app.add_middleware(RequestTimeout, timeout_s=settings.request_timeout_s,
                        exempt=("/healthz",))
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)  # outermost: before anything reads the body
     return app

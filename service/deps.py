@@ -2,6 +2,7 @@
 
 import hmac
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -10,6 +11,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session, sessionmaker
 
 from apa.ledger.repository import hmac_hex
+from service.limits import TokenBuckets, retry_after
 from service.metrics import Metrics
 from service.settings import ServiceSettings
 
@@ -29,6 +31,9 @@ class Gateway:
     recommender: "Recommender | None" = None
     redis: Any = None
     threads: list[Any] = field(default_factory=list)
+    rate: TokenBuckets = field(default_factory=lambda: TokenBuckets(rate=1.0, burst=1))
+    probes: ThreadPoolExecutor = field(  # /readyz's checks: never queued behind the request thread pool
+        default_factory=lambda: ThreadPoolExecutor(max_workers=2, thread_name_prefix="probe"))
 
 
 def get_gateway(request: Request) -> Gateway:
@@ -56,14 +61,19 @@ _bearer = HTTPBearer(auto_error=False, description="APA_ADMIN_TOKEN")
 def require_admin(
     gateway: GatewayDep, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> str:
-    """401 without a bearer token, 403 with a wrong one; returns the token's HMAC (scopes idempotency)."""
+    """401 without a bearer token, 403 with a wrong one, 429 over the token's rate; returns the token's
+    HMAC (it scopes idempotency and the rate limit)."""
     if credentials is None or credentials.scheme.lower() != "bearer":
         raise HTTPException(401, "missing bearer token", headers={"WWW-Authenticate": "Bearer"})
     expected = gateway.settings.admin_token
     if expected is None or not hmac.compare_digest(credentials.credentials.encode(),
                                                    expected.get_secret_value().encode()):
         raise HTTPException(403, "wrong token")
-    return hmac_hex(gateway.settings.hmac_secret(), "token", credentials.credentials)
+    token_hmac = hmac_hex(gateway.settings.hmac_secret(), "token", credentials.credentials)
+    wait_s = gateway.rate.take(token_hmac)
+    if wait_s:
+        raise HTTPException(429, "too many requests with this token; slow down", headers=retry_after(wait_s))
+    return token_hmac
 
 
 AdminDep = Annotated[str, Depends(require_admin)]
@@ -71,13 +81,13 @@ AdminDep = Annotated[str, Depends(require_admin)]
 
 def get_serving(gateway: GatewayDep) -> "Serving":
     if gateway.serving is None:
-        raise HTTPException(503, "the engine is not loaded")
+        raise HTTPException(503, "the engine is not loaded", headers=retry_after(5))
     return gateway.serving
 
 
 def get_recommender(gateway: GatewayDep) -> "Recommender":
     if gateway.recommender is None:
-        raise HTTPException(503, "the engine is not loaded")
+        raise HTTPException(503, "the engine is not loaded", headers=retry_after(5))
     return gateway.recommender
 
 

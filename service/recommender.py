@@ -19,6 +19,7 @@ from apa.ledger import repository
 from apa.samples import recent_history
 from service.batching import MicroBatcher
 from service.deadline import LoadShed
+from service.limits import Admission
 from service.metrics import Metrics
 from service.schemas import AdapterWeight, ItemScore, RecommendRequest, RecommendResponse
 from service.serving import Serving
@@ -41,6 +42,7 @@ class Recommender:
                  metrics: Metrics) -> None:
         self.settings, self.serving, self.sessions, self.metrics = settings, serving, sessions, metrics
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
+        self.admission = Admission(settings.max_model_waiting)
         window = settings.batch_window_ms / 1000
         self.embedder: MicroBatcher[str, np.ndarray] = MicroBatcher(
             self._embed, executor=self.executor, window_s=window, max_items=settings.max_batch_prompts)
@@ -133,16 +135,17 @@ class Recommender:
         query = await run_in_threadpool(self.prepare, request)
         active = self.serving.active()
         if active and query.candidates:
-            history_embedding = await self.history_embedding(query, epoch)
-            weights = self.serving.weights(history_embedding, active)  # [K]
-            try:
-                scores = await self.scorer.submit([(query.user_id, p, weights) for p in query.prompts])
-            except AllShardsQuarantined:
-                active = {}
-            else:
-                adapters = [AdapterWeight(shard=s, version=v, weight=round(float(weights[s]), 6))
-                            for s, v in sorted(active.items()) if weights[s] > 0]
-                return self._answer(query, scores, adapters, fallback=False)
+            with self.admission:  # a full model queue answers 503 at once
+                history_embedding = await self.history_embedding(query, epoch)
+                weights = self.serving.weights(history_embedding, active)  # [K]
+                try:
+                    scores = await self.scorer.submit([(query.user_id, p, weights) for p in query.prompts])
+                except AllShardsQuarantined:
+                    active = {}
+                else:
+                    adapters = [AdapterWeight(shard=s, version=v, weight=round(float(weights[s]), 6))
+                                for s, v in sorted(active.items()) if weights[s] > 0]
+                    return self._answer(query, scores, adapters, fallback=False)
         top = max(query.popularity.values(), default=0) or 1
         return self._answer(query, [query.popularity.get(c, 0) / top for c in query.candidates], [], fallback=True)
 

@@ -3,7 +3,7 @@
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints
 
 
 def _id(value: Any) -> Any:
@@ -13,7 +13,14 @@ def _id(value: Any) -> Any:
     return value
 
 
-Id = Annotated[str, BeforeValidator(_id), Field(min_length=1, max_length=200, pattern=r"^[^\s:]+$")]
+# No whitespace, ':' (it separates an interaction key's parts), '/' (ids are path segments) or control
+# characters (PostgreSQL refuses NUL); pydantic refuses lone surrogates before the pattern is tried.
+ID_PATTERN = r"^[^\s:/\x00-\x1f\x7f]+$"
+ID_MAX_LENGTH = 200  # the ledger's id columns
+IdParam = Annotated[str, StringConstraints(min_length=1, max_length=ID_MAX_LENGTH, pattern=ID_PATTERN)]
+Id = Annotated[IdParam, BeforeValidator(_id)]  # after the constraints, or the schema loses them
+SHARD_MAX = 2**31 - 1  # the ledger's integer columns
+MAX_ITEMS = 100  # candidates per /recommend, items per DELETE
 
 ShardState = Literal["serving", "quarantined", "retraining", "failed"]
 DeletionStatus = Literal["quarantined", "retraining", "completed", "failed"]
@@ -24,7 +31,7 @@ class RecommendRequest(BaseModel):
         "examples": [{"user_id": "196", "candidates": ["242", "302", "377"], "top_k": 2}, {"user_id": "196"}]})
 
     user_id: Id
-    candidates: list[Id] | None = Field(None, min_length=1, max_length=100,
+    candidates: list[Id] | None = Field(None, min_length=1, max_length=MAX_ITEMS,
                                         description="Items to score; none: the 20 most popular items "
                                                     "the user has not rated")
     top_k: int = Field(10, ge=1, le=100)
@@ -150,6 +157,27 @@ class AdminStatus(BaseModel):
 class RetrainAccepted(BaseModel):
     shard: int
     enqueued: bool = Field(description="False when a retrain of this shard is already waiting")
+
+
+class ErrorResponse(BaseModel):
+    """Every error: a message, or (422) the validation errors, or (unknown items) the ids."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{"detail": "wrong token"}]})
+
+    detail: str | dict[str, Any] | list[dict[str, Any]]
+
+
+ERROR_DESCRIPTIONS = {
+    400: "The body is not JSON", 401: "No bearer token", 403: "Wrong token", 404: "Not found", 409: "Conflict",
+    413: "Request body too large", 422: "Malformed request", 429: "Too many requests with this token "
+    "(Retry-After)", 503: "Unavailable: ledger unreachable, engine not loaded or model queue full (Retry-After)",
+}
+
+
+def error_responses(*codes: int, **descriptions: str) -> dict[int | str, dict[str, Any]]:
+    """``responses=`` for a route: each code with the typed error body (``descriptions``: ``_404=...``)."""
+    return {code: {"model": ErrorResponse, "description": descriptions.get(f"_{code}", ERROR_DESCRIPTIONS[code])}
+            for code in codes}
 
 
 class Health(BaseModel):

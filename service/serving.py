@@ -78,7 +78,7 @@ class Serving:
         with self._sync_lock:
             with self._state_lock:
                 epoch = self._epoch
-            with session_scope(self.settings.ledger_url) as session:
+            with session_scope(self.settings.ledger_url, **self.settings.ledger_timeouts()) as session:
                 views = repository.shard_views(session=session)
                 valid_ids = frozenset(repository.live_sample_ids(session=session, split="valid"))
                 finished = repository.completed_since(session=session, since=self._completed_seen)
@@ -174,8 +174,9 @@ class Serving:
         """A pub/sub event: apply a quarantine at once, then sync with the ledger."""
         if event.get("type") == "quarantine":
             self.quarantine([int(s) for s in event.get("shards", [])])
-            if event.get("user_id") is not None:
-                self.forget_user(str(event["user_id"]))
+            if event.get("subject") is not None:  # the user's HMAC: events carry no user ids
+                self.histories.forget_subjects({str(event["subject"])}, self.settings.hmac_secret())
+                self.engine.prefixes.clear()  # keyed by prompt text, not user: all of it goes
         self.sync()
 
     # -- answering ------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """The gateway process's settings (environment ``APA_*``), built on demand."""
 
 from functools import lru_cache
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, SecretStr
 
@@ -42,7 +42,19 @@ class ServiceSettings(CoreSettings):
     # Every request answers within this (503 + Retry-After past it: service/timeout.py); 0 turns it off.
     # Above the slowest /recommend the model should serve (a 20-candidate request on 2 CPU cores: ~12 s).
     request_timeout_s: Annotated[float, Field(ge=0)] = 120.0
+    # The ledger: a refused or silent database answers 503 in bounded time instead of holding threads.
+    ledger_connect_timeout_s: Annotated[int, Field(ge=1)] = 5
+    ledger_statement_timeout_s: Annotated[float, Field(gt=0)] = 15.0  # PostgreSQL statements; SQLite's lock wait
+    # Bounded work: each limit answers at once (413, 429, 503 + Retry-After) instead of queueing.
+    max_body_bytes: Annotated[int, Field(ge=1024)] = 64 * 1024
+    admin_rate_per_s: Annotated[float, Field(gt=0)] = 5.0  # DELETE and /admin/* per bearer token
+    admin_burst: Annotated[int, Field(ge=1)] = 30
+    max_model_waiting: Annotated[int, Field(ge=1)] = 16  # /recommend requests waiting for the model thread
+    probe_timeout_s: Annotated[float, Field(gt=0)] = 2.0  # /readyz's ledger and Redis checks
 
+    def ledger_timeouts(self) -> dict[str, Any]:
+        return {"connect_timeout_s": self.ledger_connect_timeout_s,
+                "statement_timeout_s": self.ledger_statement_timeout_s}
 
     def attention_grid(self) -> aggregation.AttentionGrid:
         """The settings the gateway chooses its attention from (a fixed part is a grid of one)."""

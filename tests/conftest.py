@@ -27,7 +27,7 @@ from apa import prompts
 from apa.data import Dataset, normalise, save
 from apa.engines.base import Mode
 from apa.engines.torch import TorchEngine
-from apa.ledger.db import get_engine
+from apa.ledger.db import dispose_engines
 from apa.model import BaseModel, load_base_model
 from apa.runs import RunConfig, train_run
 from apa.settings import CoreSettings
@@ -200,8 +200,7 @@ def ledger_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
         pytest.fail(f"PostgreSQL at {POSTGRES_URL} is not reachable ({exc}); .ci/run starts it")
     url = f"{POSTGRES_URL}?options=-csearch_path%3D{schema}"
     yield url
-    get_engine(url).dispose()
-    get_engine.cache_clear()
+    dispose_engines()
     with admin.begin() as connection:
         connection.execute(text(f"DROP SCHEMA {schema} CASCADE"))
     admin.dispose()

@@ -70,7 +70,7 @@ def test_cli_ledger_commands_and_clear_errors(tmp_path: Path, monkeypatch: pytes
     runner = CliRunner()
     try:
         up = runner.invoke(app, ["ledger", "upgrade"])
-        assert up.exit_code == 0 and "at migration 0001" in up.output
+        assert up.exit_code == 0 and "at migration 0002" in up.output
         assert (tmp_path / "apa.db").is_file()
         missing = runner.invoke(app, ["audit", "no-such-request"])
         assert missing.exit_code == 1 and "no deletion request" in missing.output

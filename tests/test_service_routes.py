@@ -107,10 +107,12 @@ def test_delete_some_items_then_idempotency(api: TestClient) -> None:
     assert first.status_code == 202, first.text
     assert first.headers["Location"] == f"/deletions/{first.json()['request_id']}"
     depth = queue_depth(api)
-    again = api.delete("/users/u2/interactions", params=[("item_id", "6")], headers=headers)
+    again = api.delete("/users/u2/interactions", params=[("item_id", "7"), ("item_id", "6")], headers=headers)
     assert again.status_code == 202
     assert again.json()["request_id"] == first.json()["request_id"]
     assert queue_depth(api) == depth, "a repeated request enqueues nothing"
+    other_items = api.delete("/users/u2/interactions", params=[("item_id", "6")], headers=headers)
+    assert other_items.status_code == 409 and "Idempotency-Key" in other_items.json()["detail"]
     settings = api.app_settings  # type: ignore[attr-defined]
     with session_scope(settings.ledger_url) as session:
         live = {i.item_id for i in session.query(Interaction).filter_by(user_id="u2", deleted_at=None)}
@@ -122,6 +124,44 @@ def test_delete_some_items_then_idempotency(api: TestClient) -> None:
     state = api.get(first.headers["Location"]).json()
     assert state["status"] in ("quarantined", "completed")
     assert (state["certificate"] is None) == (state["status"] != "completed")
+
+
+def live_items(api: TestClient, user: str) -> set[str]:
+    settings = api.app_settings  # type: ignore[attr-defined]
+    with session_scope(settings.ledger_url) as session:
+        return {i.item_id for i in session.query(Interaction).filter_by(user_id=user, deleted_at=None)}
+
+
+def test_an_idempotency_key_cannot_fake_another_users_deletion(api: TestClient) -> None:
+    headers = {**AUTH, "Idempotency-Key": "k-shared"}
+    first = api.delete("/users/u3/interactions", headers=headers)
+    assert first.status_code == 202, first.text
+    before = live_items(api, "u4")
+    reused = api.delete("/users/u4/interactions", headers=headers)
+    assert reused.status_code == 409, reused.text
+    assert "another deletion request" in reused.json()["detail"]
+    assert live_items(api, "u4") == before, "u4's data is untouched, and no 202 claimed otherwise"
+    assert api.post("/recommend", json={"user_id": "u4", "candidates": ["4"]}).status_code == 200
+    # a new key deletes u4 for real; the old key still answers for u3
+    assert api.delete("/users/u4/interactions", headers={**AUTH, "Idempotency-Key": "k-u4"}).status_code == 202
+    assert live_items(api, "u4") == set()
+    assert api.delete("/users/u3/interactions", headers=headers).json()["request_id"] == first.json()["request_id"]
+
+
+def test_concurrent_deletions_with_one_key_make_one_request(api: TestClient) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from apa.ledger.models import DeletionRequest
+
+    headers = {**AUTH, "Idempotency-Key": "k-race"}
+    with ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(lambda _: api.delete("/users/u3/interactions", headers=headers), range(4)))
+    assert [a.status_code for a in answers] == [202] * 4, [a.text for a in answers]
+    assert len({a.json()["request_id"] for a in answers}) == 1
+    settings = api.app_settings  # type: ignore[attr-defined]
+    with session_scope(settings.ledger_url) as session:
+        assert session.query(DeletionRequest).count() == 1
+    assert live_items(api, "u3") == set()
 
 
 def test_a_repeat_recommend_reuses_the_history_embedding_until_the_user_deletes(

@@ -6,13 +6,14 @@ migrations in ``migrations/`` (``apa ledger upgrade``), never from ``create_all`
 """
 
 import os
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 from apa.errors import LedgerError
@@ -20,41 +21,92 @@ from apa.errors import LedgerError
 # The source tree's migrations; an installed (non-editable) package, as in the Docker image, names them
 # with APA_MIGRATIONS_DIR.
 MIGRATIONS_DIR = Path(os.environ.get("APA_MIGRATIONS_DIR") or Path(__file__).resolve().parents[2] / "migrations")
+DEFAULT_CONNECT_TIMEOUT_S = 10
+_ENGINES: dict[tuple[str, int, float | None], Engine] = {}
+_ENGINES_LOCK = threading.Lock()
 
 
-def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
-    dbapi_connection.isolation_level = None  # SQLAlchemy's "begin" event starts the transactions
-    cursor = dbapi_connection.cursor()
-    cursor.execute("PRAGMA foreign_keys=ON")
-    cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.execute("PRAGMA busy_timeout=30000")
-    cursor.close()
+def _sqlite_pragmas(busy_timeout_ms: int) -> Any:
+    def on_connect(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.isolation_level = None  # SQLAlchemy's "begin" event starts the transactions
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute(f"PRAGMA busy_timeout={busy_timeout_ms}")
+        cursor.close()
+
+    return on_connect
 
 
-@lru_cache(maxsize=8)
-def get_engine(url: str) -> Engine:
+def _owner_only(path: Path) -> None:
+    """The ledger holds personal data: its file is readable by its owner only (SQLite gives the WAL and
+    shared-memory files it makes later the database file's mode)."""
+    if not path.exists():
+        old = os.umask(0o077)
+        try:
+            path.touch()
+        finally:
+            os.umask(old)
+    path.chmod(0o600)
+
+
+def get_engine(url: str, *, connect_timeout_s: int = DEFAULT_CONNECT_TIMEOUT_S,
+               statement_timeout_s: float | None = None) -> Engine:
+    """One engine per URL and timeouts. ``connect_timeout_s`` bounds a connection attempt (and the wait
+    for a pooled connection); ``statement_timeout_s`` bounds each statement (PostgreSQL), or the wait for
+    SQLite's write lock (SQLite; unset: 30 s). Errors never echo SQL parameters (user ids)."""
+    key = (url, connect_timeout_s, statement_timeout_s)
+    with _ENGINES_LOCK:
+        if key not in _ENGINES:
+            _ENGINES[key] = _create_engine(url, connect_timeout_s=connect_timeout_s,
+                                           statement_timeout_s=statement_timeout_s)
+        return _ENGINES[key]
+
+
+def dispose_engines() -> None:
+    """Close every engine's pooled connections and forget the engines."""
+    with _ENGINES_LOCK:
+        for engine in _ENGINES.values():
+            engine.dispose()
+        _ENGINES.clear()
+
+
+def _create_engine(url: str, *, connect_timeout_s: int, statement_timeout_s: float | None) -> Engine:
     if url.startswith("sqlite"):
-        path = url.split("///", 1)[-1]
+        path = url.split("///", 1)[-1].split("?", 1)[0]
         if path and path != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
-        event.listen(engine, "connect", _sqlite_pragmas)
+            _owner_only(Path(path))
+        busy_s = statement_timeout_s if statement_timeout_s is not None else 30.0
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": busy_s},
+                               hide_parameters=True)
+        event.listen(engine, "connect", _sqlite_pragmas(int(busy_s * 1000)))
         # BEGIN IMMEDIATE: take the write lock up front, so two processes that read then write
         # (gateway and worker) wait for each other instead of failing with "database is locked".
         event.listen(engine, "begin", lambda connection: connection.exec_driver_sql("BEGIN IMMEDIATE"))
         return engine
-    # connect_timeout: a server that accepts but never answers fails the connection instead of hanging it
-    return create_engine(url, pool_pre_ping=True, pool_timeout=10, connect_args={"connect_timeout": 5})
+    connect_args: dict[str, Any] = {"connect_timeout": max(1, int(connect_timeout_s))}
+    if statement_timeout_s is not None:
+        options = make_url(url).query.get("options")  # keep what the URL sets (e.g. search_path)
+        existing = (options if isinstance(options, str) else " ".join(options or ())).strip()
+        timeout = f"-c statement_timeout={max(1, round(statement_timeout_s * 1000))}"
+        connect_args["options"] = f"{existing} {timeout}".strip()
+    return create_engine(url, pool_pre_ping=True, pool_timeout=connect_timeout_s, connect_args=connect_args,
+                         hide_parameters=True)
 
 
-def session_factory(url: str) -> sessionmaker[Session]:
-    return sessionmaker(get_engine(url), expire_on_commit=False)
+def session_factory(url: str, *, connect_timeout_s: int = DEFAULT_CONNECT_TIMEOUT_S,
+                    statement_timeout_s: float | None = None) -> sessionmaker[Session]:
+    engine = get_engine(url, connect_timeout_s=connect_timeout_s, statement_timeout_s=statement_timeout_s)
+    return sessionmaker(engine, expire_on_commit=False)
 
 
 @contextmanager
-def session_scope(url: str) -> Iterator[Session]:
+def session_scope(url: str, *, connect_timeout_s: int = DEFAULT_CONNECT_TIMEOUT_S,
+                  statement_timeout_s: float | None = None) -> Iterator[Session]:
     """One transaction: commit on success, roll back on any error."""
-    with session_factory(url).begin() as session:
+    factory = session_factory(url, connect_timeout_s=connect_timeout_s, statement_timeout_s=statement_timeout_s)
+    with factory.begin() as session:
         yield session
 
 
@@ -104,6 +156,4 @@ def require_current(url: str) -> None:
 
 def redact(url: str) -> str:
     """The URL without its password, for messages."""
-    from sqlalchemy.engine import make_url
-
     return make_url(url).render_as_string(hide_password=True)

@@ -13,7 +13,7 @@ snapshots it and, once live, sets ``clean_seq`` to the snapshot. The shard is di
 from datetime import UTC, datetime
 from typing import Any, ClassVar
 
-from sqlalchemy import JSON, BigInteger, DateTime, Float, ForeignKey, Index, MetaData, String, Text
+from sqlalchemy import JSON, BigInteger, DateTime, Float, ForeignKey, Index, MetaData, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 NAMING_CONVENTION = {
@@ -139,12 +139,15 @@ class AdapterVersion(Base):
 
 class DeletionRequest(Base):
     __tablename__ = "deletion_requests"
-    __table_args__ = (Index("ix_deletion_requests_idempotency", "token_hmac", "idempotency_key"),)
+    # One request per (token, key): concurrent reuses of a key meet this constraint and read the winner.
+    __table_args__ = (UniqueConstraint("token_hmac", "idempotency_key", name="uq_deletion_requests_idempotency"),)
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True)
     subject_hmac: Mapped[str] = mapped_column(DIGEST)  # HMAC of the user id: the request holds no data
     idempotency_key: Mapped[str | None] = mapped_column(String(256))
     token_hmac: Mapped[str | None] = mapped_column(DIGEST)
+    # HMAC of the request's user and items: a key reused for another request is refused, not matched
+    idempotency_hmac: Mapped[str | None] = mapped_column(DIGEST)
     status: Mapped[str] = mapped_column(String(16), index=True)
     affected_shards: Mapped[list[Any]] = mapped_column(default=list)
     interactions_removed: Mapped[int] = mapped_column(default=0)

@@ -14,9 +14,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import delete, func, insert, select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from apa.errors import DeletionNotFound, LedgerError, NothingToRetrain, ShardNotFound, UserNotFound
+from apa.errors import (
+    DeletionNotFound,
+    IdempotencyConflict,
+    LedgerError,
+    NothingToRetrain,
+    ShardNotFound,
+    UserNotFound,
+)
 from apa.ledger.models import (
     COMPLETED,
     FAILED,
@@ -269,14 +277,31 @@ def get_deletion(*, session: Session, request_id: str) -> DeletionRequest:
     return request
 
 
-def find_idempotent(*, session: Session, token_hmac: str, idempotency_key: str) -> DeletionRequest | None:
-    since = utcnow() - IDEMPOTENCY_WINDOW
-    return session.scalars(
-        select(DeletionRequest).where(DeletionRequest.token_hmac == token_hmac,
-                                      DeletionRequest.idempotency_key == idempotency_key,
-                                      DeletionRequest.created_at >= since)
-        .order_by(DeletionRequest.created_at)
-    ).first()
+def idempotency_hmac(*, key: bytes, user_id: str, item_ids: Sequence[str] | None) -> str:
+    """What an Idempotency-Key binds: the request's user and items (an HMAC: the ledger keeps no user ids)."""
+    items = None if item_ids is None else sorted(set(item_ids))
+    return hmac_hex(key, "idempotency", json.dumps({"user": user_id, "items": items}, separators=(",", ":")))
+
+
+def find_idempotent(*, session: Session, token_hmac: str, idempotency_key: str, binding: str) -> DeletionRequest | None:
+    """The request this token made under this key in the last 24 h, if any.
+
+    A key names one request: reused for another user or other items it is refused
+    (:class:`IdempotencyConflict`), never matched. An expired key is released for reuse.
+    """
+    earlier = session.scalars(select(DeletionRequest).where(
+        DeletionRequest.token_hmac == token_hmac, DeletionRequest.idempotency_key == idempotency_key)).first()
+    if earlier is None:
+        return None
+    created = as_utc(earlier.created_at)
+    if created is not None and created < utcnow() - IDEMPOTENCY_WINDOW:
+        earlier.idempotency_key = None
+        session.flush()
+        return None
+    if earlier.idempotency_hmac != binding:
+        raise IdempotencyConflict("this Idempotency-Key was used for another deletion request (another user "
+                                  "or other items); use a new key for a new request")
+    return earlier
 
 
 def _event(*, session: Session, request: DeletionRequest, status: str, detail: str | None = None) -> None:
@@ -292,10 +317,30 @@ def request_deletion(
 
     The request's first status is ``quarantined``, or ``completed`` when no shard is affected.
     """
+    binding: str | None = None
     if idempotency_key and token_hmac:
-        earlier = find_idempotent(session=session, token_hmac=token_hmac, idempotency_key=idempotency_key)
+        binding = idempotency_hmac(key=key, user_id=user_id, item_ids=item_ids)
+        earlier = find_idempotent(session=session, token_hmac=token_hmac, idempotency_key=idempotency_key,
+                                  binding=binding)
         if earlier is not None:
             return DeletionOutcome(request=earlier, created=False, valid_sample_ids=[])
+    now = utcnow()
+    request = DeletionRequest(id=uuid.uuid4().hex, subject_hmac=hmac_hex(key, "user", user_id),
+                              idempotency_key=idempotency_key if binding else None, token_hmac=token_hmac,
+                              idempotency_hmac=binding, status=QUARANTINED, created_at=now)
+    try:
+        with session.begin_nested():  # claims the key before any interaction is locked
+            session.add(request)
+            session.flush()
+    except IntegrityError:
+        if binding is None or token_hmac is None or idempotency_key is None:
+            raise
+        # A concurrent request with the same key committed first: its answer is this one's.
+        winner = find_idempotent(session=session, token_hmac=token_hmac, idempotency_key=idempotency_key,
+                                 binding=binding)
+        if winner is None:
+            raise
+        return DeletionOutcome(request=winner, created=False, valid_sample_ids=[])
     query = select(Interaction).where(Interaction.user_id == user_id, Interaction.deleted_at.is_(None))
     if item_ids is not None:
         query = query.where(Interaction.item_id.in_(list(item_ids)))
@@ -303,12 +348,6 @@ def request_deletion(
     if not interactions:
         what = f" with item(s) {sorted(item_ids)}" if item_ids is not None else ""
         raise UserNotFound(f"user {user_id!r} has no live interactions{what}")
-    now = utcnow()
-    request = DeletionRequest(id=uuid.uuid4().hex, subject_hmac=hmac_hex(key, "user", user_id),
-                              idempotency_key=idempotency_key, token_hmac=token_hmac, status=QUARANTINED,
-                              created_at=now)
-    session.add(request)
-    session.flush()
     interaction_ids = [i.id for i in interactions]
     for chunk in _chunks(interaction_ids):
         session.execute(update(Interaction).where(Interaction.id.in_(chunk))

@@ -1,10 +1,12 @@
 import logging
+from typing import Annotated
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Path
 
 from apa.ledger import repository
 from service.deps import AdminDep, GatewayDep, ServingDep, SessionDep
 from service.schemas import (
+    SHARD_MAX,
     AdminStatus,
     AttentionSetting,
     AttentionStatus,
@@ -13,13 +15,13 @@ from service.schemas import (
     QueueStatus,
     RetrainAccepted,
     ShardStatus,
+    error_responses,
 )
 from service.serving import Serving
 from worker import queue
 
 log = logging.getLogger(__name__)
-router = APIRouter(prefix="/admin", tags=["admin"],
-                   responses={401: {"description": "No bearer token"}, 403: {"description": "Wrong token"}})
+router = APIRouter(prefix="/admin", tags=["admin"], responses=error_responses(401, 403, 413, 429, 503))
 
 
 @router.get("/status", response_model=AdminStatus)
@@ -57,8 +59,9 @@ def forget_status(serving: Serving) -> ForgetStatus:
 
 
 @router.post("/shards/{shard}/retrain", status_code=202, response_model=RetrainAccepted,
-             responses={404: {"description": "No such shard"}, 409: {"description": "Nothing to retrain"}})
-def retrain(shard: int, _: AdminDep, session: SessionDep, gateway: GatewayDep) -> RetrainAccepted:
+             responses=error_responses(404, 409, 422, _404="No such shard", _409="Nothing to retrain"))
+def retrain(shard: Annotated[int, Path(ge=0, le=SHARD_MAX)], _: AdminDep, session: SessionDep,
+            gateway: GatewayDep) -> RetrainAccepted:
     """Try a failed (or dirty) shard's retrain again."""
     repository.request_retrain(session=session, shard=shard)
     session.commit()

@@ -2,13 +2,13 @@ import logging
 import time
 from typing import Annotated
 
-from fastapi import APIRouter, Header, Query, Response
+from fastapi import APIRouter, Header, Path, Query, Response
 
 from apa.ledger import repository
 from apa.ledger.models import DeletionRequest
 from service.deadline import Policy
 from service.deps import AdminDep, GatewayDep, ServingDep, SessionDep
-from service.schemas import DeletionAccepted, DeletionRequestPublic
+from service.schemas import MAX_ITEMS, DeletionAccepted, DeletionRequestPublic, IdParam, error_responses
 from worker import queue
 
 log = logging.getLogger(__name__)
@@ -25,12 +25,15 @@ def _public(request: DeletionRequest, policy: Policy) -> DeletionRequestPublic:
 
 
 @router.delete("/users/{user_id}/interactions", status_code=202, response_model=DeletionAccepted,
-               responses={401: {"description": "No bearer token"}, 403: {"description": "Wrong token"},
-                          404: {"description": "The user has no live interactions (with those items)"}})
+               responses=error_responses(
+                   401, 403, 404, 409, 413, 422, 429, 503,
+                   _404="The user has no live interactions (with those items)",
+                   _409="The Idempotency-Key was used for another request (another user or other items)"))
 def delete_interactions(
-    user_id: str, response: Response, session: SessionDep, token_hmac: AdminDep, gateway: GatewayDep,
-    serving: ServingDep,
-    item_id: Annotated[list[str] | None, Query(description="Only these items (repeat the parameter)")] = None,
+    user_id: Annotated[IdParam, Path()], response: Response, session: SessionDep, token_hmac: AdminDep,
+    gateway: GatewayDep, serving: ServingDep,
+    item_id: Annotated[list[IdParam] | None, Query(max_length=MAX_ITEMS,
+                                                   description="Only these items (repeat the parameter)")] = None,
     idempotency_key: Annotated[str | None, Header(max_length=256)] = None,
 ) -> DeletionAccepted:
     """Forget a user's interactions (all, or some items): quarantine at once, retrain in the background.
@@ -51,21 +54,22 @@ def delete_interactions(
         serving.forget_user(user_id)
         gateway.metrics.time_to_quarantine.observe(time.perf_counter() - received)
         gateway.metrics.deletion_requests.labels(first_status=request.status).inc()
-        _wake_worker(gateway, request, user_id)
+        _wake_worker(gateway, request)
     response.headers["Location"] = f"/deletions/{request.id}"
     return DeletionAccepted(request_id=request.id, status=request.status,  # type: ignore[arg-type]
                             affected_shards=list(request.affected_shards))
 
 
-def _wake_worker(gateway: GatewayDep, request: DeletionRequest, user_id: str) -> None:
+def _wake_worker(gateway: GatewayDep, request: DeletionRequest) -> None:
     """Enqueue the retrains and publish the quarantine; if Redis is down the reconciler catches up."""
     settings = gateway.settings
     try:
         for shard in request.affected_shards:
             queue.enqueue_retrain(gateway.redis, settings.redis_prefix, shard, timeout_s=settings.retrain_timeout_s)
         if request.affected_shards:
-            queue.publish(gateway.redis, settings.redis_prefix,
-                          {"type": "quarantine", "shards": list(request.affected_shards), "user_id": user_id})
+            # the user by the ledger's HMAC only: other replicas drop their cached history with it
+            queue.publish(gateway.redis, settings.redis_prefix, {
+                "type": "quarantine", "shards": list(request.affected_shards), "subject": request.subject_hmac})
         else:
             queue.enqueue_purge(gateway.redis, settings.redis_prefix)
     except Exception:
@@ -74,8 +78,9 @@ def _wake_worker(gateway: GatewayDep, request: DeletionRequest, user_id: str) ->
 
 
 @router.get("/deletions/{request_id}", response_model=DeletionRequestPublic,
-            responses={404: {"description": "No such request"}})
-def get_deletion(request_id: str, session: SessionDep, gateway: GatewayDep) -> DeletionRequestPublic:
+            responses=error_responses(404, 413, 422, 503, _404="No such request"))
+def get_deletion(request_id: Annotated[IdParam, Path()], session: SessionDep, gateway: GatewayDep,
+                 ) -> DeletionRequestPublic:
     """A deletion request's status and, once completed, its certificate; ``overdue`` past APA_FORGET_DEADLINE_S."""
     return _public(repository.get_deletion(session=session, request_id=request_id),
                    Policy(deadline_s=gateway.settings.forget_deadline_s))

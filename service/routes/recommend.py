@@ -1,14 +1,14 @@
 from fastapi import APIRouter
 
 from service.deps import RecommenderDep
-from service.schemas import RecommendRequest, RecommendResponse
+from service.schemas import RecommendRequest, RecommendResponse, error_responses
 
 router = APIRouter(tags=["recommend"])
 
 
 @router.post("/recommend", response_model=RecommendResponse,
-             responses={404: {"description": "Unknown user, or no live interactions"},
-                        422: {"description": "Unknown candidate items (listed) or a malformed request"}})
+             responses=error_responses(400, 404, 413, 422, 503, _404="Unknown user, or no live interactions",
+                                       _422="Unknown candidate items (listed) or a malformed request"))
 async def recommend(body: RecommendRequest, recommender: RecommenderDep) -> RecommendResponse:
     """Score candidates (or the 20 most popular unrated items) for a user; highest p(yes) first."""
     return await recommender.recommend(body)
