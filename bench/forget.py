@@ -31,9 +31,9 @@ from typing import Any
 
 import pandas as pd
 
+from bench.client import Client
 from bench.machine import describe
 from bench.quick import train_quick_run
-from service.client import Client
 from service.settings import ServiceSettings
 
 

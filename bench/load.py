@@ -35,8 +35,8 @@ import httpx
 import numpy as np
 import pandas as pd
 
+from bench.client import Client
 from bench.machine import describe
-from service.client import Client
 
 
 def one_shard_target(run: Path) -> tuple[str, str, int]:

@@ -28,9 +28,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from bench.client import Client
 from bench.machine import describe
 from bench.quick import train_quick_run
-from service.client import Client
 
 ASSETS = Path("var/assets")
 

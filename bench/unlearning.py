@@ -44,7 +44,7 @@ def time_training(base: Any, prompts: list[str], labels: list[int], cfg: trainin
 
 
 def whole_job(run_src: Path, base: Any, work: Path) -> dict[str, Any]:
-    from worker import queue
+    from jobs import queue
     from worker.settings import WorkerSettings
     from worker.tasks import WorkerContext, retrain_shard, set_context
 

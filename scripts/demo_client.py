@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from service.client import APIError, Client
+from bench.client import APIError, Client
 
 
 def pick_users(run_dir: Path) -> tuple[str, str]:

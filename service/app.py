@@ -16,6 +16,7 @@ from apa.ledger import repository
 from apa.ledger.db import require_current, session_factory
 from apa.model import load_base_model
 from apa.runs import RunConfig
+from jobs import queue
 from service import errors, redaction
 from service.deps import Gateway
 from service.limits import BodyLimit, TokenBuckets
@@ -25,7 +26,6 @@ from service.routes import admin, deletions, health, recommend
 from service.serving import EventListener, LedgerPoller, RunInfo, Serving
 from service.settings import ServiceSettings, get_service_settings
 from service.timeout import RequestTimeout
-from worker import queue
 
 log = logging.getLogger(__name__)
 

@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
+from jobs import queue
 from service import deadline as deadline_module
 from service.deadline import Deadline, Policy
 from tests.conftest import load_tiny, record_run, service_settings
 from tests.test_service_flow import AUTH, run_worker, user_with_train_samples, wait_for
-from worker import queue
 from worker.settings import WorkerSettings
 from worker.tasks import WorkerContext, set_context
 

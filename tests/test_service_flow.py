@@ -18,8 +18,8 @@ from apa import artifacts
 from apa.ledger import repository
 from apa.ledger.db import session_scope
 from apa.ledger.models import Interaction, Sample
+from jobs import queue
 from tests.conftest import ADMIN_TOKEN, load_tiny, record_run, service_settings
-from worker import queue
 from worker.settings import WorkerSettings
 from worker.tasks import WorkerContext, set_context
 

@@ -357,7 +357,7 @@ def test_the_quarantine_event_names_the_user_by_hmac_only(api: TestClient) -> No
     import numpy as np
 
     from apa.ledger.repository import hmac_hex
-    from worker import queue
+    from jobs import queue
 
     gateway = api.app.state.gateway  # type: ignore[attr-defined]
     settings = gateway.settings

@@ -9,8 +9,8 @@ from fastapi.testclient import TestClient
 
 from apa.ledger.db import session_scope
 from apa.ledger.models import Interaction
+from jobs import queue
 from tests.conftest import ADMIN_TOKEN, record_run, service_settings
-from worker import queue
 
 AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 

@@ -11,9 +11,9 @@ from apa import artifacts
 from apa.ledger import repository
 from apa.ledger.db import session_scope
 from apa.ledger.models import Sample
+from jobs import queue
 from tests.conftest import ADMIN_TOKEN, load_tiny, record_run, service_settings
 from tests.test_service_flow import wait_for
-from worker import queue
 from worker.reconciler import reconcile
 from worker.settings import WorkerSettings
 from worker.tasks import WorkerContext, held_lock, retrain_shard, set_context

@@ -29,7 +29,7 @@ from rq.job import Job
 from rq.job_lifecycle import record_job_failure
 from rq.registry import StartedJobRegistry
 
-from worker.queue import Names, live_workers, queue
+from jobs.queue import Names, live_workers, queue
 
 log = logging.getLogger(__name__)
 

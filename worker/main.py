@@ -7,7 +7,7 @@ from rq import SimpleWorker
 
 from apa.ledger.db import require_current
 from apa.model import load_base_model
-from worker import queue
+from jobs import queue
 from worker.liveness import Heartbeat, worker_name
 from worker.reconciler import Reconciler, reconcile
 from worker.settings import WorkerSettings

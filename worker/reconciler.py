@@ -15,7 +15,7 @@ from apa import artifacts
 from apa.errors import LedgerError
 from apa.ledger import repository
 from apa.ledger.db import session_scope
-from worker import queue
+from jobs import queue
 from worker.liveness import recover_orphans
 from worker.settings import WorkerSettings
 

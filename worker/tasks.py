@@ -28,7 +28,7 @@ from apa.model import BaseModel, load_base_model
 from apa.purge import purge_run_files
 from apa.record import version_record
 from apa.runs import read_run, train_version
-from worker import queue
+from jobs import queue
 from worker.liveness import lock_token
 from worker.settings import WorkerSettings, get_worker_settings
 

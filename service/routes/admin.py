@@ -4,6 +4,7 @@ from typing import Annotated
 from fastapi import APIRouter, Path
 
 from apa.ledger import repository
+from jobs import queue
 from service.deps import AdminDep, GatewayDep, ServingDep, SessionDep
 from service.schemas import (
     SHARD_MAX,
@@ -18,7 +19,6 @@ from service.schemas import (
     error_responses,
 )
 from service.serving import Serving
-from worker import queue
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/admin", tags=["admin"], responses=error_responses(401, 403, 413, 429, 503))

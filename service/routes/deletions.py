@@ -6,10 +6,10 @@ from fastapi import APIRouter, Header, Path, Query, Response
 
 from apa.ledger import repository
 from apa.ledger.models import DeletionRequest
+from jobs import queue
 from service.deadline import Policy
 from service.deps import AdminDep, GatewayDep, ServingDep, SessionDep
 from service.schemas import MAX_ITEMS, DeletionAccepted, DeletionRequestPublic, IdParam, error_responses
-from worker import queue
 
 log = logging.getLogger(__name__)
 router = APIRouter(tags=["deletions"])

@@ -1,6 +1,7 @@
 """Queue names, de-duplicated enqueueing, per-shard locks and pub/sub. Shared by gateway and worker.
 
-Imports no torch: the gateway enqueues jobs by dotted name (``worker.tasks.retrain_shard``).
+Imports no torch and neither ``service`` nor ``worker``: the gateway enqueues jobs by dotted name
+(``worker.tasks.retrain_shard``).
 
 De-duplication: enqueueing a shard's retrain sets ``<prefix>retrain:queued:<k>`` (SET NX); the job
 clears it when it starts, before it snapshots the shard. A deletion that finds the marker set is
