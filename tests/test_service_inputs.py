@@ -264,14 +264,16 @@ def test_a_full_model_queue_answers_503_and_health_never_waits(
     gateway = api.app.state.gateway  # type: ignore[attr-defined]
     engine = gateway.serving.engine
     release, entered = threading.Event(), threading.Event()
-    real_score = engine.score
 
-    def held_score(*args: Any, **kwargs: Any) -> Any:
-        entered.set()
-        release.wait(30)
-        return real_score(*args, **kwargs)
+    def held(real: Callable[..., Any]) -> Callable[..., Any]:
+        def score(*args: Any, **kwargs: Any) -> Any:
+            entered.set()
+            release.wait(30)
+            return real(*args, **kwargs)
+        return score
 
-    monkeypatch.setattr(engine, "score", held_score)
+    for name in ("score", "score_shared"):  # whichever path APA_PREFIX_SHARING picks
+        monkeypatch.setattr(engine, name, held(getattr(engine, name)))
     body = {"user_id": "u1", "candidates": ["6"]}
     with ThreadPoolExecutor(1) as pool:
         first = pool.submit(api.post, "/recommend", json=body)
