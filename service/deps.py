@@ -78,6 +78,29 @@ def require_admin(
 
 AdminDep = Annotated[str, Depends(require_admin)]
 
+_client_bearer = HTTPBearer(auto_error=False, description="APA_RECOMMEND_TOKEN, when the gateway sets one")
+
+
+def require_client(
+    gateway: GatewayDep, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_client_bearer)],
+) -> None:
+    """With ``APA_RECOMMEND_TOKEN`` set: 401 without a bearer token, 403 unless it is that token or the
+    admin token (compared in constant time). Unset: anyone may ask."""
+    expected = gateway.settings.recommend_token
+    if expected is None:
+        return
+    if credentials is None or credentials.scheme.lower() != "bearer":
+        raise HTTPException(401, "missing bearer token", headers={"WWW-Authenticate": "Bearer"})
+    given = credentials.credentials.encode()
+    admin = gateway.settings.admin_token
+    allowed = [expected] + ([admin] if admin is not None else [])
+    # every comparison runs, so the time does not tell which token was close
+    if not sum(hmac.compare_digest(given, token.get_secret_value().encode()) for token in allowed):
+        raise HTTPException(403, "wrong token")
+
+
+ClientDep = Depends(require_client)
+
 
 def get_serving(gateway: GatewayDep) -> "Serving":
     if gateway.serving is None:

@@ -13,6 +13,9 @@ Auto = Literal["auto"]
 
 class ServiceSettings(CoreSettings):
     admin_token: SecretStr | None = None  # required: DELETE and /admin/* need it
+    # Optional: when set, /recommend needs it (or the admin token) as a bearer token; unset, /recommend
+    # is open and bounded only by the body limit and the model queue's admission (APA_MAX_MODEL_WAITING).
+    recommend_token: SecretStr | None = None
     device: str = "cpu"
     mode: Literal["nd", "d"] = "nd"  # APA(ND) exact mixture, or APA(D)
     # The attention: each part a value, or auto (chosen on the validation memory, leave one out, each

@@ -402,3 +402,17 @@ def test_ledger_key_and_run_files_are_owner_only(api: TestClient, tiny_run_templ
     assert (run / "samples.parquet").stat().st_mode & 0o777 == 0o600
     CoreSettings(home=tmp_path / "keyhome").hmac_secret()
     assert (tmp_path / "keyhome" / "hmac.key").stat().st_mode & 0o777 == 0o600
+
+
+@pytest.mark.parametrize("ledger_url", ["sqlite"], indirect=True)
+def test_recommend_can_require_a_client_token(make_api: Callable[..., TestClient]) -> None:
+    api = make_api(recommend_token="client-secret")
+    body = {"user_id": "u1", "candidates": ["6"]}
+    missing = api.post("/recommend", json=body)
+    assert_json_error(missing, 401)
+    assert_json_error(api.post("/recommend", json=body, headers={"Authorization": "Bearer nope"}), 403)
+    assert api.post("/recommend", json=body, headers={"Authorization": "Bearer client-secret"}).status_code == 200
+    assert api.post("/recommend", json=body, headers=AUTH).status_code == 200, "the admin token is accepted too"
+    assert api.get("/healthz").status_code == 200, "health stays open"
+    security = api.get("/openapi.json").json()["paths"]["/recommend"]["post"].get("security")
+    assert security, "the bearer scheme is declared"
