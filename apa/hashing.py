@@ -1,6 +1,7 @@
 """Content hashes used in manifests, caches and asset checks."""
 
 import hashlib
+import hmac
 import json
 from pathlib import Path
 from typing import Any
@@ -25,3 +26,8 @@ def sha256_json(value: Any) -> str:
 
 def sha256_text(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def hmac_hex(key: bytes, kind: str, value: str) -> str:
+    """HMAC-SHA256 of ``<kind>:<value>``: how deleted data is identified afterwards."""
+    return hmac.new(key, f"{kind}:{value}".encode(), hashlib.sha256).hexdigest()

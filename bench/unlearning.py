@@ -28,7 +28,7 @@ from typing import Any
 from pydantic import SecretStr
 
 from apa import training
-from apa.ledger import db, repository
+from apa.ledger import db, deletions
 from apa.model import load_base_model
 from apa.record import import_run
 from apa.runs import read_run
@@ -61,7 +61,7 @@ def whole_job(run_src: Path, base: Any, work: Path) -> dict[str, Any]:
     shard = 0
     user = next(s.user_id for s in data.shard_samples(shard))
     with db.session_scope(settings.ledger_url) as session:
-        request = repository.request_deletion(session=session, user_id=user, item_ids=None,
+        request = deletions.request_deletion(session=session, user_id=user, item_ids=None,
                                               key=settings.hmac_secret()).request
         affected = list(request.affected_shards)
     redis = queue.connect(settings.redis_url)

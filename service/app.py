@@ -12,7 +12,7 @@ from starlette.concurrency import run_in_threadpool
 
 from apa import __version__
 from apa.errors import ConfigError, LedgerError
-from apa.ledger import repository
+from apa.ledger import run_import
 from apa.ledger.db import require_current, session_factory
 from apa.model import load_base_model
 from apa.runs import RunConfig
@@ -41,7 +41,7 @@ def _start(gateway: Gateway) -> None:
     settings = gateway.settings
     require_current(settings.ledger_url)
     with gateway.sessions() as session:
-        run = repository.get_run(session=session)
+        run = run_import.get_run(session=session)
         info = RunInfo(path=Path(run.path), config=RunConfig.from_dict(run.config))
         expected_sha = run.base_model_sha256
     base = load_base_model(settings.base_model_dir, device=settings.device)

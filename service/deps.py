@@ -10,7 +10,7 @@ from fastapi import Depends, HTTPException, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session, sessionmaker
 
-from apa.ledger.repository import hmac_hex
+from apa.hashing import hmac_hex
 from service.limits import TokenBuckets, retry_after
 from service.metrics import Metrics
 from service.settings import ServiceSettings

@@ -16,7 +16,7 @@ from collections.abc import Collection
 
 import numpy as np
 
-from apa.ledger.repository import hmac_hex
+from apa.hashing import hmac_hex
 
 
 class HistoryCache:

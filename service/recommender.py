@@ -15,7 +15,7 @@ from starlette.concurrency import run_in_threadpool
 from apa import prompts
 from apa.embeddings import embed
 from apa.errors import AllShardsQuarantined, ItemsNotFound
-from apa.ledger import repository
+from apa.ledger import catalog
 from apa.samples import recent_history
 from service.batching import MicroBatcher
 from service.deadline import LoadShed
@@ -97,18 +97,18 @@ class Recommender:
     def prepare(self, request: RecommendRequest) -> Query:
         cfg = self.serving.run.config
         with self.sessions() as session:
-            history = repository.live_history(session=session, user_id=request.user_id)
+            history = catalog.live_history(session=session, user_id=request.user_id)
             if request.candidates is None:
                 rated = {item for item, _ in history}
-                candidates = repository.popular_items(session=session, exclude=rated,
+                candidates = catalog.popular_items(session=session, exclude=rated,
                                                       limit=self.settings.popular_candidates)
             else:
                 candidates = list(dict.fromkeys(request.candidates))
-            titles = repository.titles(session=session, item_ids=sorted({*candidates, *(i for i, _ in history)}))
+            titles = catalog.titles(session=session, item_ids=sorted({*candidates, *(i for i, _ in history)}))
             unknown = [c for c in candidates if c not in titles]
             if unknown:
                 raise ItemsNotFound(unknown)
-            popularity = repository.popularity(session=session, item_ids=candidates)
+            popularity = catalog.popularity(session=session, item_ids=candidates)
         liked, disliked = recent_history(history, titles, max_history=cfg.max_history,
                                          like_threshold=cfg.like_threshold)
         return Query(

@@ -25,10 +25,9 @@ from apa.aggregation import ValidationMemory
 from apa.engines.base import AdapterRef
 from apa.engines.torch import TorchEngine
 from apa.errors import ConfigError, LedgerError
-from apa.ledger import repository
+from apa.ledger import catalog, deletions
 from apa.ledger.db import session_scope
-from apa.ledger.models import SERVING, utcnow
-from apa.ledger.repository import as_utc
+from apa.ledger.models import SERVING, as_utc, utcnow
 from apa.model import BaseModel
 from apa.runs import RunConfig, memory_path
 from service.deadline import Deadline, Policy
@@ -79,12 +78,12 @@ class Serving:
             with self._state_lock:
                 epoch = self._epoch
             with session_scope(self.settings.ledger_url, **self.settings.ledger_timeouts()) as session:
-                views = repository.shard_views(session=session)
-                valid_ids = frozenset(repository.live_sample_ids(session=session, split="valid"))
-                finished = repository.completed_since(session=session, since=self._completed_seen)
+                views = catalog.shard_views(session=session)
+                valid_ids = frozenset(catalog.live_sample_ids(session=session, split="valid"))
+                finished = deletions.completed_since(session=session, since=self._completed_seen)
                 completed = [(as_utc(r.created_at), as_utc(r.completed_at)) for r in finished]
                 subjects = {r.subject_hmac for r in finished}
-                open_created = repository.open_deletions_created(session=session)
+                open_created = deletions.open_deletions_created(session=session)
             self.deadline.update(open_created)
             if any(v.path is None for v in views):
                 raise LedgerError(f"shards without a serving version: {[v.shard for v in views if v.path is None]}")

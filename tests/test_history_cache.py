@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from apa.ledger.repository import hmac_hex
+from apa.hashing import hmac_hex
 from service.history_cache import HistoryCache
 
 

@@ -6,7 +6,8 @@ import pytest
 from sqlalchemy import inspect
 
 from apa.errors import LedgerError
-from apa.ledger import db, repository
+from apa.hashing import hmac_hex
+from apa.ledger import catalog, db, run_import
 from apa.ledger.models import Base
 from tests.conftest import record_run, service_settings
 
@@ -36,8 +37,8 @@ def test_import_is_idempotent_and_one_ledger_serves_one_run(
     record_run(settings)
     with db.session_scope(ledger_url) as session:
         again = import_run(session, settings.runs_dir / "tiny", settings)
-        views = repository.shard_views(session=session)
-        history = repository.live_history(session=session, user_id="u1")
+        views = catalog.shard_views(session=session)
+        history = catalog.live_history(session=session, user_id="u1")
     assert (again.created, again.versions_added) == (False, 0)
     assert [(v.shard, v.state, v.version) for v in views] == [(0, "serving", 1), (1, "serving", 1)]
     assert [item for item, _ in history] == ["1", "4", "10", "2", "3", "5"]  # (timestamp, item_id) order
@@ -45,15 +46,15 @@ def test_import_is_idempotent_and_one_ledger_serves_one_run(
     other.mkdir()
     (other / "run.json").write_text("{}")
     with pytest.raises(LedgerError, match="already serves"), db.session_scope(ledger_url) as session:
-        repository.import_run(session=session, run_path=other, dataset=None, splits={}, shard_of={},  # type: ignore[arg-type]
+        run_import.import_run(session=session, run_path=other, dataset=None, splits={}, shard_of={},  # type: ignore[arg-type]
                               config={"shards": 2}, base_model_name="x", base_model_sha256="0" * 64, versions=[],
                               key=b"k")
 
 
 def test_hmacs_are_keyed() -> None:
-    a = repository.hmac_hex(b"key-1", "interaction", "u1:1:100")
-    assert a == repository.hmac_hex(b"key-1", "interaction", "u1:1:100")
-    assert a != repository.hmac_hex(b"key-2", "interaction", "u1:1:100")
+    a = hmac_hex(b"key-1", "interaction", "u1:1:100")
+    assert a == hmac_hex(b"key-1", "interaction", "u1:1:100")
+    assert a != hmac_hex(b"key-2", "interaction", "u1:1:100")
     assert "u1" not in a and len(a) == 64
 
 

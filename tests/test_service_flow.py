@@ -15,7 +15,7 @@ from fastapi.testclient import TestClient
 from rq import SimpleWorker
 
 from apa import artifacts
-from apa.ledger import repository
+from apa.ledger import catalog
 from apa.ledger.db import session_scope
 from apa.ledger.models import Interaction, Sample
 from jobs import queue
@@ -149,7 +149,7 @@ def test_deletions_during_a_retrain_coalesce(env: dict) -> None:
     assert 0 in first["affected_shards"] and 0 in second["affected_shards"]
     run_worker(env)
     with session_scope(settings.ledger_url) as session:
-        versions = repository.shard_views(session=session)
+        versions = catalog.shard_views(session=session)
     assert versions[0].version == 2, "one retrain covered both deletions"
     for request_id in (first["request_id"], second["request_id"]):
         assert client.get(f"/deletions/{request_id}").json()["status"] == "completed"

@@ -145,12 +145,12 @@ def test_a_refused_ledger_is_a_json_503_with_retry_after(api: TestClient) -> Non
 
 
 def test_an_unexpected_error_is_a_json_500(api: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
-    from apa.ledger import repository
+    from apa.ledger import deletions
 
     def broken(**_: Any) -> None:
         raise RuntimeError("u1 secret detail")
 
-    monkeypatch.setattr(repository, "get_deletion", broken)
+    monkeypatch.setattr(deletions, "get_deletion", broken)
     answer = api.get("/deletions/abc")
     assert_json_error(answer, 500)
     assert answer.json() == {"detail": "internal error"}
@@ -358,7 +358,7 @@ def test_the_quarantine_event_names_the_user_by_hmac_only(api: TestClient) -> No
 
     import numpy as np
 
-    from apa.ledger.repository import hmac_hex
+    from apa.hashing import hmac_hex
     from jobs import queue
 
     gateway = api.app.state.gateway  # type: ignore[attr-defined]

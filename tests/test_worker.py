@@ -8,7 +8,7 @@ from fastapi.testclient import TestClient
 from rq import SimpleWorker
 
 from apa import artifacts
-from apa.ledger import repository
+from apa.ledger import catalog
 from apa.ledger.db import session_scope
 from apa.ledger.models import Sample
 from jobs import queue
@@ -50,9 +50,9 @@ def delete_user_of_shard(env: dict, shard: int) -> dict:
     return {**answer.json(), "user": user}
 
 
-def shard_state(env: dict, shard: int) -> repository.ShardView:
+def shard_state(env: dict, shard: int) -> catalog.ShardView:
     with session_scope(env["settings"].ledger_url) as session:
-        return repository.shard_views(session=session)[shard]
+        return catalog.shard_views(session=session)[shard]
 
 
 def test_a_refused_version_leaves_the_shard_quarantined_until_an_admin_retry(env: dict) -> None:

@@ -13,7 +13,7 @@ from typing import Any
 
 from apa import artifacts
 from apa.errors import LedgerError
-from apa.ledger import repository
+from apa.ledger import purges, retrains, run_import
 from apa.ledger.db import session_scope
 from jobs import queue
 from worker.liveness import recover_orphans
@@ -28,16 +28,16 @@ def reconcile(settings: WorkerSettings, redis: Any) -> dict[str, Any]:
     orphans = recover_orphans(redis, settings.redis_prefix)  # first: frees the locks dead workers held
     with session_scope(settings.ledger_url) as session:
         try:
-            run_dir: Path | None = Path(repository.get_run(session=session).path)
+            run_dir: Path | None = Path(run_import.get_run(session=session).path)
         except LedgerError:
             run_dir = None
-        dirty = repository.dirty_shards(session=session)
-        purges = repository.pending_purges(session=session)
+        dirty = retrains.dirty_shards(session=session)
+        to_purge = purges.pending_purges(session=session)
     names = queue.Names(settings.redis_prefix)
     busy = [k for k in dirty if redis.exists(names.lock(k))]  # being retrained: that job re-enqueues if needed
     enqueued = [k for k in dirty if k not in busy
                 and queue.enqueue_retrain(redis, settings.redis_prefix, k, timeout_s=settings.retrain_timeout_s)]
-    if purges:
+    if to_purge:
         queue.enqueue_purge(redis, settings.redis_prefix)
     cleaned = 0
     if run_dir is not None and run_dir.is_dir():
@@ -48,10 +48,10 @@ def reconcile(settings: WorkerSettings, redis: Any) -> dict[str, Any]:
             shard = shard_dir.name.removeprefix("shard-")
             if shard.isdigit() and not redis.exists(names.lock(int(shard))):
                 cleaned += artifacts.clean_temp_dirs(shard_dir, older_than_s=UNLOCKED_TEMP_AGE_S)
-    if enqueued or purges or cleaned or orphans["failed_jobs"] or orphans["freed_locks"]:
+    if enqueued or to_purge or cleaned or orphans["failed_jobs"] or orphans["freed_locks"]:
         log.info("reconciled: enqueued shards %s, %d purge(s) pending, %d temp dir(s) removed, orphans %s",
-                 enqueued, len(purges), cleaned, orphans)
-    return {"dirty": dirty, "enqueued": enqueued, "purges": len(purges), "temp_dirs_removed": cleaned, **orphans}
+                 enqueued, len(to_purge), cleaned, orphans)
+    return {"dirty": dirty, "enqueued": enqueued, "purges": len(to_purge), "temp_dirs_removed": cleaned, **orphans}
 
 
 class Reconciler(threading.Thread):

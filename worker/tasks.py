@@ -22,7 +22,7 @@ from redis.lock import Lock
 
 from apa import artifacts, gate
 from apa.errors import APAError, GateFailed
-from apa.ledger import repository
+from apa.ledger import purges, retrains
 from apa.ledger.db import session_scope
 from apa.model import BaseModel, load_base_model
 from apa.purge import purge_run_files
@@ -107,7 +107,7 @@ def retrain_shard(shard: int) -> dict[str, Any]:
             return {"shard": shard, "status": "busy"}
         queue.clear_queued(ctx.redis, settings.redis_prefix, shard)
         with session_scope(settings.ledger_url) as session:
-            snapshot = repository.begin_retrain(session=session, shard=shard)
+            snapshot = retrains.begin_retrain(session=session, shard=shard)
         if snapshot is None:
             return {"shard": shard, "status": "clean"}
         result = _retrain_with_retries(ctx, snapshot)
@@ -117,7 +117,7 @@ def retrain_shard(shard: int) -> dict[str, Any]:
     return result
 
 
-def _retrain_with_retries(ctx: WorkerContext, snapshot: repository.RetrainSnapshot) -> dict[str, Any]:
+def _retrain_with_retries(ctx: WorkerContext, snapshot: retrains.RetrainSnapshot) -> dict[str, Any]:
     settings = ctx.settings
     for attempt in range(1, settings.max_attempts + 1):
         try:
@@ -133,7 +133,7 @@ def _retrain_with_retries(ctx: WorkerContext, snapshot: repository.RetrainSnapsh
     raise AssertionError("unreachable")
 
 
-def _retrain(ctx: WorkerContext, snapshot: repository.RetrainSnapshot) -> dict[str, Any]:
+def _retrain(ctx: WorkerContext, snapshot: retrains.RetrainSnapshot) -> dict[str, Any]:
     settings, run_dir, shard = ctx.settings, snapshot.run_path, snapshot.shard
     started = time.perf_counter()
     run = read_run(run_dir)
@@ -155,7 +155,7 @@ def _retrain(ctx: WorkerContext, snapshot: repository.RetrainSnapshot) -> dict[s
     version, _ = train_version(run, run_dir, ctx.base, shard, samples, valid=valid, gate=check)
     record = version_record(run_dir, shard, version, metrics)
     with session_scope(settings.ledger_url) as session:
-        completed = repository.publish_version(session=session, snapshot=snapshot, record=record,
+        completed = retrains.publish_version(session=session, snapshot=snapshot, record=record,
                                                key=settings.hmac_secret())
     seconds = time.perf_counter() - started
     queue.publish(ctx.redis, settings.redis_prefix, {"type": "swap", "shard": shard, "version": version})
@@ -168,7 +168,7 @@ def _retrain(ctx: WorkerContext, snapshot: repository.RetrainSnapshot) -> dict[s
 def _fail(ctx: WorkerContext, shard: int, error: str) -> dict[str, Any]:
     settings = ctx.settings
     with session_scope(settings.ledger_url) as session:
-        failed = repository.fail_retrain(session=session, shard=shard, error=error)
+        failed = retrains.fail_retrain(session=session, shard=shard, error=error)
     queue.publish(ctx.redis, settings.redis_prefix, {"type": "failed", "shard": shard})
     log.error("shard %d stays quarantined: %s (requests failed: %s)", shard, error, failed)
     return {"shard": shard, "status": "failed", "error": error, "failed": failed}
@@ -177,7 +177,7 @@ def _fail(ctx: WorkerContext, shard: int, error: str) -> dict[str, Any]:
 def _enqueue_if_dirty(ctx: WorkerContext, shard: int) -> None:
     settings = ctx.settings
     with session_scope(settings.ledger_url) as session:
-        dirty = shard in repository.dirty_shards(session=session)
+        dirty = shard in retrains.dirty_shards(session=session)
     if dirty:
         queue.enqueue_retrain(ctx.redis, settings.redis_prefix, shard, timeout_s=settings.retrain_timeout_s)
 
@@ -192,15 +192,15 @@ def purge_completed() -> dict[str, Any]:
         if not held:
             return {"status": "busy"}
         with session_scope(settings.ledger_url) as session:
-            pending = repository.pending_purges(session=session)
+            pending = purges.pending_purges(session=session)
         for request_id in pending:
             try:
                 with session_scope(settings.ledger_url) as session:
-                    plan = repository.purge_plan(session=session, request_id=request_id)
+                    plan = purges.purge_plan(session=session, request_id=request_id)
                 report = purge_run_files(plan.run_path, set(plan.sample_ids), plan.superseded,
                                          set(plan.interaction_hmacs))
                 with session_scope(settings.ledger_url) as session:
-                    repository.finish_purge(session=session, plan=plan)
+                    purges.finish_purge(session=session, plan=plan)
             except (APAError, OSError):
                 log.exception("purge of deletion %s failed; the reconciler tries again", request_id)
                 continue

@@ -3,7 +3,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Path
 
-from apa.ledger import repository
+from apa.ledger import catalog, retrains
 from jobs import queue
 from service.deps import AdminDep, GatewayDep, ServingDep, SessionDep
 from service.schemas import (
@@ -30,14 +30,14 @@ def status(_: AdminDep, session: SessionDep, gateway: GatewayDep, serving: Servi
     and the attention in use (its temperature and how many validation samples it weighs over)."""
     shards = [ShardStatus(shard=v.shard, state=v.state, version=v.version,  # type: ignore[arg-type]
                           n_samples=v.n_samples, trained_at=v.trained_at, manifest_sha256=v.manifest_sha256)
-              for v in repository.shard_views(session=session)]
+              for v in catalog.shard_views(session=session)]
     try:
         queue_state = QueueStatus(**queue.queue_status(gateway.redis, gateway.settings.redis_prefix))
     except Exception:
         log.warning("queue status unavailable", exc_info=True)
         queue_state = QueueStatus(depth=None, workers=None)
     settings, attention = serving.settings, serving.attention
-    return AdminStatus(shards=shards, queue=queue_state, deletions=repository.deletion_counts(session=session),
+    return AdminStatus(shards=shards, queue=queue_state, deletions=catalog.deletion_counts(session=session),
                        model=ModelInfo(name=serving.base.name, sha256=serving.base.sha256),
                        attention=AttentionStatus(
                            mode=settings.mode,
@@ -63,7 +63,7 @@ def forget_status(serving: Serving) -> ForgetStatus:
 def retrain(shard: Annotated[int, Path(ge=0, le=SHARD_MAX)], _: AdminDep, session: SessionDep,
             gateway: GatewayDep) -> RetrainAccepted:
     """Try a failed (or dirty) shard's retrain again."""
-    repository.request_retrain(session=session, shard=shard)
+    retrains.request_retrain(session=session, shard=shard)
     session.commit()
     settings = gateway.settings
     enqueued = queue.enqueue_retrain(gateway.redis, settings.redis_prefix, shard,

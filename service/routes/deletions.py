@@ -4,8 +4,8 @@ from typing import Annotated
 
 from fastapi import APIRouter, Header, Path, Query, Response
 
-from apa.ledger import repository
-from apa.ledger.models import DeletionRequest
+from apa.ledger import deletions
+from apa.ledger.models import DeletionRequest, as_utc
 from jobs import queue
 from service.deadline import Policy
 from service.deps import AdminDep, GatewayDep, ServingDep, SessionDep
@@ -16,7 +16,7 @@ router = APIRouter(tags=["deletions"])
 
 
 def _public(request: DeletionRequest, policy: Policy) -> DeletionRequestPublic:
-    created, completed = repository.as_utc(request.created_at), repository.as_utc(request.completed_at)
+    created, completed = as_utc(request.created_at), as_utc(request.completed_at)
     return DeletionRequestPublic.model_validate({
         "request_id": request.id, "status": request.status, "affected_shards": request.affected_shards,
         "created_at": created, "completed_at": completed, "certificate": request.certificate, "error": request.error,
@@ -43,7 +43,7 @@ def delete_interactions(
     """
     received = time.perf_counter()
     settings = gateway.settings
-    outcome = repository.request_deletion(
+    outcome = deletions.request_deletion(
         session=session, user_id=user_id, item_ids=item_id, key=settings.hmac_secret(),
         idempotency_key=idempotency_key, token_hmac=token_hmac)
     request = outcome.request
@@ -82,5 +82,5 @@ def _wake_worker(gateway: GatewayDep, request: DeletionRequest) -> None:
 def get_deletion(request_id: Annotated[IdParam, Path()], session: SessionDep, gateway: GatewayDep,
                  ) -> DeletionRequestPublic:
     """A deletion request's status and, once completed, its certificate; ``overdue`` past APA_FORGET_DEADLINE_S."""
-    return _public(repository.get_deletion(session=session, request_id=request_id),
+    return _public(deletions.get_deletion(session=session, request_id=request_id),
                    Policy(deadline_s=gateway.settings.forget_deadline_s))

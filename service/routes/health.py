@@ -6,7 +6,7 @@ from fastapi import APIRouter, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
 
-from apa.ledger import repository
+from apa.ledger import catalog
 from service.deadline import STANCE_LEVEL
 from service.deps import Gateway, GatewayDep, SessionDep
 from service.schemas import Health
@@ -57,7 +57,7 @@ async def readyz(gateway: GatewayDep, response: Response) -> Health:
 
 @router.get("/metrics", include_in_schema=False)
 def metrics(gateway: GatewayDep, session: SessionDep) -> Response:
-    for status, count in repository.deletion_counts(session=session).items():
+    for status, count in catalog.deletion_counts(session=session).items():
         gateway.metrics.deletions.labels(status=status).set(count)
     if gateway.serving is not None:
         for stat, value in asdict(gateway.serving.engine.prefixes.stats()).items():

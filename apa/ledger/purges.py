@@ -1,0 +1,80 @@
+"""Purging deleted data once its retrain is live: the plan and its completion.
+
+Each function works inside the caller's session (one transaction); none commits. Imports no torch.
+"""
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from sqlalchemy import delete, select, update
+from sqlalchemy.orm import Session
+
+from apa.ledger.deletions import get_deletion
+from apa.ledger.models import (
+    COMPLETED,
+    AdapterVersion,
+    DeletionRequest,
+    DeletionShard,
+    Interaction,
+    Sample,
+    SampleInteraction,
+    utcnow,
+)
+from apa.ledger.run_import import get_run
+
+if TYPE_CHECKING:  # types only: apa.data reaches the model-conversion code
+    pass
+
+
+from apa.ledger.common import chunks, write_audit
+
+
+@dataclass(frozen=True)
+class PurgePlan:
+    request_id: str
+    sample_ids: list[str]
+    superseded: list[Path]  # version folders trained on the deleted data
+    run_path: Path
+    interaction_hmacs: list[str]
+
+
+def pending_purges(*, session: Session) -> list[str]:
+    return list(session.scalars(select(DeletionRequest.id).where(
+        DeletionRequest.status == COMPLETED, DeletionRequest.purged_at.is_(None)).order_by(DeletionRequest.created_at)))
+
+
+def purge_plan(*, session: Session, request_id: str) -> PurgePlan:
+    request = get_deletion(session=session, request_id=request_id)
+    parts = session.scalars(select(DeletionShard).where(DeletionShard.request_id == request.id)).all()
+    superseded: list[Path] = []
+    for part in parts:
+        stale = session.scalars(select(AdapterVersion).where(
+            AdapterVersion.shard == part.shard, AdapterVersion.version < (part.new_version or 0),
+            AdapterVersion.purged_at.is_(None)))
+        superseded.extend(Path(v.path) for v in stale)
+    sample_ids = session.scalars(select(Sample.sample_id).where(Sample.deletion_id == request.id))
+    return PurgePlan(request_id=request.id, sample_ids=sorted(sample_ids),
+                     superseded=sorted(set(superseded)), run_path=Path(get_run(session=session).path),
+                     interaction_hmacs=list(request.deleted_hmacs))
+
+
+def finish_purge(*, session: Session, plan: PurgePlan) -> None:
+    """Delete the request's interaction and sample rows; mark superseded versions purged."""
+    now = utcnow()
+    paths = [str(p) for p in plan.superseded]
+    for chunk in chunks(paths):
+        session.execute(update(AdapterVersion).where(AdapterVersion.path.in_(chunk)).values(purged_at=now))
+    sample_ids = list(session.scalars(select(Sample.sample_id).where(Sample.deletion_id == plan.request_id)))
+    for chunk in chunks(sample_ids):
+        session.execute(delete(SampleInteraction).where(SampleInteraction.sample_id.in_(chunk)))
+        session.execute(delete(Sample).where(Sample.sample_id.in_(chunk)))
+    interaction_ids = list(session.scalars(select(Interaction.id).where(Interaction.deletion_id == plan.request_id)))
+    for chunk in chunks(interaction_ids):
+        session.execute(delete(SampleInteraction).where(SampleInteraction.interaction_id.in_(chunk)))
+        session.execute(delete(Interaction).where(Interaction.id.in_(chunk)))
+    request = get_deletion(session=session, request_id=plan.request_id)
+    request.purged_at = now
+    write_audit(session=session, actor="worker", action="deletion.purged", subject=plan.request_id,
+          detail={"interaction_rows": len(interaction_ids), "sample_rows": len(sample_ids),
+                  "adapter_versions": len(paths)})

@@ -1,0 +1,163 @@
+"""Retraining a shard: dirty shards, snapshots, publishing a version, failures, admin retries.
+
+Each function works inside the caller's session (one transaction); none commits. Imports no torch.
+"""
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from apa.errors import (
+    NothingToRetrain,
+    ShardNotFound,
+)
+from apa.ledger.catalog import live_sample_ids
+from apa.ledger.models import (
+    COMPLETED,
+    FAILED,
+    QUARANTINED,
+    RETRAINING,
+    SERVING,
+    AdapterVersion,
+    DeletionRequest,
+    DeletionShard,
+    Shard,
+    utcnow,
+)
+from apa.ledger.run_import import VersionRecord, get_run
+
+if TYPE_CHECKING:  # types only: apa.data reaches the model-conversion code
+    pass
+
+
+from apa.ledger.common import record_event, version_row, write_audit
+from apa.ledger.deletions import complete
+
+
+@dataclass(frozen=True)
+class RetrainSnapshot:
+    shard: int
+    seq: int
+    sample_ids: list[str]  # the shard's live training samples
+    valid_ids: list[str]  # live validation samples
+    old_version: int | None
+    run_path: Path
+
+
+def dirty_shards(*, session: Session, include_failed: bool = False) -> list[int]:
+    query = select(Shard.shard).where(Shard.dirty_seq > Shard.clean_seq)
+    if not include_failed:
+        query = query.where(Shard.state != FAILED)
+    return sorted(session.scalars(query))
+
+
+def begin_retrain(*, session: Session, shard: int) -> RetrainSnapshot | None:
+    """Snapshot a dirty shard's live samples and mark it (and the requests it covers) ``retraining``."""
+    row = session.get(Shard, shard, with_for_update=True)
+    if row is None:
+        raise ShardNotFound(f"no shard {shard}")
+    if not row.dirty or row.state == FAILED:
+        return None
+    row.state = RETRAINING
+    for request in pending_requests(session=session, shard=shard, up_to=row.dirty_seq):
+        if request.status == QUARANTINED:
+            record_event(session=session, request=request, status=RETRAINING, detail=f"shard {shard}")
+    write_audit(session=session, actor="worker", action="shard.retrain.start", subject=f"shard-{shard}",
+          detail={"seq": row.dirty_seq})
+    return RetrainSnapshot(shard=shard, seq=row.dirty_seq,
+                           sample_ids=live_sample_ids(session=session, split="train", shard=shard),
+                           valid_ids=live_sample_ids(session=session, split="valid"),
+                           old_version=row.serving_version, run_path=Path(get_run(session=session).path))
+
+
+def pending_requests(*, session: Session, shard: int, up_to: int | None = None) -> list[DeletionRequest]:
+    query = (select(DeletionRequest).join(DeletionShard, DeletionShard.request_id == DeletionRequest.id)
+             .where(DeletionShard.shard == shard, DeletionShard.done_at.is_(None)))
+    if up_to is not None:
+        query = query.where(DeletionShard.seq <= up_to)
+    return list(session.scalars(query.order_by(DeletionRequest.created_at)))
+
+
+def publish_version(
+    *, session: Session, snapshot: RetrainSnapshot, record: VersionRecord, key: bytes,
+) -> list[str]:
+    """Make a retrained version the shard's serving version; complete the requests it covers.
+
+    The shard serves again only if no deletion reached it since the snapshot; otherwise it stays
+    quarantined (and another retrain follows). Returns the ids of the requests completed.
+    """
+    row = session.get(Shard, snapshot.shard, with_for_update=True)
+    if row is None:
+        raise ShardNotFound(f"no shard {snapshot.shard}")
+    now = utcnow()
+    old = version_row(session=session, shard=row.shard, version=row.serving_version)
+    if old is not None:
+        old.retired_at = now
+    session.add(AdapterVersion(shard=record.shard, version=record.version, path=str(record.path.resolve()),
+                               manifest_sha256=record.manifest_sha256, n_samples=record.n_samples,
+                               metrics=record.metrics, covers_seq=snapshot.seq, served_at=now))
+    row.serving_version = record.version
+    row.clean_seq = max(row.clean_seq, snapshot.seq)
+    row.state = QUARANTINED if row.dirty else SERVING
+    session.flush()
+    completed = []
+    touched = session.scalars(select(DeletionShard).where(DeletionShard.shard == row.shard,
+                                                          DeletionShard.done_at.is_(None),
+                                                          DeletionShard.seq <= snapshot.seq))
+    for part in touched:
+        part.new_version, part.new_manifest_sha256, part.done_at = record.version, record.manifest_sha256, now
+    session.flush()
+    for request in _requests_ready(session=session):
+        complete(session=session, request=request, key=key)
+        if request.status == COMPLETED:
+            completed.append(request.id)
+    write_audit(session=session, actor="worker", action="shard.publish", subject=f"shard-{row.shard}",
+          detail={"version": record.version, "manifest_sha256": record.manifest_sha256, "state": row.state})
+    return completed
+
+
+def _requests_ready(*, session: Session) -> list[DeletionRequest]:
+    """Open requests whose every shard has been retrained."""
+    open_requests = session.scalars(select(DeletionRequest).where(
+        DeletionRequest.status.in_([QUARANTINED, RETRAINING, FAILED]), DeletionRequest.completed_at.is_(None)))
+    ready = []
+    for request in open_requests:
+        parts = session.scalars(select(DeletionShard).where(DeletionShard.request_id == request.id)).all()
+        if parts and all(p.done_at is not None for p in parts):
+            ready.append(request)
+    return ready
+
+
+def fail_retrain(*, session: Session, shard: int, error: str) -> list[str]:
+    """The shard stays out of serving (never rolled back); its open requests become ``failed``."""
+    row = session.get(Shard, shard, with_for_update=True)
+    if row is None:
+        raise ShardNotFound(f"no shard {shard}")
+    row.state = FAILED
+    failed = []
+    for request in pending_requests(session=session, shard=shard):
+        request.error = f"shard {shard}: {error}"
+        record_event(session=session, request=request, status=FAILED, detail=request.error)
+        failed.append(request.id)
+    write_audit(session=session, actor="worker", action="shard.retrain.failed", subject=f"shard-{shard}",
+          detail={"error": error[:500]})
+    return failed
+
+
+def request_retrain(*, session: Session, shard: int, actor: str = "admin") -> None:
+    """Let the worker try a dirty (e.g. failed) shard again."""
+    row = session.get(Shard, shard, with_for_update=True)
+    if row is None:
+        raise ShardNotFound(f"no shard {shard}")
+    if not row.dirty:
+        raise NothingToRetrain(f"shard {shard} holds no deleted data; nothing to retrain")
+    if row.state == FAILED:
+        row.state = QUARANTINED
+        for request in pending_requests(session=session, shard=shard):
+            if request.status == FAILED:
+                request.error = None
+                record_event(session=session, request=request, status=QUARANTINED, detail="retry requested")
+    write_audit(session=session, actor=actor, action="shard.retrain.request", subject=f"shard-{shard}")
