@@ -22,7 +22,6 @@ import json
 import os
 import secrets
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -34,6 +33,7 @@ import pandas as pd
 from bench.client import Client
 from bench.machine import describe
 from bench.quick import train_quick_run
+from bench.stack import gateway_and_worker
 from service.settings import ServiceSettings
 
 
@@ -84,24 +84,13 @@ def main() -> None:
            "APA_REDIS_PREFIX": f"apa-bench-{secrets.token_hex(4)}:"}
     if args.history_cache is not None:
         env["APA_HISTORY_CACHE_SIZE"] = str(args.history_cache)
-    subprocess.run([sys.executable, "-m", "apa.cli", "ledger", "import", str(run)], env=env, check=True)
-    logs = [open(work / name, "w") for name in ("gateway.log", "worker.log")]  # noqa: SIM115
-    procs = [subprocess.Popen([sys.executable, "-m", "apa.cli", "serve", "--port", str(args.port)], env=env,
-                              stdout=logs[0], stderr=subprocess.STDOUT),
-             subprocess.Popen([sys.executable, "-m", "apa.cli", "worker"], env=env, stdout=logs[1],
-                              stderr=subprocess.STDOUT)]
-    client = Client(f"http://127.0.0.1:{args.port}", env["APA_ADMIN_TOKEN"])
-    try:
-        client.wait_ready()
-        report = measure(client, run, args)
-    finally:
-        for proc in procs:
-            proc.terminate()
-        for proc in procs:
-            proc.wait(timeout=60)
-        for log in logs:
-            log.close()
-        client.close()
+    with gateway_and_worker(run, env, work, args.port):
+        client = Client(f"http://127.0.0.1:{args.port}", env["APA_ADMIN_TOKEN"])
+        try:
+            client.wait_ready()
+            report = measure(client, run, args)
+        finally:
+            client.close()
     report["history_cache_size"] = int(env.get("APA_HISTORY_CACHE_SIZE", ServiceSettings().history_cache_size))
     report["machine"] = describe()
     report["command"] = "python bench/forget.py " + " ".join(sys.argv[1:])

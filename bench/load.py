@@ -23,7 +23,6 @@ import json
 import os
 import secrets
 import shutil
-import subprocess
 import sys
 import tempfile
 import threading
@@ -37,6 +36,7 @@ import pandas as pd
 
 from bench.client import Client
 from bench.machine import describe
+from bench.stack import gateway_and_worker
 
 
 def one_shard_target(run: Path) -> tuple[str, str, int]:
@@ -82,27 +82,13 @@ def main() -> None:
         env["APA_BASE_MODEL_PATH"] = str(args.base_model)
     if args.home:
         env["APA_HOME"] = str(args.home)
-    subprocess.run([sys.executable, "-m", "apa.cli", "ledger", "import", str(run)], env=env, check=True)
-    logs = [open(work / name, "w") for name in ("gateway.log", "worker.log")]  # noqa: SIM115
-    procs = [subprocess.Popen([sys.executable, "-m", "apa.cli", "serve", "--port", str(args.port)], env=env,
-                              stdout=logs[0], stderr=subprocess.STDOUT),
-             subprocess.Popen([sys.executable, "-m", "apa.cli", "worker"], env=env, stdout=logs[1],
-                              stderr=subprocess.STDOUT)]
-    client = Client(f"http://127.0.0.1:{args.port}", env["APA_ADMIN_TOKEN"], timeout_s=120)
-    try:
-        client.wait_ready(timeout_s=min(args.timeout, 600))
-        report = measure(client, run, args)
-    finally:
-        for proc in procs:
-            proc.terminate()
-        for proc in procs:
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-        for log in logs:
-            log.close()
-        client.close()
+    with gateway_and_worker(run, env, work, args.port):
+        client = Client(f"http://127.0.0.1:{args.port}", env["APA_ADMIN_TOKEN"], timeout_s=120)
+        try:
+            client.wait_ready(timeout_s=min(args.timeout, 600))
+            report = measure(client, run, args)
+        finally:
+            client.close()
     report["machine"] = describe()
     report["command"] = "python -m bench.load " + " ".join(sys.argv[1:])
     print(json.dumps(report, indent=1))

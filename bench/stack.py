@@ -1,0 +1,31 @@
+"""The service as the benchmarks run it: the run imported into a ledger, then `apa serve` and `apa worker`
+as subprocesses, stopped (and killed if they hang) whatever happens."""
+
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+
+@contextmanager
+def gateway_and_worker(run: Path, env: dict[str, str], work: Path, port: int) -> Iterator[None]:
+    """Import ``run`` into the ledger ``env`` names, start the gateway on ``port`` and one worker, with
+    their output in ``work``/gateway.log and worker.log."""
+    subprocess.run([sys.executable, "-m", "apa.cli", "ledger", "import", str(run)], env=env, check=True)
+    with open(work / "gateway.log", "w") as gateway_log, open(work / "worker.log", "w") as worker_log:
+        procs = [subprocess.Popen([sys.executable, "-m", "apa.cli", "serve", "--port", str(port)], env=env,
+                                  stdout=gateway_log, stderr=subprocess.STDOUT),
+                 subprocess.Popen([sys.executable, "-m", "apa.cli", "worker"], env=env, stdout=worker_log,
+                                  stderr=subprocess.STDOUT)]
+        try:
+            yield
+        finally:
+            for proc in procs:
+                proc.terminate()
+            for proc in procs:
+                try:
+                    proc.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
