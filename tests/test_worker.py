@@ -197,3 +197,35 @@ def test_the_reconciler_fails_a_dead_workers_job_frees_its_lock_and_requeues_the
     assert artifacts.versions(artifacts.shard_dir(env["run_dir"], 0)) in ([2], [1, 2])
     assert shard_state(env, 0).version == 2
     assert reconcile(settings, redis)["failed_jobs"] == []
+
+
+def test_the_worker_counts_its_retrains_and_serves_its_metrics(env: dict) -> None:
+    import socket
+    import urllib.request
+
+    from worker import metrics
+
+    def count(outcome: str) -> float:
+        return metrics.REGISTRY.get_sample_value("apa_worker_retrains_total", {"outcome": outcome}) or 0.0
+
+    published, purges = count("published"), metrics.REGISTRY.get_sample_value("apa_worker_purges_total") or 0.0
+    observed = metrics.REGISTRY.get_sample_value("apa_worker_retrain_seconds_count") or 0.0
+    delete_user_of_shard(env, 0)
+    work(env)
+    assert count("published") >= published + 1
+    assert metrics.REGISTRY.get_sample_value("apa_worker_retrain_seconds_count") >= observed + 1
+    assert metrics.REGISTRY.get_sample_value("apa_worker_purges_total") >= purges + 1
+    clean = count("clean")
+    retrain_shard(0)  # nothing left to do
+    assert count("clean") == clean + 1
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    queue.enqueue_retrain(env["redis"], env["settings"].redis_prefix, 1, timeout_s=60)
+    depth = metrics.serve(port, env["redis"], env["settings"].redis_prefix)
+    try:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    finally:
+        metrics.REGISTRY.unregister(depth)
+    assert "apa_worker_queue_depth 1.0" in text
+    assert 'apa_worker_retrains_total{outcome="published"}' in text

@@ -8,6 +8,7 @@ from rq import SimpleWorker
 from apa.ledger.db import require_current
 from apa.model import load_base_model
 from jobs import queue
+from worker import metrics
 from worker.liveness import Heartbeat, worker_name
 from worker.reconciler import Reconciler, reconcile
 from worker.settings import WorkerSettings
@@ -26,6 +27,8 @@ def run(settings: WorkerSettings, *, burst: bool = False) -> None:
     name = worker_name()
     set_context(WorkerContext(settings=settings, redis=redis, name=name,
                               base=load_base_model(settings.base_model_dir, device=settings.device)))
+    if settings.worker_metrics_port:
+        metrics.serve(settings.worker_metrics_port, redis, settings.redis_prefix)
     heartbeat = Heartbeat(redis, settings.redis_prefix, name, settings.heartbeat_ttl_s)
     heartbeat.beat()  # alive before the first reconcile judges the others
     heartbeat.start()

@@ -13,6 +13,7 @@ class WorkerSettings(CoreSettings):
     reconcile_interval_s: float = 30.0
     nice: int = 10  # retraining yields the CPU to a gateway on the same machine
     lock_ttl_s: int = 60  # per-shard lock, extended while the retrain runs; a killed worker frees it
+    worker_metrics_port: int = 0  # the worker's /metrics (worker/metrics.py); 0: none
     heartbeat_ttl_s: float = 15.0  # a worker counts as dead this long after its last beat (every ttl/3)
 
 

@@ -29,6 +29,7 @@ from apa.purge import purge_run_files
 from apa.record import version_record
 from apa.runs import read_run, train_version
 from jobs import queue
+from worker import metrics
 from worker.liveness import lock_token
 from worker.settings import WorkerSettings, get_worker_settings
 
@@ -104,13 +105,18 @@ def retrain_shard(shard: int) -> dict[str, Any]:
     with held_lock(ctx.redis, names.lock(shard), settings.lock_ttl_s, ctx.name) as held:
         if not held:
             log.info("shard %d is being retrained by another worker; it re-enqueues if still dirty", shard)
+            metrics.RETRAINS.labels(outcome="busy").inc()
             return {"shard": shard, "status": "busy"}
         queue.clear_queued(ctx.redis, settings.redis_prefix, shard)
         with session_scope(settings.ledger_url) as session:
             snapshot = retrains.begin_retrain(session=session, shard=shard)
         if snapshot is None:
+            metrics.RETRAINS.labels(outcome="clean").inc()
             return {"shard": shard, "status": "clean"}
+        started = time.perf_counter()
         result = _retrain_with_retries(ctx, snapshot)
+        metrics.RETRAIN_SECONDS.observe(time.perf_counter() - started)
+        metrics.RETRAINS.labels(outcome=result["status"]).inc()
     if result["status"] == "published":
         purge_completed()
     _enqueue_if_dirty(ctx, shard)
@@ -205,5 +211,6 @@ def purge_completed() -> dict[str, Any]:
                 log.exception("purge of deletion %s failed; the reconciler tries again", request_id)
                 continue
             log.info("purged deletion %s: %s", request_id, report)
+            metrics.PURGES.inc()
             purged.append(request_id)
     return {"status": "ok", "purged": purged}
