@@ -25,6 +25,11 @@ class CoreSettings(BaseSettings):
     redis_url: str = "redis://127.0.0.1:6379/0"
     redis_prefix: str = "apa:"  # every queue name, lock and channel starts with it
     retrain_timeout_s: int = 6 * 3600  # RQ job timeout: above the longest retrain
+    # A retrain that raises is run again by RQ (rq.Retry) up to this many attempts in all, after
+    # backoff_s, 2 x backoff_s, ... seconds, with its shard lock released in between; a validation
+    # gate's refusal is final (training is deterministic). Whoever enqueues (gateway, worker) uses it.
+    max_attempts: int = 3
+    backoff_s: float = 5.0
     # A deletion must complete (its retrained shards serving) within this many seconds of its request;
     # the gateway yields and then sheds /recommend to keep it so (service/deadline.py).
     forget_deadline_s: float = 3600.0

@@ -13,7 +13,7 @@ import logging
 from typing import Any
 
 from redis import Redis
-from rq import Queue
+from rq import Queue, Retry
 
 log = logging.getLogger(__name__)
 
@@ -53,14 +53,24 @@ def queue(redis: Redis, prefix: str) -> Queue:
     return Queue(Names(prefix).queue, connection=redis)
 
 
-def enqueue_retrain(redis: Redis, prefix: str, shard: int, *, timeout_s: int) -> bool:
-    """Enqueue one retrain of ``shard`` unless one is already waiting. Returns whether it enqueued."""
+def retry_policy(attempts: int, backoff_s: float) -> Retry | None:
+    """RQ's retry of a job that raised: ``attempts`` runs in all, waiting backoff_s, 2 x backoff_s, ..."""
+    if attempts <= 1:
+        return None
+    return Retry(max=attempts - 1, interval=[round(backoff_s * 2 ** i) for i in range(attempts - 1)])
+
+
+def enqueue_retrain(redis: Redis, prefix: str, shard: int, *, timeout_s: int, attempts: int = 1,
+                    backoff_s: float = 0.0) -> bool:
+    """Enqueue one retrain of ``shard`` unless one is already waiting (RQ retries it on an exception,
+    see :func:`retry_policy`). Returns whether it enqueued."""
     names = Names(prefix)
     if not redis.set(names.queued(shard), "1", nx=True, ex=MARKER_TTL_S):
         return False
     try:
         queue(redis, prefix).enqueue(RETRAIN_TASK, shard, job_timeout=timeout_s, result_ttl=3600,
-                                     failure_ttl=7 * 86400, description=f"retrain shard {shard}")
+                                     failure_ttl=7 * 86400, description=f"retrain shard {shard}",
+                                     retry=retry_policy(attempts, backoff_s))
     except Exception:
         redis.delete(names.queued(shard))
         raise

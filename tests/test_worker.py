@@ -27,8 +27,8 @@ def env(service_home: Path, redis_prefix: str, tiny_model_dir: Path, tmp_path: P
 
     settings = service_settings(service_home, f"sqlite:///{tmp_path / 'apa.db'}", redis_prefix, tiny_model_dir)
     record_run(settings)
-    worker_settings = WorkerSettings(**settings.model_dump(include=set(WorkerSettings.model_fields)),
-                                     backoff_s=0.0)
+    worker_settings = WorkerSettings(**{**settings.model_dump(include=set(WorkerSettings.model_fields)),
+                                        "backoff_s": 0.0})
     redis = queue.connect(settings.redis_url)
     set_context(WorkerContext(settings=worker_settings, base=load_tiny(tiny_model_dir), redis=redis))
     with TestClient(create_app(settings)) as client:
@@ -229,3 +229,32 @@ def test_the_worker_counts_its_retrains_and_serves_its_metrics(env: dict) -> Non
         metrics.REGISTRY.unregister(depth)
     assert "apa_worker_queue_depth 1.0" in text
     assert 'apa_worker_retrains_total{outcome="published"}' in text
+
+
+def test_a_failing_retrain_is_retried_by_rq_with_the_lock_released_in_between(
+        env: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    from worker import metrics, tasks
+
+    env["client"].app.state.gateway.settings.backoff_s = 0.0  # the gateway enqueues the job's rq.Retry
+    real, calls = tasks.train_version, []
+
+    def flaky(*args: object, **kwargs: object) -> object:
+        shard = int(args[3])  # type: ignore[call-overload]  # train_version(run, run_dir, base, shard, ...)
+        calls.append((shard, env["redis"].get(queue.Names(env["settings"].redis_prefix).lock(shard))))
+        if len(calls) == 1:
+            raise RuntimeError("disk full")
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(tasks, "train_version", flaky)
+    retried = metrics.REGISTRY.get_sample_value("apa_worker_retrains_total", {"outcome": "retried"}) or 0.0
+    request = delete_user_of_shard(env, 0)
+    work(env)  # the first run raises, RQ re-enqueues it (interval 0), the same burst runs it again
+    first = calls[0][0]
+    attempts = [token for shard, token in calls if shard == first]
+    assert len(attempts) == 2 and all(attempts), "each attempt ran under the shard lock"
+    assert attempts[0] != attempts[1], "the lock was released between the attempts (a new token)"
+    assert len(calls) == 1 + len(request["affected_shards"]), "every other affected shard retrained once"
+    assert metrics.REGISTRY.get_sample_value("apa_worker_retrains_total", {"outcome": "retried"}) == retried + 1
+    state = env["client"].get(f"/deletions/{request['request_id']}").json()
+    assert state["status"] == "completed"
+    assert shard_state(env, 0).version == 2

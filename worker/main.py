@@ -38,7 +38,7 @@ def run(settings: WorkerSettings, *, burst: bool = False) -> None:
         if not burst:
             reconciler.start()
         SimpleWorker([queue.queue(redis, settings.redis_prefix)], connection=redis, name=name).work(
-            burst=burst, logging_level="INFO")
+            burst=burst, logging_level="INFO", with_scheduler=True)  # the scheduler runs rq.Retry's backoff
     finally:
         reconciler.stop()
         heartbeat.stop()

@@ -18,8 +18,8 @@ log = logging.getLogger(__name__)
 
 REGISTRY = CollectorRegistry()
 RETRAINS = Counter("apa_worker_retrains_total", "Retrain jobs by outcome: published, failed (after retries or "
-                   "a refused gate), busy (another worker held the shard), clean (nothing to do)", ["outcome"],
-                   registry=REGISTRY)
+                   "a refused gate), retried (raised; RQ runs it again), busy (another worker held the shard), "
+                   "clean (nothing to do)", ["outcome"], registry=REGISTRY)
 RETRAIN_SECONDS = Histogram("apa_worker_retrain_seconds", "Seconds from snapshot to published or failed",
                             buckets=(1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200, 21600), registry=REGISTRY)
 PURGES = Counter("apa_worker_purges_total", "Deletion requests whose data was purged from the run folder",

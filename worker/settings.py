@@ -7,8 +7,6 @@ from apa.settings import CoreSettings
 
 class WorkerSettings(CoreSettings):
     device: str = "cpu"
-    max_attempts: int = 3  # a retrain that raises is tried this often, with exponential backoff
-    backoff_s: float = 5.0
     gate_max_auc_drop: float = 0.1  # see apa/gate.py
     reconcile_interval_s: float = 30.0
     nice: int = 10  # retraining yields the CPU to a gateway on the same machine

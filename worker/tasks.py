@@ -19,6 +19,7 @@ from typing import Any
 from redis import Redis
 from redis.exceptions import LockError, LockNotOwnedError, RedisError
 from redis.lock import Lock
+from rq import get_current_job
 
 from apa import artifacts, gate
 from apa.errors import APAError, GateFailed
@@ -114,7 +115,11 @@ def retrain_shard(shard: int) -> dict[str, Any]:
             metrics.RETRAINS.labels(outcome="clean").inc()
             return {"shard": shard, "status": "clean"}
         started = time.perf_counter()
-        result = _retrain_with_retries(ctx, snapshot)
+        try:
+            result = _retrain_once(ctx, snapshot)
+        except Exception:
+            metrics.RETRAINS.labels(outcome="retried").inc()  # RQ runs the job again after its backoff
+            raise
         metrics.RETRAIN_SECONDS.observe(time.perf_counter() - started)
         metrics.RETRAINS.labels(outcome=result["status"]).inc()
     if result["status"] == "published":
@@ -123,20 +128,22 @@ def retrain_shard(shard: int) -> dict[str, Any]:
     return result
 
 
-def _retrain_with_retries(ctx: WorkerContext, snapshot: retrains.RetrainSnapshot) -> dict[str, Any]:
-    settings = ctx.settings
-    for attempt in range(1, settings.max_attempts + 1):
-        try:
-            return _retrain(ctx, snapshot)
-        except GateFailed as exc:  # deterministic training: trying again gives the same version
-            return _fail(ctx, snapshot.shard, f"validation gate: {exc}")
-        except Exception as exc:
-            log.exception("retrain of shard %d failed (attempt %d of %d)", snapshot.shard, attempt,
-                          settings.max_attempts)
-            if attempt == settings.max_attempts:
-                return _fail(ctx, snapshot.shard, f"{type(exc).__name__}: {exc}")
-            time.sleep(settings.backoff_s * 2 ** (attempt - 1))
-    raise AssertionError("unreachable")
+def _retrain_once(ctx: WorkerContext, snapshot: retrains.RetrainSnapshot) -> dict[str, Any]:
+    """One attempt. A refused gate is final (training is deterministic: again gives the same version);
+    another error is raised while RQ has retries left for this job (rq.Retry, enqueued with the job),
+    so the shard lock is released during the backoff, and recorded as the shard's failure otherwise."""
+    try:
+        return _retrain(ctx, snapshot)
+    except GateFailed as exc:
+        return _fail(ctx, snapshot.shard, f"validation gate: {exc}")
+    except Exception as exc:
+        job = get_current_job()
+        if job is not None and job.retries_left:
+            log.exception("retrain of shard %d failed; RQ tries again (%d retries left)", snapshot.shard,
+                          job.retries_left)
+            raise
+        log.exception("retrain of shard %d failed, no retries left", snapshot.shard)
+        return _fail(ctx, snapshot.shard, f"{type(exc).__name__}: {exc}")
 
 
 def _retrain(ctx: WorkerContext, snapshot: retrains.RetrainSnapshot) -> dict[str, Any]:
@@ -185,7 +192,8 @@ def _enqueue_if_dirty(ctx: WorkerContext, shard: int) -> None:
     with session_scope(settings.ledger_url) as session:
         dirty = shard in retrains.dirty_shards(session=session)
     if dirty:
-        queue.enqueue_retrain(ctx.redis, settings.redis_prefix, shard, timeout_s=settings.retrain_timeout_s)
+        queue.enqueue_retrain(ctx.redis, settings.redis_prefix, shard, timeout_s=settings.retrain_timeout_s,
+                                  attempts=settings.max_attempts, backoff_s=settings.backoff_s)
 
 
 def purge_completed() -> dict[str, Any]:

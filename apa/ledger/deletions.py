@@ -159,7 +159,7 @@ def request_deletion(
     session.add(DeletionEvent(request_id=request.id, status=QUARANTINED,
                               detail=f"{len(interactions)} interactions, {len(samples)} samples, shards {affected}"))
     write_audit(session=session, actor=actor, action="deletion.request", subject=request.id,
-          detail={"affected_shards": affected, "interactions": len(interactions), "samples": len(samples)})
+                detail={"affected_shards": affected, "interactions": len(interactions), "samples": len(samples)})
     session.flush()
     if not affected:
         complete(session=session, request=request, key=key)
@@ -213,7 +213,7 @@ def complete(*, session: Session, request: DeletionRequest, key: bytes) -> None:
             if digest not in known and session.get(Forgotten, digest) is None:
                 session.add(Forgotten(hmac=digest, kind=kind, request_id=request.id))
     write_audit(session=session, actor="ledger", action="deletion.completed", subject=request.id,
-          detail={"serving_manifests_checked": len(manifests), "violations": 0})
+                detail={"serving_manifests_checked": len(manifests), "violations": 0})
 
 
 

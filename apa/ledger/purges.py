@@ -76,5 +76,5 @@ def finish_purge(*, session: Session, plan: PurgePlan) -> None:
     request = get_deletion(session=session, request_id=plan.request_id)
     request.purged_at = now
     write_audit(session=session, actor="worker", action="deletion.purged", subject=plan.request_id,
-          detail={"interaction_rows": len(interaction_ids), "sample_rows": len(sample_ids),
-                  "adapter_versions": len(paths)})
+                detail={"interaction_rows": len(interaction_ids), "sample_rows": len(sample_ids),
+                        "adapter_versions": len(paths)})

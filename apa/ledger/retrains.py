@@ -66,7 +66,7 @@ def begin_retrain(*, session: Session, shard: int) -> RetrainSnapshot | None:
         if request.status == QUARANTINED:
             record_event(session=session, request=request, status=RETRAINING, detail=f"shard {shard}")
     write_audit(session=session, actor="worker", action="shard.retrain.start", subject=f"shard-{shard}",
-          detail={"seq": row.dirty_seq})
+                detail={"seq": row.dirty_seq})
     return RetrainSnapshot(shard=shard, seq=row.dirty_seq,
                            sample_ids=live_sample_ids(session=session, split="train", shard=shard),
                            valid_ids=live_sample_ids(session=session, split="valid"),
@@ -115,7 +115,7 @@ def publish_version(
         if request.status == COMPLETED:
             completed.append(request.id)
     write_audit(session=session, actor="worker", action="shard.publish", subject=f"shard-{row.shard}",
-          detail={"version": record.version, "manifest_sha256": record.manifest_sha256, "state": row.state})
+                detail={"version": record.version, "manifest_sha256": record.manifest_sha256, "state": row.state})
     return completed
 
 
@@ -143,7 +143,7 @@ def fail_retrain(*, session: Session, shard: int, error: str) -> list[str]:
         record_event(session=session, request=request, status=FAILED, detail=request.error)
         failed.append(request.id)
     write_audit(session=session, actor="worker", action="shard.retrain.failed", subject=f"shard-{shard}",
-          detail={"error": error[:500]})
+                detail={"error": error[:500]})
     return failed
 
 

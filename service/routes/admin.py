@@ -67,5 +67,6 @@ def retrain(shard: Annotated[int, Path(ge=0, le=SHARD_MAX)], _: AdminDep, sessio
     session.commit()
     settings = gateway.settings
     enqueued = queue.enqueue_retrain(gateway.redis, settings.redis_prefix, shard,
-                                     timeout_s=settings.retrain_timeout_s)
+                                     timeout_s=settings.retrain_timeout_s,
+                                  attempts=settings.max_attempts, backoff_s=settings.backoff_s)
     return RetrainAccepted(shard=shard, enqueued=enqueued)

@@ -65,7 +65,8 @@ def _wake_worker(gateway: GatewayDep, request: DeletionRequest) -> None:
     settings = gateway.settings
     try:
         for shard in request.affected_shards:
-            queue.enqueue_retrain(gateway.redis, settings.redis_prefix, shard, timeout_s=settings.retrain_timeout_s)
+            queue.enqueue_retrain(gateway.redis, settings.redis_prefix, shard, timeout_s=settings.retrain_timeout_s,
+                                  attempts=settings.max_attempts, backoff_s=settings.backoff_s)
         if request.affected_shards:
             # the user by the ledger's HMAC only: other replicas drop their cached history with it
             queue.publish(gateway.redis, settings.redis_prefix, {
