@@ -62,7 +62,7 @@ def whole_job(run_src: Path, base: Any, work: Path) -> dict[str, Any]:
     user = next(s.user_id for s in data.shard_samples(shard))
     with db.session_scope(settings.ledger_url) as session:
         request = deletions.request_deletion(session=session, user_id=user, item_ids=None,
-                                              key=settings.hmac_secret()).request
+                                             key=settings.hmac_secret()).request
         affected = list(request.affected_shards)
     redis = queue.connect(settings.redis_url)
     set_context(WorkerContext(settings=settings, base=base, redis=redis))

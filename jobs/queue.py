@@ -15,6 +15,8 @@ from typing import Any
 from redis import Redis
 from rq import Queue, Retry
 
+from apa.settings import CoreSettings
+
 log = logging.getLogger(__name__)
 
 RETRAIN_TASK = "worker.tasks.retrain_shard"
@@ -60,17 +62,17 @@ def retry_policy(attempts: int, backoff_s: float) -> Retry | None:
     return Retry(max=attempts - 1, interval=[round(backoff_s * 2 ** i) for i in range(attempts - 1)])
 
 
-def enqueue_retrain(redis: Redis, prefix: str, shard: int, *, timeout_s: int, attempts: int = 1,
-                    backoff_s: float = 0.0) -> bool:
-    """Enqueue one retrain of ``shard`` unless one is already waiting (RQ retries it on an exception,
-    see :func:`retry_policy`). Returns whether it enqueued."""
+def enqueue_retrain(redis: Redis, settings: CoreSettings, shard: int) -> bool:
+    """Enqueue one retrain of ``shard`` unless one is already waiting, with the settings' job timeout and
+    RQ retry (see :func:`retry_policy`). Returns whether it enqueued."""
+    prefix = settings.redis_prefix
     names = Names(prefix)
     if not redis.set(names.queued(shard), "1", nx=True, ex=MARKER_TTL_S):
         return False
     try:
-        queue(redis, prefix).enqueue(RETRAIN_TASK, shard, job_timeout=timeout_s, result_ttl=3600,
+        queue(redis, prefix).enqueue(RETRAIN_TASK, shard, job_timeout=settings.retrain_timeout_s, result_ttl=3600,
                                      failure_ttl=7 * 86400, description=f"retrain shard {shard}",
-                                     retry=retry_policy(attempts, backoff_s))
+                                     retry=retry_policy(settings.max_attempts, settings.backoff_s))
     except Exception:
         redis.delete(names.queued(shard))
         raise

@@ -58,18 +58,23 @@ SessionDep = Annotated[Session, Depends(get_session)]
 _bearer = HTTPBearer(auto_error=False, description="APA_ADMIN_TOKEN")
 
 
+def _presented(credentials: HTTPAuthorizationCredentials | None) -> str:
+    """The bearer token the request presents; 401 without one."""
+    if credentials is None or credentials.scheme.lower() != "bearer":
+        raise HTTPException(401, "missing bearer token", headers={"WWW-Authenticate": "Bearer"})
+    return credentials.credentials
+
+
 def require_admin(
     gateway: GatewayDep, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> str:
     """401 without a bearer token, 403 with a wrong one, 429 over the token's rate; returns the token's
     HMAC (it scopes idempotency and the rate limit)."""
-    if credentials is None or credentials.scheme.lower() != "bearer":
-        raise HTTPException(401, "missing bearer token", headers={"WWW-Authenticate": "Bearer"})
+    token = _presented(credentials)
     expected = gateway.settings.admin_token
-    if expected is None or not hmac.compare_digest(credentials.credentials.encode(),
-                                                   expected.get_secret_value().encode()):
+    if expected is None or not hmac.compare_digest(token.encode(), expected.get_secret_value().encode()):
         raise HTTPException(403, "wrong token")
-    token_hmac = hmac_hex(gateway.settings.hmac_secret(), "token", credentials.credentials)
+    token_hmac = hmac_hex(gateway.settings.hmac_secret(), "token", token)
     wait_s = gateway.rate.take(token_hmac)
     if wait_s:
         raise HTTPException(429, "too many requests with this token; slow down", headers=retry_after(wait_s))
@@ -89,9 +94,7 @@ def require_client(
     expected = gateway.settings.recommend_token
     if expected is None:
         return
-    if credentials is None or credentials.scheme.lower() != "bearer":
-        raise HTTPException(401, "missing bearer token", headers={"WWW-Authenticate": "Bearer"})
-    given = credentials.credentials.encode()
+    given = _presented(credentials).encode()
     admin = gateway.settings.admin_token
     allowed = [expected] + ([admin] if admin is not None else [])
     # every comparison runs, so the time does not tell which token was close

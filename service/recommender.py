@@ -101,7 +101,7 @@ class Recommender:
             if request.candidates is None:
                 rated = {item for item, _ in history}
                 candidates = catalog.popular_items(session=session, exclude=rated,
-                                                      limit=self.settings.popular_candidates)
+                                                   limit=self.settings.popular_candidates)
             else:
                 candidates = list(dict.fromkeys(request.candidates))
             titles = catalog.titles(session=session, item_ids=sorted({*candidates, *(i for i, _ in history)}))

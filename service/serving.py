@@ -30,7 +30,7 @@ from apa.ledger.db import session_scope
 from apa.ledger.models import SERVING, as_utc, utcnow
 from apa.model import BaseModel
 from apa.runs import RunConfig, memory_path
-from service.deadline import Deadline, Policy
+from service.deadline import Deadline
 from service.history_cache import HistoryCache
 from service.settings import ServiceSettings
 
@@ -69,8 +69,7 @@ class Serving:
         self._pending: Counter[int] = Counter()
         self.on_completed: Callable[[list[float]], None] = lambda seconds: None  # DELETE -> completed, s
         self._completed_seen: datetime = utcnow()
-        self.deadline = Deadline(Policy(deadline_s=settings.forget_deadline_s, yield_at=settings.forget_yield_at,
-                                        shed_at=settings.forget_shed_at, yield_ratio=settings.forget_yield_ratio))
+        self.deadline = Deadline(settings.forget_policy())
 
     # -- keeping in line with the ledger ------------------------------------------------------
     def sync(self) -> None:
@@ -109,8 +108,7 @@ class Serving:
                     for shard in serving - set(+self._pending):
                         self.engine.release(shard)
             if completed:
-                self.histories.forget_subjects(subjects, self.settings.hmac_secret())  # nothing deleted lingers
-                self.engine.prefixes.clear()  # their prefixes held the deleted history
+                self.forget_subjects(subjects)  # nothing deleted lingers
                 self._completed_seen = max(done for _, done in completed if done is not None)
                 self.on_completed([(done - created).total_seconds() for created, done in completed
                                    if done is not None and created is not None])
@@ -146,6 +144,11 @@ class Serving:
         self.histories.forget(user_id)
         self.engine.prefixes.clear()
 
+    def forget_subjects(self, subject_hmacs: set[str]) -> None:
+        """``forget_user`` for users known by their HMAC (events and the ledger carry no user ids)."""
+        self.histories.forget_subjects(subject_hmacs, self.settings.hmac_secret())
+        self.engine.prefixes.clear()
+
     def _attend(self, memory: ValidationMemory) -> Attention:
         """Choose the attention on the (per-user) validation memory, leave one out; with too few
         samples to choose, the configured parts and the paper's for the rest."""
@@ -174,8 +177,7 @@ class Serving:
         if event.get("type") == "quarantine":
             self.quarantine([int(s) for s in event.get("shards", [])])
             if event.get("subject") is not None:  # the user's HMAC: events carry no user ids
-                self.histories.forget_subjects({str(event["subject"])}, self.settings.hmac_secret())
-                self.engine.prefixes.clear()  # keyed by prompt text, not user: all of it goes
+                self.forget_subjects({str(event["subject"])})
         self.sync()
 
     # -- answering ------------------------------------------------------------------------------

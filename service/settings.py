@@ -7,6 +7,7 @@ from pydantic import Field, SecretStr
 
 from apa import aggregation
 from apa.settings import CoreSettings
+from service.deadline import Policy
 
 Auto = Literal["auto"]
 
@@ -54,6 +55,11 @@ class ServiceSettings(CoreSettings):
     admin_burst: Annotated[int, Field(ge=1)] = 30
     max_model_waiting: Annotated[int, Field(ge=1)] = 16  # /recommend requests waiting for the model thread
     probe_timeout_s: Annotated[float, Field(gt=0)] = 2.0  # /readyz's ledger and Redis checks
+
+    def forget_policy(self) -> Policy:
+        """The time-to-forget policy (service/deadline.py) these settings describe."""
+        return Policy(deadline_s=self.forget_deadline_s, yield_at=self.forget_yield_at, shed_at=self.forget_shed_at,
+                      yield_ratio=self.forget_yield_ratio)
 
     def ledger_timeouts(self) -> dict[str, Any]:
         return {"connect_timeout_s": self.ledger_connect_timeout_s,

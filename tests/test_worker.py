@@ -221,7 +221,7 @@ def test_the_worker_counts_its_retrains_and_serves_its_metrics(env: dict) -> Non
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    queue.enqueue_retrain(env["redis"], env["settings"].redis_prefix, 1, timeout_s=60)
+    queue.enqueue_retrain(env["redis"], env["settings"], 1)
     depth = metrics.serve(port, env["redis"], env["settings"].redis_prefix)
     try:
         text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()

@@ -36,8 +36,7 @@ def reconcile(settings: WorkerSettings, redis: Any) -> dict[str, Any]:
     names = queue.Names(settings.redis_prefix)
     busy = [k for k in dirty if redis.exists(names.lock(k))]  # being retrained: that job re-enqueues if needed
     enqueued = [k for k in dirty if k not in busy
-                and queue.enqueue_retrain(redis, settings.redis_prefix, k, timeout_s=settings.retrain_timeout_s,
-                                  attempts=settings.max_attempts, backoff_s=settings.backoff_s)]
+                and queue.enqueue_retrain(redis, settings, k)]
     if to_purge:
         queue.enqueue_purge(redis, settings.redis_prefix)
     cleaned = 0

@@ -169,7 +169,7 @@ def _retrain(ctx: WorkerContext, snapshot: retrains.RetrainSnapshot) -> dict[str
     record = version_record(run_dir, shard, version, metrics)
     with session_scope(settings.ledger_url) as session:
         completed = retrains.publish_version(session=session, snapshot=snapshot, record=record,
-                                               key=settings.hmac_secret())
+                                             key=settings.hmac_secret())
     seconds = time.perf_counter() - started
     queue.publish(ctx.redis, settings.redis_prefix, {"type": "swap", "shard": shard, "version": version})
     log.info("shard %d v%d serving (%d samples, %.1f s); completed %s", shard, version, len(samples), seconds,
@@ -192,8 +192,7 @@ def _enqueue_if_dirty(ctx: WorkerContext, shard: int) -> None:
     with session_scope(settings.ledger_url) as session:
         dirty = shard in retrains.dirty_shards(session=session)
     if dirty:
-        queue.enqueue_retrain(ctx.redis, settings.redis_prefix, shard, timeout_s=settings.retrain_timeout_s,
-                                  attempts=settings.max_attempts, backoff_s=settings.backoff_s)
+        queue.enqueue_retrain(ctx.redis, settings, shard)
 
 
 def purge_completed() -> dict[str, Any]:

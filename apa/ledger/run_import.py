@@ -131,6 +131,6 @@ def import_run(
         added += 1
     write_audit(session=session, actor="cli", action="run.import",
                 subject=run_path.name, detail={"interactions": n_interactions, "samples": n_samples,
-                                                "versions_added": added, "skipped_forgotten": skipped})
+                                               "versions_added": added, "skipped_forgotten": skipped})
     return ImportSummary(created=created, interactions=n_interactions, samples=n_samples,
                          skipped_forgotten=skipped, versions_added=added)

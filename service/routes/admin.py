@@ -66,7 +66,5 @@ def retrain(shard: Annotated[int, Path(ge=0, le=SHARD_MAX)], _: AdminDep, sessio
     retrains.request_retrain(session=session, shard=shard)
     session.commit()
     settings = gateway.settings
-    enqueued = queue.enqueue_retrain(gateway.redis, settings.redis_prefix, shard,
-                                     timeout_s=settings.retrain_timeout_s,
-                                  attempts=settings.max_attempts, backoff_s=settings.backoff_s)
+    enqueued = queue.enqueue_retrain(gateway.redis, settings, shard)
     return RetrainAccepted(shard=shard, enqueued=enqueued)

@@ -65,8 +65,7 @@ def _wake_worker(gateway: GatewayDep, request: DeletionRequest) -> None:
     settings = gateway.settings
     try:
         for shard in request.affected_shards:
-            queue.enqueue_retrain(gateway.redis, settings.redis_prefix, shard, timeout_s=settings.retrain_timeout_s,
-                                  attempts=settings.max_attempts, backoff_s=settings.backoff_s)
+            queue.enqueue_retrain(gateway.redis, settings, shard)
         if request.affected_shards:
             # the user by the ledger's HMAC only: other replicas drop their cached history with it
             queue.publish(gateway.redis, settings.redis_prefix, {
@@ -84,4 +83,4 @@ def get_deletion(request_id: Annotated[IdParam, Path()], session: SessionDep, ga
                  ) -> DeletionRequestPublic:
     """A deletion request's status and, once completed, its certificate; ``overdue`` past APA_FORGET_DEADLINE_S."""
     return _public(deletions.get_deletion(session=session, request_id=request_id),
-                   Policy(deadline_s=gateway.settings.forget_deadline_s))
+                   gateway.settings.forget_policy())
