@@ -128,8 +128,8 @@ def train(
 def _record(run_dir: Path) -> None:
     from sqlalchemy.exc import SQLAlchemyError
 
-    from apa.ledger import db
-    from apa.record import import_run
+    from ledger import db
+    from worker.record import import_run
 
     settings = get_settings()
     try:
@@ -230,7 +230,7 @@ def check(
 def _migrate(direction: str, revision: str) -> None:
     from sqlalchemy.exc import SQLAlchemyError
 
-    from apa.ledger import db
+    from ledger import db
 
     url = get_settings().ledger_url
     try:
@@ -299,8 +299,8 @@ def audit(request_id: Annotated[str, typer.Argument(help="A deletion request id"
     """Print a deletion request: status history, certificate and its audit-log entries (JSON)."""
     from sqlalchemy.exc import SQLAlchemyError
 
-    from apa.ledger import db
-    from apa.ledger.audit import deletion_report
+    from ledger import db
+    from ledger.audit import deletion_report
 
     try:
         with db.session_scope(get_settings().ledger_url) as session:

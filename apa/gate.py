@@ -9,7 +9,7 @@ A refused version is never written; the shard stays quarantined (never rolled ba
 import math
 
 from apa.errors import GateFailed
-from apa.record import valid_auc
+from apa.metrics import valid_auc
 
 
 def check(new: dict[str, float], old: dict[str, float] | None, labels: dict[str, int], *,

@@ -24,6 +24,14 @@ def auc(labels: np.ndarray, scores: np.ndarray) -> float:
     return float(roc_auc_score(labels, scores))
 
 
+def valid_auc(predictions: Mapping[str, float], labels: Mapping[str, int]) -> float | None:
+    """AUC on the validation samples both know, or None without both labels among them."""
+    ids = [s for s in labels if s in predictions]
+    if len({labels[s] for s in ids}) < 2:
+        return None
+    return auc(np.array([labels[s] for s in ids]), np.array([predictions[s] for s in ids]))
+
+
 def selection_score(labels: np.ndarray, scores: np.ndarray) -> float:
     """What picks a checkpoint on validation: AUC, or minus the log-loss when one class is missing."""
     labels = np.asarray(labels)

@@ -28,13 +28,13 @@ from typing import Any
 from pydantic import SecretStr
 
 from apa import training
-from apa.ledger import db, deletions
 from apa.model import load_base_model
-from apa.record import import_run
 from apa.runs import read_run
 from apa.settings import get_settings
 from bench import quick
 from bench.machine import describe
+from ledger import db, deletions
+from worker.record import import_run
 
 
 def time_training(base: Any, prompts: list[str], labels: list[int], cfg: training.TrainConfig) -> float:

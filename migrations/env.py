@@ -3,8 +3,8 @@
 from alembic import context
 from sqlalchemy import engine_from_config, pool
 
-from apa.ledger.models import Base
 from apa.settings import CoreSettings
+from ledger.models import Base
 
 config = context.config
 target_metadata = Base.metadata

@@ -12,11 +12,11 @@ from starlette.concurrency import run_in_threadpool
 
 from apa import __version__
 from apa.errors import ConfigError, LedgerError
-from apa.ledger import run_import
-from apa.ledger.db import require_current, session_factory
 from apa.model import load_base_model
 from apa.runs import RunConfig
 from jobs import queue
+from ledger import run_import
+from ledger.db import require_current, session_factory
 from service import errors, redaction
 from service.deps import Gateway
 from service.limits import BodyLimit, TokenBuckets

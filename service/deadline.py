@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Literal
 
-from apa.ledger.models import utcnow
+from ledger.models import utcnow
 
 Stance = Literal["normal", "yield", "shed"]
 STANCE_LEVEL: dict[Stance, int] = {"normal": 0, "yield": 1, "shed": 2}

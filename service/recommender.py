@@ -15,8 +15,8 @@ from starlette.concurrency import run_in_threadpool
 from apa import prompts
 from apa.embeddings import embed
 from apa.errors import AllShardsQuarantined, ItemsNotFound
-from apa.ledger import catalog
 from apa.samples import recent_history
+from ledger import catalog
 from service.batching import MicroBatcher
 from service.deadline import LoadShed
 from service.limits import Admission

@@ -25,11 +25,11 @@ from apa.aggregation import ValidationMemory
 from apa.engines.base import AdapterRef
 from apa.engines.torch import TorchEngine
 from apa.errors import ConfigError, LedgerError
-from apa.ledger import catalog, deletions
-from apa.ledger.db import session_scope
-from apa.ledger.models import SERVING, as_utc, utcnow
 from apa.model import BaseModel
 from apa.runs import RunConfig, memory_path
+from ledger import catalog, deletions
+from ledger.db import session_scope
+from ledger.models import SERVING, as_utc, utcnow
 from service.deadline import Deadline
 from service.history_cache import HistoryCache
 from service.settings import ServiceSettings

@@ -27,11 +27,11 @@ from apa import prompts
 from apa.data import Dataset, normalise, save
 from apa.engines.base import Mode
 from apa.engines.torch import TorchEngine
-from apa.ledger.db import dispose_engines
 from apa.model import BaseModel, load_base_model
 from apa.runs import RunConfig, train_run
 from apa.settings import CoreSettings
 from apa.training import TrainConfig
+from ledger.db import dispose_engines
 
 torch.set_num_threads(1)
 
@@ -236,8 +236,8 @@ def service_settings(home: Path, ledger_url: str, redis_prefix: str, tiny_model_
 
 
 def record_run(settings: CoreSettings) -> None:
-    from apa.ledger import db
-    from apa.record import import_run
+    from ledger import db
+    from worker.record import import_run
 
     db.upgrade(settings.ledger_url)
     with db.session_scope(settings.ledger_url) as session:

@@ -7,8 +7,8 @@ from sqlalchemy import inspect
 
 from apa.errors import LedgerError
 from apa.hashing import hmac_hex
-from apa.ledger import catalog, db, run_import
-from apa.ledger.models import Base
+from ledger import catalog, db, run_import
+from ledger.models import Base
 from tests.conftest import record_run, service_settings
 
 
@@ -31,7 +31,7 @@ def test_migrations_create_everything_and_downgrade_removes_it(ledger_url: str) 
 def test_import_is_idempotent_and_one_ledger_serves_one_run(
     ledger_url: str, service_home: Path, redis_prefix: str, tiny_model_dir: Path, tmp_path: Path,
 ) -> None:
-    from apa.record import import_run
+    from worker.record import import_run
 
     settings = service_settings(service_home, ledger_url, redis_prefix, tiny_model_dir)
     record_run(settings)

@@ -1,4 +1,4 @@
-"""The ledger's catalog reads (apa.ledger.catalog) on the tiny run, on SQLite and PostgreSQL."""
+"""The ledger's catalog reads (ledger.catalog) on the tiny run, on SQLite and PostgreSQL."""
 
 from collections import Counter
 from collections.abc import Iterator
@@ -10,7 +10,7 @@ from sqlalchemy.orm import Session
 
 from apa.artifacts import read_json
 from apa.errors import UserNotFound
-from apa.ledger import catalog, db
+from ledger import catalog, db
 from tests.conftest import RATINGS, TITLES, record_run, service_settings
 
 COUNTS = Counter(item for rows in RATINGS.values() for item, _, _ in rows)

@@ -15,10 +15,10 @@ from fastapi.testclient import TestClient
 from rq import SimpleWorker
 
 from apa import artifacts
-from apa.ledger import catalog
-from apa.ledger.db import session_scope
-from apa.ledger.models import Interaction, Sample
 from jobs import queue
+from ledger import catalog
+from ledger.db import session_scope
+from ledger.models import Interaction, Sample
 from tests.conftest import ADMIN_TOKEN, load_tiny, record_run, service_settings
 from worker.settings import WorkerSettings
 from worker.tasks import WorkerContext, set_context

@@ -12,7 +12,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import text
 from sqlalchemy.exc import OperationalError
 
-from apa.ledger import db
+from ledger import db
 from tests.conftest import ADMIN_TOKEN, record_run, service_settings
 
 AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
@@ -145,7 +145,7 @@ def test_a_refused_ledger_is_a_json_503_with_retry_after(api: TestClient) -> Non
 
 
 def test_an_unexpected_error_is_a_json_500(api: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
-    from apa.ledger import deletions
+    from ledger import deletions
 
     def broken(**_: Any) -> None:
         raise RuntimeError("u1 secret detail")

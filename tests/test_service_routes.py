@@ -7,9 +7,9 @@ import pandas as pd
 import pytest
 from fastapi.testclient import TestClient
 
-from apa.ledger.db import session_scope
-from apa.ledger.models import Interaction
 from jobs import queue
+from ledger.db import session_scope
+from ledger.models import Interaction
 from tests.conftest import ADMIN_TOKEN, record_run, service_settings
 
 AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
@@ -151,7 +151,7 @@ def test_an_idempotency_key_cannot_fake_another_users_deletion(api: TestClient) 
 def test_concurrent_deletions_with_one_key_make_one_request(api: TestClient) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
-    from apa.ledger.models import DeletionRequest
+    from ledger.models import DeletionRequest
 
     headers = {**AUTH, "Idempotency-Key": "k-race"}
     with ThreadPoolExecutor(4) as pool:

@@ -8,10 +8,10 @@ from fastapi.testclient import TestClient
 from rq import SimpleWorker
 
 from apa import artifacts
-from apa.ledger import catalog
-from apa.ledger.db import session_scope
-from apa.ledger.models import Sample
 from jobs import queue
+from ledger import catalog
+from ledger.db import session_scope
+from ledger.models import Sample
 from tests.conftest import ADMIN_TOKEN, load_tiny, record_run, service_settings
 from tests.test_service_flow import wait_for
 from worker.reconciler import reconcile

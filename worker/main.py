@@ -5,9 +5,9 @@ import os
 
 from rq import SimpleWorker
 
-from apa.ledger.db import require_current
 from apa.model import load_base_model
 from jobs import queue
+from ledger.db import require_current
 from worker import metrics
 from worker.liveness import Heartbeat, worker_name
 from worker.reconciler import Reconciler, reconcile

@@ -13,9 +13,9 @@ from typing import Any
 
 from apa import artifacts
 from apa.errors import LedgerError
-from apa.ledger import purges, retrains, run_import
-from apa.ledger.db import session_scope
 from jobs import queue
+from ledger import purges, retrains, run_import
+from ledger.db import session_scope
 from worker.liveness import recover_orphans
 from worker.settings import WorkerSettings
 

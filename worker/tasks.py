@@ -23,15 +23,15 @@ from rq import get_current_job
 
 from apa import artifacts, gate
 from apa.errors import APAError, GateFailed
-from apa.ledger import purges, retrains
-from apa.ledger.db import session_scope
 from apa.model import BaseModel, load_base_model
 from apa.purge import purge_run_files
-from apa.record import version_record
 from apa.runs import read_run, train_version
 from jobs import queue
+from ledger import purges, retrains
+from ledger.db import session_scope
 from worker import metrics
 from worker.liveness import lock_token
+from worker.record import version_record
 from worker.settings import WorkerSettings, get_worker_settings
 
 log = logging.getLogger(__name__)

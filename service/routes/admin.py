@@ -3,8 +3,8 @@ from typing import Annotated
 
 from fastapi import APIRouter, Path
 
-from apa.ledger import catalog, retrains
 from jobs import queue
+from ledger import catalog, retrains
 from service.deps import AdminDep, GatewayDep, ServingDep, SessionDep
 from service.schemas import (
     SHARD_MAX,

@@ -4,9 +4,9 @@ from typing import Annotated
 
 from fastapi import APIRouter, Header, Path, Query, Response
 
-from apa.ledger import deletions
-from apa.ledger.models import DeletionRequest, as_utc
 from jobs import queue
+from ledger import deletions
+from ledger.models import DeletionRequest, as_utc
 from service.deadline import Policy
 from service.deps import AdminDep, GatewayDep, ServingDep, SessionDep
 from service.schemas import MAX_ITEMS, DeletionAccepted, DeletionRequestPublic, IdParam, error_responses

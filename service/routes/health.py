@@ -6,7 +6,7 @@ from fastapi import APIRouter, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
 
-from apa.ledger import catalog
+from ledger import catalog
 from service.deadline import STANCE_LEVEL
 from service.deps import Gateway, GatewayDep, SessionDep
 from service.schemas import Health

@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session
 from apa.errors import (
     UserNotFound,
 )
-from apa.ledger.models import (
+from ledger.models import (
     DeletionRequest,
     Interaction,
     Item,
@@ -28,7 +28,7 @@ if TYPE_CHECKING:  # types only: apa.data reaches the model-conversion code
     pass
 
 
-from apa.ledger.common import chunks, version_row
+from ledger.common import chunks, version_row
 
 
 def live_history(*, session: Session, user_id: str) -> list[tuple[str, float]]:

@@ -10,8 +10,8 @@ from typing import TYPE_CHECKING
 from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 
-from apa.ledger.deletions import get_deletion
-from apa.ledger.models import (
+from ledger.deletions import get_deletion
+from ledger.models import (
     COMPLETED,
     AdapterVersion,
     DeletionRequest,
@@ -21,13 +21,13 @@ from apa.ledger.models import (
     SampleInteraction,
     utcnow,
 )
-from apa.ledger.run_import import get_run
+from ledger.run_import import get_run
 
 if TYPE_CHECKING:  # types only: apa.data reaches the model-conversion code
     pass
 
 
-from apa.ledger.common import chunks, write_audit
+from ledger.common import chunks, write_audit
 
 
 @dataclass(frozen=True)

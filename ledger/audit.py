@@ -5,8 +5,8 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from apa.ledger.deletions import get_deletion, status_history
-from apa.ledger.models import AuditEntry, as_utc
+from ledger.deletions import get_deletion, status_history
+from ledger.models import AuditEntry, as_utc
 
 
 def deletion_report(*, session: Session, request_id: str) -> dict[str, Any]:

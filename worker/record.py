@@ -1,21 +1,21 @@
-"""Record a run folder in the ledger (``apa train`` does it, ``apa ledger import`` does it again).
+"""Record a run folder in the ledger: the worker does it for each new version, ``apa train`` and
+``apa ledger import`` for a whole run (through the CLI, the one door that starts the processes).
 
-Glue between the run folder (``apa.runs``, ``apa.artifacts``) and the ledger's subject modules, which
-know nothing of files or torch.
+Glue between the run folder (``apa.runs``, ``apa.artifacts``), which needs the ML stack, and the
+ledger's subject modules, which know nothing of files or torch; so it lives above both.
 """
 
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from sqlalchemy.orm import Session
 
 from apa import artifacts, data
-from apa.ledger import run_import
-from apa.metrics import auc
+from apa.metrics import valid_auc
 from apa.purge import forgotten_hmacs
 from apa.runs import read_run
 from apa.settings import CoreSettings
+from ledger import run_import
 
 
 def version_record(run_dir: Path, shard: int, version: int, metrics: dict[str, Any] | None = None,
@@ -25,14 +25,6 @@ def version_record(run_dir: Path, shard: int, version: int, metrics: dict[str, A
     return run_import.VersionRecord(shard=shard, version=version, path=path,
                                     manifest_sha256=str(doc["manifest_sha256"]), n_samples=int(doc["n_samples"]),
                                     metrics={"training": doc.get("training"), **(metrics or {})})
-
-
-def valid_auc(predictions: dict[str, float], labels: dict[str, int]) -> float | None:
-    """AUC on the validation samples both know, or None without both labels among them."""
-    ids = [s for s in labels if s in predictions]
-    if len({labels[s] for s in ids}) < 2:
-        return None
-    return auc(np.array([labels[s] for s in ids]), np.array([predictions[s] for s in ids]))
 
 
 def import_run(session: Session, run_dir: Path, settings: CoreSettings) -> run_import.ImportSummary:

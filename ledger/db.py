@@ -20,7 +20,7 @@ from apa.errors import LedgerError
 
 # The source tree's migrations; an installed (non-editable) package, as in the Docker image, names them
 # with APA_MIGRATIONS_DIR.
-MIGRATIONS_DIR = Path(os.environ.get("APA_MIGRATIONS_DIR") or Path(__file__).resolve().parents[2] / "migrations")
+MIGRATIONS_DIR = Path(os.environ.get("APA_MIGRATIONS_DIR") or Path(__file__).resolve().parents[1] / "migrations")
 DEFAULT_CONNECT_TIMEOUT_S = 10
 _ENGINES: dict[tuple[str, int, float | None], Engine] = {}
 _ENGINES_LOCK = threading.Lock()

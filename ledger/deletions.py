@@ -21,8 +21,8 @@ from apa.errors import (
     UserNotFound,
 )
 from apa.hashing import hmac_hex
-from apa.ledger.catalog import shard_views
-from apa.ledger.models import (
+from ledger.catalog import shard_views
+from ledger.models import (
     COMPLETED,
     FAILED,
     QUARANTINED,
@@ -44,7 +44,7 @@ if TYPE_CHECKING:  # types only: apa.data reaches the model-conversion code
     pass
 
 
-from apa.ledger.common import IDEMPOTENCY_WINDOW, chunks, record_event, version_row, write_audit
+from ledger.common import IDEMPOTENCY_WINDOW, chunks, record_event, version_row, write_audit
 
 
 @dataclass(frozen=True)

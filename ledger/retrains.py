@@ -14,8 +14,8 @@ from apa.errors import (
     NothingToRetrain,
     ShardNotFound,
 )
-from apa.ledger.catalog import live_sample_ids
-from apa.ledger.models import (
+from ledger.catalog import live_sample_ids
+from ledger.models import (
     COMPLETED,
     FAILED,
     QUARANTINED,
@@ -27,14 +27,14 @@ from apa.ledger.models import (
     Shard,
     utcnow,
 )
-from apa.ledger.run_import import VersionRecord, get_run
+from ledger.run_import import VersionRecord, get_run
 
 if TYPE_CHECKING:  # types only: apa.data reaches the model-conversion code
     pass
 
 
-from apa.ledger.common import record_event, version_row, write_audit
-from apa.ledger.deletions import complete
+from ledger.common import record_event, version_row, write_audit
+from ledger.deletions import complete
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from apa.ledger.models import (
+from ledger.models import (
     AdapterVersion,
     AuditEntry,
     DeletionEvent,

@@ -15,7 +15,7 @@ from apa.errors import (
     LedgerError,
 )
 from apa.hashing import hmac_hex
-from apa.ledger.models import (
+from ledger.models import (
     SERVING,
     AdapterVersion,
     Forgotten,
@@ -33,7 +33,7 @@ if TYPE_CHECKING:  # types only: apa.data reaches the model-conversion code
     from apa.samples import Sample as TrainingSample
 
 
-from apa.ledger.common import chunks, write_audit
+from ledger.common import chunks, write_audit
 
 
 @dataclass(frozen=True)
