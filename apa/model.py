@@ -169,34 +169,36 @@ def shared_prefix_length(ids: Sequence[Sequence[int]]) -> int:
 KeyValues = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys, values [1, kv_heads, prefix, head_dim]
 
 
-def prefix_key_values(model: Any, prefix: Sequence[int], device: torch.device) -> KeyValues:
-    """Every layer's keys and values of one prefix (batch of one)."""
+def packed_last_hidden(model: Any, prefix: Sequence[int], suffixes: Sequence[Sequence[int]], device: torch.device,
+                       cached: KeyValues | None = None) -> tuple[torch.Tensor, KeyValues]:
+    """Final hidden state at each suffix's last token, all suffixes packed into one sequence after the
+    prefix: [n, hidden], and the prefix's keys and values (to cache).
+
+    A block mask lets each suffix token see the prefix and the earlier tokens of its own suffix only,
+    and each suffix's positions continue the prefix's, so every suffix is computed exactly as in its
+    full prompt; with ``cached`` keys/values of the prefix, only the suffixes run. One row, so the
+    prefix is never copied per prompt.
+    """
     from transformers import DynamicCache
 
-    ids = torch.tensor([list(prefix)], device=device)  # [1, prefix]
-    cache: Any = DynamicCache(config=model.config)
-    model.get_decoder()(input_ids=ids, attention_mask=torch.ones_like(ids), cache=cache, use_cache=True)
-    return [(layer.keys, layer.values) for layer in cache.layers]
-
-
-def suffix_last_hidden(model: Any, prefix: KeyValues, suffixes: Sequence[Sequence[int]], pad_id: int,
-                       device: torch.device) -> torch.Tensor:
-    """Final hidden state at each suffix's last token, every suffix read after the same cached prefix:
-    [batch, hidden]. Suffixes are right-padded; their positions continue the prefix's."""
-    from transformers import DynamicCache
-
-    b, width, past = len(suffixes), max(len(s) for s in suffixes), prefix[0][0].shape[-2]
-    ids = torch.full((b, width), pad_id, dtype=torch.long)  # [batch, width]
-    mask = torch.zeros((b, past + width), dtype=torch.long)  # [batch, prefix + width]
-    mask[:, :past] = 1
-    lengths = torch.tensor([len(s) for s in suffixes])  # [batch]
-    for i, suffix in enumerate(suffixes):
-        ids[i, :len(suffix)] = torch.tensor(list(suffix))
-        mask[i, past:past + len(suffix)] = 1
-    positions = (past + torch.arange(width)).expand(b, -1)  # [batch, width]
-    cache = DynamicCache([(k.expand(b, -1, -1, -1), v.expand(b, -1, -1, -1)) for k, v in prefix],
-                         config=model.config)  # the update concatenates: the shared prefix is never written
-    out = model.get_decoder()(input_ids=ids.to(device), attention_mask=mask.to(device),
-                              position_ids=positions.to(device), cache=cache, use_cache=True)
-    hidden = out.last_hidden_state  # [batch, width, hidden]
-    return hidden[torch.arange(b, device=hidden.device), (lengths - 1).to(hidden.device)]  # [batch, hidden]
+    p, lengths = len(prefix), [len(s) for s in suffixes]
+    head = [] if cached is not None else list(prefix)
+    ids = torch.tensor([head + [t for s in suffixes for t in s]], device=device)  # [1, q]
+    segment = torch.tensor([-1] * p + [i for i, n in enumerate(lengths) for _ in range(n)])  # [keys]: -1 = prefix
+    keys = len(segment)
+    queries = torch.arange(keys - ids.shape[1], keys)  # [q]: each query's index among the keys
+    key_index = torch.arange(keys)  # [keys]
+    allowed = (key_index[None, :] <= queries[:, None]) & (  # [q, keys]
+        (segment[None, :] == -1) | (segment[None, :] == segment[queries][:, None]))
+    dtype = next(model.parameters()).dtype
+    mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)  # [q, keys]
+    positions = torch.tensor(list(range(p)) + [p + j for n in lengths for j in range(n)])[queries]  # [q]
+    cache: Any = DynamicCache(config=model.config) if cached is None else DynamicCache(
+        list(cached), config=model.config)  # the update concatenates: a cached prefix is never written
+    out = model.get_decoder()(input_ids=ids, attention_mask=mask[None, None].to(device),
+                              position_ids=positions[None, :].to(device), cache=cache, use_cache=True)
+    ends = torch.tensor(lengths).cumsum(0) - 1 + (0 if cached is not None else p)  # [n]: last token of each
+    hidden = out.last_hidden_state[0, ends.to(device)]  # [n, hidden]
+    states = cached if cached is not None else [(layer.keys[:, :, :p].clone(), layer.values[:, :, :p].clone())
+                                               for layer in cache.layers]
+    return hidden, states

@@ -108,13 +108,15 @@ def measure(client: Client, run: Path, args: argparse.Namespace) -> dict[str, An
     lock = threading.Lock()
     sent = {"n": 0}
     delete_at = args.requests // 4
-    reached = threading.Event()
+    reached, forgotten = threading.Event(), threading.Event()
+    # with ``until_forgotten``, clients go on past ``requests`` until the deletion ends (at most 10x)
+    cap = 10 * args.requests if getattr(args, "until_forgotten", False) else args.requests
 
     def worker() -> None:
         with httpx.Client(base_url=str(client.http.base_url), timeout=args.timeout, trust_env=False) as http:
             while True:
                 with lock:
-                    if sent["n"] >= args.requests:
+                    if sent["n"] >= cap or (sent["n"] >= args.requests and forgotten.is_set()):
                         return
                     n = sent["n"]
                     sent["n"] += 1
@@ -150,6 +152,7 @@ def measure(client: Client, run: Path, args: argparse.Namespace) -> dict[str, An
             completed_at = time.monotonic()
             break
         time.sleep(0.2)
+    forgotten.set()
     for thread in threads:
         thread.join(timeout=max(1.0, deadline - time.monotonic()))
     finished = time.monotonic()

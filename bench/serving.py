@@ -5,8 +5,10 @@ the machine's Redis) with the real ``apa serve`` in a subprocess, once with ``AP
 and once with ``false``. Each ``/recommend`` names no candidates, so the gateway scores the user's 20
 most popular unrated items; every request is a different user (a first request: the history
 embedding is computed too), the same users for both settings. Per concurrency level: p50/p99 latency,
-candidates scored per second, errors; per gateway: peak resident memory (VmHWM). Every request count
-is bounded and every request has a timeout.
+candidates scored per second, errors; per gateway: peak resident memory (VmHWM). Then, with sharing on
+and a worker beside the gateway, the same load while one interaction is deleted and its shard retrained
+and hot-swapped (``bench.load``'s phase: errors, latency, time to forget, quarantined uses after the
+202, which must be 0). Every request count is bounded and every request has a timeout.
 
     python bench/serving.py --run <run folder> --out docs/results/serving.json
     python bench/serving.py --quick --out docs/results/serving-quick.json   # trains the small run first
@@ -28,9 +30,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from bench import load as hot_swap_load
 from bench.client import Client
 from bench.machine import describe
 from bench.quick import train_quick_run
+from bench.stack import gateway_and_worker
 
 ASSETS = Path("var/assets")
 
@@ -117,6 +121,25 @@ def measure(env: dict[str, str], args: argparse.Namespace, users: list[str], wor
     return report
 
 
+def hot_swap(env: dict[str, str], args: argparse.Namespace, run: Path, work: Path) -> dict[str, Any]:
+    """Sharing on, a worker beside the gateway: load at concurrency 4 while a deletion retrains and
+    hot-swaps one shard."""
+    phase = work / "hot-swap"
+    phase.mkdir()
+    with gateway_and_worker(run, env, phase, args.port):
+        client = Client(f"http://127.0.0.1:{args.port}", token=env["APA_ADMIN_TOKEN"], timeout_s=args.timeout)
+        try:
+            client.wait_ready(timeout_s=args.timeout)
+            client.recommend(hot_swap_load.one_shard_target(run)[0], top_k=1)  # warm-up, not measured
+            load_args = argparse.Namespace(requests=4 * args.requests, concurrency=4, candidates=20,
+                                           timeout=args.timeout, until_forgotten=True)
+            result = hot_swap_load.measure(client, run, load_args)
+        finally:
+            client.close()
+    print(f"hot-swap: {json.dumps(result)}", flush=True)
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", type=Path, help="trained run folder (copied; the copy is served)")
@@ -124,6 +147,7 @@ def main() -> None:
     parser.add_argument("--full", action="store_true", help="also concurrency 16")
     parser.add_argument("--requests", type=int, default=None,
                         help="requests at concurrency 1 (2x at 4, 4x at 16); default 8, --quick 2")
+    parser.add_argument("--no-hot-swap", action="store_true", help="skip the load during a deletion's hot-swap")
     parser.add_argument("--port", type=int, default=8766)
     parser.add_argument("--timeout", type=float, default=900.0, help="per request and per wait, seconds")
     parser.add_argument("--note", default="", help="recorded with the result (e.g. what else loaded the machine)")
@@ -149,6 +173,8 @@ def main() -> None:
     try:
         report: dict[str, Any] = {"benchmark": "serving", "candidates_per_request": 20,
                                   **measure(env, args, users, work)}
+        if not args.no_hot_swap:
+            report["hot_swap"] = hot_swap(env, args, run, work)
     except BaseException:
         print(f"logs kept in {work}", file=sys.stderr)
         raise
@@ -158,6 +184,11 @@ def main() -> None:
     print(json.dumps(report, indent=1))
     print("sharing on vs off: " + ", ".join(
         f"c={c[1:]} p50 {s['p50']}x faster, throughput {s['throughput']}x" for c, s in report["speedup"].items()))
+    if "hot_swap" in report:
+        swap = report["hot_swap"]
+        print(f"during a hot-swap: {swap['errors']} errors in {swap['requests']} requests, "
+              f"{swap['quarantined_uses_after_202']} quarantined uses after the 202, "
+              f"time to forget {swap['deletion']['time_to_forget_s']} s")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=1) + "\n")

@@ -520,14 +520,14 @@ def test_shared_prefix_keeps_one_stack_through_a_swap(
     """A swap that lands between the prefix and the suffixes changes nothing in the call under way."""
     w = np.array([0.6, 0.3, 0.1])
     old = engine.score_shared(candidates, w)
-    real = torch_engine.prefix_key_values
+    real = torch_engine.packed_last_hidden
 
-    def swap_midway(*args: Any) -> Any:
-        states = real(*args)
-        engine.load_shard(AdapterRef(shard=0, version=2, path=adapter_dirs[K]))
-        return states
+    def swap_midway(*args: Any, **kwargs: Any) -> Any:
+        out = real(*args, **kwargs)
+        engine.load_shard(AdapterRef(shard=0, version=2, path=adapter_dirs[K]))  # after the first batch
+        return out
 
-    monkeypatch.setattr(torch_engine, "prefix_key_values", swap_midway)
+    monkeypatch.setattr(torch_engine, "packed_last_hidden", swap_midway)
     during = engine.score_shared(candidates, w, batch_size=4)
     monkeypatch.undo()
     after = engine.score_shared(candidates, w)

@@ -36,10 +36,9 @@ from apa.errors import AdapterMismatch, AllShardsQuarantined
 from apa.model import (
     BaseModel,
     forward_last_hidden,
-    prefix_key_values,
+    packed_last_hidden,
     score_hidden,
     shared_prefix_length,
-    suffix_last_hidden,
     token_ids,
 )
 
@@ -278,9 +277,10 @@ class TorchEngine:
     def score_shared(self, prompts: Sequence[str], weights: np.ndarray, *, mode: Mode = "nd",
                      batch_size: int = 8) -> np.ndarray:
         """p(yes) per prompt for prompts scored with one weight vector ``weights`` ([K]), e.g. one user's
-        candidates: their longest common token prefix runs once with the mixture active, then the
-        suffixes run in batches against its keys and values. Equal to ``score`` (same tokens, same
-        positions, same per-token mixture); the whole call uses one stack, whatever swaps meanwhile."""
+        candidates: their longest common token prefix runs once with the mixture active, and the
+        suffixes, ``batch_size`` at a time, packed into one row against its keys and values
+        (``packed_last_hidden``). Equal to ``score`` (same tokens, same positions, same per-token
+        mixture); the whole call uses one stack, whatever swaps meanwhile."""
         generation = self.prefixes.generation  # before the live view: see PrefixCache.put
         live = self._live
         if live.stack is None:
@@ -295,31 +295,20 @@ class TorchEngine:
         ids = token_ids(self.base.tokenizer, prompts)
         cut = shared_prefix_length(ids)
 
-        def mixed(rows: int) -> _Mix:
-            return _Mix(stack=stack, weights=w.expand(rows, -1), mode=mode)  # [rows, K]
-
         key = PrefixKey(tokens=tuple(ids[0][:cut]), weights=tuple(float(x) for x in w[0]), mode=mode,
                         versions=tuple((a.shard, a.version) for a in stack.adapters))
         prefix = self.prefixes.get(key) if cut else None
-        if cut and prefix is None:
-            token = _MIX.set(mixed(1))
-            try:
-                prefix = prefix_key_values(net, key.tokens, device)
-            finally:
-                _MIX.reset(token)
-            self.prefixes.put(key, prefix, generation=generation)
         hidden = torch.empty(len(prompts), net.config.hidden_size, dtype=torch.float32)  # [n, hidden]
-        order = sorted(range(len(prompts)), key=lambda i: len(ids[i]))
-        for start in range(0, len(order), batch_size):
-            index = order[start:start + batch_size]
-            token = _MIX.set(mixed(len(index)))
+        for start in range(0, len(prompts), batch_size):
+            index = list(range(start, min(start + batch_size, len(prompts))))
+            token = _MIX.set(_Mix(stack=stack, weights=w, mode=mode))  # one row: the prompts are packed
             try:
-                if prefix is None:  # nothing shared: plain right-padded forwards of the whole prompts
-                    hidden[index] = forward_last_hidden(self.base, [prompts[i] for i in index],
-                                                        batch_size=len(index)).float().cpu()
-                else:
-                    hidden[index] = suffix_last_hidden(net, prefix, [ids[i][cut:] for i in index],
-                                                       self.base.tokenizer.pad_token_id, device).float().cpu()
+                out, states = packed_last_hidden(net, key.tokens, [ids[i][cut:] for i in index], device,
+                                                 cached=prefix)
             finally:
                 _MIX.reset(token)
+            hidden[index] = out.float().cpu()
+            if cut and prefix is None:
+                prefix = states
+                self.prefixes.put(key, prefix, generation=generation)
         return score_hidden(self.base, hidden).numpy()
