@@ -185,6 +185,8 @@ def evaluate(
         def compute() -> np.ndarray:
             engine = TorchEngine(base)
             engine.load(adapters)
+            if (w == w[0]).all():  # one weight row for all (a shard, single, SISA): the template is shared
+                return engine.score_shared(prompts, w[0], mode=mode, batch_size=batch_size, desc=name)
             return engine.score(prompts, w, mode=mode, batch_size=batch_size, desc=name)
 
         out, seconds[name] = passes.run(adapters, w, mode, compute)

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 from torch import nn
+from tqdm.auto import tqdm
 
 from apa.engines.base import AdapterRef, Mode, ShardState
 from apa.engines.prefix_cache import PrefixCache, PrefixKey
@@ -275,7 +276,7 @@ class TorchEngine:
 
     @torch.inference_mode()
     def score_shared(self, prompts: Sequence[str], weights: np.ndarray, *, mode: Mode = "nd",
-                     batch_size: int = 8) -> np.ndarray:
+                     batch_size: int = 8, desc: str | None = None) -> np.ndarray:
         """p(yes) per prompt for prompts scored with one weight vector ``weights`` ([K]), e.g. one user's
         candidates: their longest common token prefix runs once with the mixture active, and the
         suffixes, ``batch_size`` at a time, packed into one row against its keys and values
@@ -299,7 +300,7 @@ class TorchEngine:
                         versions=tuple((a.shard, a.version) for a in stack.adapters))
         prefix = self.prefixes.get(key) if cut else None
         hidden = torch.empty(len(prompts), net.config.hidden_size, dtype=torch.float32)  # [n, hidden]
-        for start in range(0, len(prompts), batch_size):
+        for start in tqdm(range(0, len(prompts), batch_size), desc=desc, disable=desc is None, unit="batch"):
             index = list(range(start, min(start + batch_size, len(prompts))))
             token = _MIX.set(_Mix(stack=stack, weights=w, mode=mode))  # one row: the prompts are packed
             try:
