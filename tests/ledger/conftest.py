@@ -50,8 +50,9 @@ def session(settings: ServiceSettings) -> Iterator[Session]:
 def fake_version(folder: Path, *, shard: int, version: int, samples: list[list[str]]) -> VersionRecord:
     """A retrained version's folder holding only its manifest: one entry of interaction keys per sample."""
     folder.mkdir(parents=True)
-    doc = {"shard": shard, "version": version, "n_samples": len(samples),
-           "samples": [{"interaction_keys": keys} for keys in samples], "manifest_sha256": f"{shard}{version}" * 16}
+    sha = (f"{shard}{version}" * 32)[:64]  # 64 hex digits naming it: shard 0 v2 is "0202..."
+    doc = {"shard": shard, "version": version, "n_samples": len(samples), "manifest_sha256": sha,
+           "samples": [{"interaction_keys": keys} for keys in samples]}
     (folder / "manifest.json").write_text(json.dumps(doc))
-    return VersionRecord(shard=shard, version=version, path=folder, manifest_sha256=doc["manifest_sha256"],
-                         n_samples=len(samples), metrics={"valid_auc": 0.5})
+    return VersionRecord(shard=shard, version=version, path=folder, manifest_sha256=sha, n_samples=len(samples),
+                         metrics={"valid_auc": 0.5})
