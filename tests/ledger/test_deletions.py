@@ -103,6 +103,14 @@ def test_bad_requests_raise_and_unknown_ids_are_not_found(session: Session, key:
         deletions.get_deletion(session=session, request_id="no-such-id")
 
 
+def test_deleted_data_is_named_by_keyed_hmacs() -> None:
+    a = hmac_hex(b"key-1", "interaction", "u1:1:100")
+    assert a == hmac_hex(b"key-1", "interaction", "u1:1:100")
+    assert a != hmac_hex(b"key-2", "interaction", "u1:1:100")
+    assert a != hmac_hex(b"key-1", "sample", "u1:1:100"), "the kind is part of what is signed"
+    assert "u1" not in a and len(a) == 64
+
+
 def test_idempotency_binds_the_user_and_the_set_of_items() -> None:
     bind = deletions.idempotency_hmac
     assert bind(key=b"k", user_id="u1", item_ids=["2", "1", "1"]) == bind(key=b"k", user_id="u1", item_ids=["1", "2"])
