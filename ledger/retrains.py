@@ -87,12 +87,22 @@ def publish_version(
     """Make a retrained version the shard's serving version; complete the requests it covers.
 
     The shard serves again only if no deletion reached it since the snapshot; otherwise it stays
-    quarantined (and another retrain follows). Returns the ids of the requests completed.
+    quarantined (and another retrain follows). A snapshot older than the last published one is stale: its
+    version is recorded retired and nothing else changes. Returns the ids of the requests completed.
     """
     row = session.get(Shard, snapshot.shard, with_for_update=True)
     if row is None:
         raise ShardNotFound(f"no shard {snapshot.shard}")
     now = utcnow()
+    if snapshot.seq < row.clean_seq:
+        # A newer retrain published first (this worker stalled and lost its lock): its version may hold
+        # data deleted since its snapshot. Record it, retired, so a purge finds its folder; never serve it.
+        session.add(AdapterVersion(shard=record.shard, version=record.version, path=str(record.path.resolve()),
+                                   manifest_sha256=record.manifest_sha256, n_samples=record.n_samples,
+                                   metrics=record.metrics, covers_seq=snapshot.seq, retired_at=now))
+        write_audit(session=session, actor="worker", action="shard.publish.stale", subject=f"shard-{row.shard}",
+                    detail={"version": record.version, "seq": snapshot.seq, "clean_seq": row.clean_seq})
+        return []
     old = version_row(session=session, shard=row.shard, version=row.serving_version)
     if old is not None:
         old.retired_at = now

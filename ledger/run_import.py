@@ -119,13 +119,12 @@ def import_run(
     for record in sorted(versions, key=lambda v: (v.shard, v.version)):
         if (record.shard, record.version) in known:
             continue
-        now = utcnow()
-        session.add(AdapterVersion(shard=record.shard, version=record.version, path=str(record.path.resolve()),
-                                   manifest_sha256=record.manifest_sha256, n_samples=record.n_samples,
-                                   metrics=record.metrics, served_at=now))
-        shard = session.get(Shard, record.shard)
+        shard = session.get(Shard, record.shard)  # before the version row: its autoflush would fail the FK
         if shard is None:
             raise LedgerError(f"the run has no shard {record.shard}")
+        session.add(AdapterVersion(shard=record.shard, version=record.version, path=str(record.path.resolve()),
+                                   manifest_sha256=record.manifest_sha256, n_samples=record.n_samples,
+                                   metrics=record.metrics, served_at=utcnow()))
         if shard.serving_version is None or (record.version > shard.serving_version and not shard.dirty):
             shard.serving_version = record.version
         added += 1

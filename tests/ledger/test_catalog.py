@@ -1,7 +1,6 @@
 """The ledger's catalog reads (ledger.catalog) on the tiny run, on SQLite and PostgreSQL."""
 
 from collections import Counter
-from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 
@@ -10,18 +9,11 @@ from sqlalchemy.orm import Session
 
 from apa.artifacts import read_json
 from apa.errors import UserNotFound
-from ledger import catalog, db
-from tests.conftest import RATINGS, TITLES, record_run, service_settings
+from ledger import catalog, deletions
+from tests.conftest import RATINGS, TITLES
+from tests.ledger.conftest import SHARD_SAMPLES, VALID_SAMPLES
 
 COUNTS = Counter(item for rows in RATINGS.values() for item, _, _ in rows)
-
-
-@pytest.fixture
-def session(ledger_url: str, service_home: Path, redis_prefix: str, tiny_model_dir: Path) -> Iterator[Session]:
-    settings = service_settings(service_home, ledger_url, redis_prefix, tiny_model_dir)
-    record_run(settings)
-    with db.session_scope(ledger_url) as session:
-        yield session
 
 
 def test_titles_of_known_items_and_none_for_unknown_ones(session: Session) -> None:
@@ -63,3 +55,30 @@ def test_shard_views_and_live_samples_match_the_run_folder(session: Session, ser
         assert view.n_samples == len(samples) == manifest["n_samples"]
     assert catalog.live_sample_ids(session=session, split="valid")
     assert catalog.deletion_counts(session=session) == {}
+
+
+def test_tombstoned_interactions_vanish_from_every_read(session: Session, key: bytes) -> None:
+    """u1 deletes item 1, their first rating: every u1 sample contains it (two train, two valid)."""
+    deletions.request_deletion(session=session, user_id="u1", item_ids=["1"], key=key)
+    u1 = sorted(RATINGS["u1"], key=lambda r: (r[2], r[0]))
+    assert catalog.live_history(session=session, user_id="u1") == [(i, float(r)) for i, r, _ in u1 if i != "1"]
+    assert catalog.popularity(session=session, item_ids=["1", "5"]) == {"1": COUNTS["1"] - 1, "5": COUNTS["5"]}
+    counts = COUNTS - Counter({"1": 1})
+    expected = sorted(counts, key=lambda item: (-counts[item], item))
+    assert catalog.popular_items(session=session, exclude=set(), limit=12) == expected
+    assert catalog.live_sample_ids(session=session, split="train", shard=0) == \
+        [s for s in SHARD_SAMPLES[0] if s != "u1:5:500"]
+    assert catalog.live_sample_ids(session=session, split="train", shard=1) == \
+        [s for s in SHARD_SAMPLES[1] if s != "u1:2:300"]
+    assert catalog.live_sample_ids(session=session, split="valid") == \
+        [s for s in VALID_SAMPLES if not s.startswith("u1:")]
+    assert [(v.shard, v.state, v.version, v.dirty) for v in catalog.shard_views(session=session)] == \
+        [(0, "quarantined", 1, True), (1, "quarantined", 1, True)]
+    assert catalog.deletion_counts(session=session) == {"quarantined": 1}
+
+
+def test_a_user_with_every_interaction_deleted_is_unknown(session: Session, key: bytes) -> None:
+    deletions.request_deletion(session=session, user_id="u3", item_ids=None, key=key)
+    with pytest.raises(UserNotFound, match="u3"):
+        catalog.live_history(session=session, user_id="u3")
+    assert catalog.deletion_counts(session=session) == {"completed": 1}, "u3 trained no shard"

@@ -1,0 +1,112 @@
+"""Purging what a completed deletion removed (ledger.purges) on the tiny run, on SQLite and PostgreSQL.
+
+The tombstoned rows go once the retrain that forgot them serves; the versions trained on them are
+marked purged (apa.purge removes their folders); the HMACs in ``forgotten`` and the certificate stay.
+"""
+
+from pathlib import Path
+
+import pytest
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from apa.errors import DeletionNotFound
+from apa.hashing import hmac_hex
+from ledger import catalog, deletions, purges, retrains
+from ledger.models import (
+    AdapterVersion,
+    AuditEntry,
+    Forgotten,
+    Interaction,
+    Sample,
+    SampleInteraction,
+)
+from service.settings import ServiceSettings
+from tests.conftest import RATINGS
+from tests.ledger.conftest import fake_version
+
+
+def _count(session: Session, table: type) -> int:
+    return session.scalar(select(func.count()).select_from(table)) or 0
+
+
+def _retrain(session: Session, key: bytes, folder: Path, shard: int, version: int) -> list[str]:
+    snapshot = retrains.begin_retrain(session=session, shard=shard)
+    assert snapshot is not None
+    record = fake_version(folder / f"shard-{shard}-v{version}", shard=shard, version=version,
+                          samples=[[s] for s in snapshot.sample_ids])
+    return retrains.publish_version(session=session, snapshot=snapshot, record=record, key=key)
+
+
+def _version_path(session: Session, shard: int, version: int) -> Path:
+    row = session.scalars(select(AdapterVersion).where(AdapterVersion.shard == shard,
+                                                       AdapterVersion.version == version)).one()
+    return Path(row.path)
+
+
+def test_only_completed_unpurged_requests_are_pending_oldest_first(
+    session: Session, key: bytes, tmp_path: Path,
+) -> None:
+    assert purges.pending_purges(session=session) == []
+    quarantined = deletions.request_deletion(session=session, user_id="u1", item_ids=["5"], key=key).request
+    u3 = deletions.request_deletion(session=session, user_id="u3", item_ids=None, key=key).request  # no shard
+    assert purges.pending_purges(session=session) == [u3.id]
+    assert _retrain(session, key, tmp_path, 0, 2) == [quarantined.id]
+    assert purges.pending_purges(session=session) == [quarantined.id, u3.id]
+    purges.finish_purge(session=session, plan=purges.purge_plan(session=session, request_id=u3.id))
+    assert purges.pending_purges(session=session) == [quarantined.id]
+
+
+def test_plan_of_a_request_that_reached_no_shard(session: Session, key: bytes, settings: ServiceSettings) -> None:
+    request = deletions.request_deletion(session=session, user_id="u3", item_ids=None, key=key).request
+    plan = purges.purge_plan(session=session, request_id=request.id)
+    assert plan == purges.PurgePlan(
+        request_id=request.id, sample_ids=["u3:10:270", "u3:11:280", "u3:5:220", "u3:6:230", "u3:7:240", "u3:9:260"],
+        superseded=[], run_path=(settings.runs_dir / "tiny").resolve(), interaction_hmacs=request.deleted_hmacs)
+    assert len(plan.interaction_hmacs) == 8
+    with pytest.raises(DeletionNotFound):
+        purges.purge_plan(session=session, request_id="no-such-id")
+
+
+def test_finish_purge_deletes_the_rows_and_marks_the_superseded_version(
+    session: Session, key: bytes, tmp_path: Path,
+) -> None:
+    """u1 deletes item 1: 1 interaction, 4 samples (2 train, 2 valid), both shards retrained to v2."""
+    interactions, samples = _count(session, Interaction), _count(session, Sample)
+    assert (interactions, samples) == (sum(len(r) for r in RATINGS.values()), 24)
+    request = deletions.request_deletion(session=session, user_id="u1", item_ids=["1"], key=key).request
+    assert _retrain(session, key, tmp_path, 0, 2) == []
+    assert _retrain(session, key, tmp_path, 1, 2) == [request.id]
+    plan = purges.purge_plan(session=session, request_id=request.id)
+    assert plan.sample_ids == ["u1:2:300", "u1:3:400", "u1:4:200", "u1:5:500"]
+    assert plan.superseded == sorted([_version_path(session, 0, 1), _version_path(session, 1, 1)])
+    assert plan.interaction_hmacs == [hmac_hex(key, "interaction", "u1:1:100")]
+    purges.finish_purge(session=session, plan=plan)
+    assert (_count(session, Interaction), _count(session, Sample)) == (interactions - 1, samples - 4)
+    assert session.scalar(select(func.count()).select_from(SampleInteraction)
+                          .where(SampleInteraction.sample_id.like("u1:%"))) == 0
+    assert [(v.shard, v.version) for v in session.scalars(select(AdapterVersion).where(
+        AdapterVersion.purged_at.is_not(None)).order_by(AdapterVersion.shard))] == [(0, 1), (1, 1)]
+    assert request.purged_at is not None
+    assert purges.pending_purges(session=session) == []
+    assert _count(session, Forgotten) == 5, "1 interaction and 4 sample HMACs stay as proof"
+    assert [i for i, _ in catalog.live_history(session=session, user_id="u1")] == ["4", "10", "2", "3", "5"]
+    audit = session.scalars(select(AuditEntry).where(AuditEntry.action == "deletion.purged")).one()
+    assert (audit.subject, audit.detail) == (request.id, {"interaction_rows": 1, "sample_rows": 4,
+                                                          "adapter_versions": 2})
+    purges.finish_purge(session=session, plan=plan)  # a purge job run twice finds nothing left
+    assert (_count(session, Interaction), _count(session, Sample)) == (interactions - 1, samples - 4)
+
+
+def test_each_request_purges_the_versions_before_its_own_retrain(
+    session: Session, key: bytes, tmp_path: Path,
+) -> None:
+    """Two deletions on shard 0, each retrained in turn (v2, then v3): the first supersedes v1, the second v2."""
+    first = deletions.request_deletion(session=session, user_id="u1", item_ids=["5"], key=key).request
+    assert _retrain(session, key, tmp_path, 0, 2) == [first.id]
+    second = deletions.request_deletion(session=session, user_id="u2", item_ids=["2"], key=key).request
+    assert _retrain(session, key, tmp_path, 0, 3) == [second.id]
+    plan = purges.purge_plan(session=session, request_id=first.id)
+    assert plan.superseded == [_version_path(session, 0, 1)]
+    purges.finish_purge(session=session, plan=plan)
+    assert purges.purge_plan(session=session, request_id=second.id).superseded == [_version_path(session, 0, 2)]
