@@ -1,5 +1,6 @@
-"""The app factory. ``create_app()`` only wires things; the lifespan loads the engine and the serving
-versions from the ledger, subscribes to events and starts the ledger poll."""
+"""The app factory. ``create_app()`` only wires the feature routers; the lifespan builds the engine
+(``APA_ENGINE``, by name) and the replica, loads the serving versions from the ledger, and starts
+the background loops (pub/sub events, the ledger poll)."""
 
 import logging
 import time
