@@ -1,5 +1,6 @@
-"""The app factory. ``create_app()`` only wires things; the lifespan loads the engine and the serving
-versions from the ledger, subscribes to events and starts the ledger poll."""
+"""The app factory. ``create_app()`` only wires the feature routers; the lifespan builds the engine
+(``APA_ENGINE``, by name) and the replica, loads the serving versions from the ledger, and starts
+the background loops (pub/sub events, the ledger poll)."""
 
 import logging
 import time
@@ -11,6 +12,7 @@ from fastapi import FastAPI, Request, Response
 from starlette.concurrency import run_in_threadpool
 
 from apa import __version__
+from apa.engines import create_engine
 from apa.errors import ConfigError, LedgerError
 from apa.model import load_base_model
 from apa.runs import RunConfig
@@ -18,12 +20,16 @@ from jobs import queue
 from ledger import run_import
 from ledger.db import require_current, session_factory
 from service import errors, redaction
+from service.admin import router as admin
+from service.background import EventListener, ledger_poller
+from service.deletions import router as deletions
 from service.deps import Gateway
+from service.health import router as health
 from service.limits import BodyLimit, TokenBuckets
 from service.metrics import Metrics
-from service.recommender import Recommender
-from service.routes import admin, deletions, health, recommend
-from service.serving import EventListener, LedgerPoller, RunInfo, Serving
+from service.recommend import router as recommend
+from service.recommend.service import Recommender
+from service.replica import Replica, RunInfo
 from service.settings import ServiceSettings, get_service_settings
 from service.timeout import RequestTimeout
 
@@ -47,7 +53,8 @@ def _start(gateway: Gateway) -> None:
     base = load_base_model(settings.base_model_dir, device=settings.device)
     if base.sha256 != expected_sha:
         raise LedgerError(f"the base model at {settings.base_model_dir} is not the one the run was trained on")
-    serving = Serving(settings, base, info)
+    cache_bytes = int(settings.prefix_cache_mb * 2**20) if settings.prefix_sharing else 0
+    replica = Replica(settings, base, info, create_engine(settings.engine, base, prefix_cache_bytes=cache_bytes))
 
     def observe_completed(seconds: list[float]) -> None:
         for value in seconds:
@@ -55,13 +62,13 @@ def _start(gateway: Gateway) -> None:
             if value > settings.forget_deadline_s:
                 gateway.metrics.completed_overdue.inc()
 
-    serving.on_completed = observe_completed
-    serving.sync()
-    gateway.serving = serving
-    gateway.recommender = Recommender(settings, serving, gateway.sessions, gateway.metrics)
+    replica.on_completed = observe_completed
+    replica.sync()
+    gateway.replica = replica
+    gateway.recommender = Recommender(settings, replica, gateway.sessions, gateway.metrics)
     gateway.redis = queue.connect(settings.redis_url)
-    gateway.threads = [EventListener(gateway.redis, queue.Names(settings.redis_prefix).events, serving),
-                       LedgerPoller(serving, settings.poll_interval_s)]
+    gateway.threads = [EventListener(gateway.redis, queue.Names(settings.redis_prefix).events, replica),
+                       ledger_poller(replica, settings.poll_interval_s)]
     for thread in gateway.threads:
         thread.start()
 
@@ -72,7 +79,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     await run_in_threadpool(_start, gateway)
     assert gateway.recommender is not None
     gateway.recommender.start()
-    log.info("serving %d shards", len(gateway.serving.engine.live()) if gateway.serving else 0)
+    log.info("serving %d shards", len(gateway.replica.engine.live()) if gateway.replica else 0)
     try:
         yield
     finally:

@@ -16,8 +16,9 @@ from service.metrics import Metrics
 from service.settings import ServiceSettings
 
 if TYPE_CHECKING:
-    from service.recommender import Recommender
-    from service.serving import Serving
+    from jobs.periodic import Periodic
+    from service.recommend.service import Recommender
+    from service.replica import Replica
 
 
 @dataclass
@@ -27,10 +28,10 @@ class Gateway:
     settings: ServiceSettings
     sessions: sessionmaker[Session]
     metrics: Metrics
-    serving: "Serving | None" = None
+    replica: "Replica | None" = None
     recommender: "Recommender | None" = None
     redis: Any = None
-    threads: list[Any] = field(default_factory=list)
+    threads: "list[Periodic]" = field(default_factory=list)  # the event listener and the ledger poll
     rate: TokenBuckets = field(default_factory=lambda: TokenBuckets(rate=1.0, burst=1))
     probes: ThreadPoolExecutor = field(  # /readyz's checks: never queued behind the request thread pool
         default_factory=lambda: ThreadPoolExecutor(max_workers=2, thread_name_prefix="probe"))
@@ -105,10 +106,10 @@ def require_client(
 ClientDep = Depends(require_client)
 
 
-def get_serving(gateway: GatewayDep) -> "Serving":
-    if gateway.serving is None:
+def get_replica(gateway: GatewayDep) -> "Replica":
+    if gateway.replica is None:
         raise HTTPException(503, "the engine is not loaded", headers=retry_after(5))
-    return gateway.serving
+    return gateway.replica
 
 
 def get_recommender(gateway: GatewayDep) -> "Recommender":
@@ -117,5 +118,5 @@ def get_recommender(gateway: GatewayDep) -> "Recommender":
     return gateway.recommender
 
 
-ServingDep = Annotated["Serving", Depends(get_serving)]
+ReplicaDep = Annotated["Replica", Depends(get_replica)]
 RecommenderDep = Annotated["Recommender", Depends(get_recommender)]

@@ -18,6 +18,7 @@ class ServiceSettings(CoreSettings):
     # is open and bounded only by the body limit and the model queue's admission (APA_MAX_MODEL_WAITING).
     recommend_token: SecretStr | None = None
     device: str = "cpu"
+    engine: str = "torch"  # by name from apa.engines.ENGINES
     mode: Literal["nd", "d"] = "nd"  # APA(ND) exact mixture, or APA(D)
     # The attention: each part a value, or auto (chosen on the validation memory, leave one out, each
     # time the memory changes). The paper's is mae / 20 / 1000.

@@ -583,3 +583,21 @@ def test_prefix_cache_across_calls_is_exact_and_dropped_when_stale(
     assert len(engine.prefixes) == 0
     np.testing.assert_allclose(engine.score_shared(candidates, w),
                                engine.score(candidates, np.tile(w, (len(candidates), 1))), atol=SHARED_TOL, rtol=0.0)
+
+
+def test_engines_are_built_by_name_and_forget_their_cached_prompts(
+    tiny_base: BaseModel, adapter_dirs: list[Path], candidates: list[str]
+) -> None:
+    from apa.engines import ENGINES, create_engine
+    from apa.errors import ConfigError
+
+    assert "torch" in ENGINES
+    with pytest.raises(ConfigError, match="unknown engine"):
+        create_engine("no-such-engine", tiny_base)
+    engine = create_engine("torch", tiny_base, prefix_cache_bytes=2**24)
+    assert isinstance(engine, TorchEngine)
+    engine.load(refs(adapter_dirs[:K]))
+    engine.score_shared(candidates, np.array([0.5, 0.3, 0.2]))
+    assert engine.cache_stats()["entries"] == 1 and engine.cache_stats()["misses"] == 1
+    engine.drop_cached()  # what a deletion asks of every engine
+    assert engine.cache_stats()["entries"] == 0 and engine.cache_stats()["bytes"] == 0

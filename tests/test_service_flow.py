@@ -162,7 +162,7 @@ def test_a_second_replica_applies_the_quarantine_from_pub_sub(env: dict, tiny_mo
     settings_b = env["settings"].model_copy(update={"poll_interval_s": 60.0})
     user, shards = user_with_train_samples(env["run_dir"])
     with TestClient(create_app(settings_b)) as replica:
-        histories = replica.app.state.gateway.serving.histories  # type: ignore[attr-defined]
+        histories = replica.app.state.gateway.replica.histories  # type: ignore[attr-defined]
         other = next(u for u in ("u1", "u2", "u3", "u4") if u != user)
         before = replica.post("/recommend", json={"user_id": other, "candidates": ["1"]}).json()
         assert shards <= {a["shard"] for a in before["adapters"]}

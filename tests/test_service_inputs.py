@@ -262,7 +262,7 @@ def test_a_full_model_queue_answers_503_and_health_never_waits(
 
     api = make_api(max_model_waiting=1, probe_timeout_s=0.5)
     gateway = api.app.state.gateway  # type: ignore[attr-defined]
-    engine = gateway.serving.engine
+    engine = gateway.replica.engine
     release, entered = threading.Event(), threading.Event()
 
     def held(real: Callable[..., Any]) -> Callable[..., Any]:
@@ -383,10 +383,10 @@ def test_the_quarantine_event_names_the_user_by_hmac_only(api: TestClient) -> No
         pubsub.close()
         redis.close()
     # another replica, holding u3's history embedding, drops it on the event
-    histories = gateway.serving.histories
+    histories = gateway.replica.histories
     histories.put(user, "the user's history", np.zeros(4), histories.epoch)
     histories.put("someone", "another history", np.zeros(4), histories.epoch)
-    gateway.serving.on_event(event)
+    gateway.replica.on_event(event)
     assert user not in histories and "someone" in histories
 
 

@@ -178,7 +178,7 @@ def test_a_repeat_recommend_reuses_the_history_embedding_until_the_user_deletes(
     second = api.post("/recommend", json=body).json()
     assert embeds() == before, "the second request ran no history forward"
     assert second["items"] == first["items"] and second["adapters"] == first["adapters"]
-    histories = api.app.state.gateway.serving.histories  # type: ignore[attr-defined]
+    histories = api.app.state.gateway.replica.histories  # type: ignore[attr-defined]
     assert len(histories) == 1
     assert api.delete(f"/users/{user}/interactions", params={"item_id": item}, headers=AUTH).status_code == 202
     assert len(histories) == 0, "the deleting replica dropped the user's embedding"
@@ -209,7 +209,7 @@ def test_admin_status_and_retrain_errors(api: TestClient) -> None:
     assert status["queue"] == {"depth": 0, "workers": 0}
     assert status["deletions"] == {}
     assert status["model"]["name"] and len(status["model"]["sha256"]) == 64
-    attention = api.app.state.gateway.serving.attention  # type: ignore[attr-defined]
+    attention = api.app.state.gateway.replica.attention.in_use  # type: ignore[attr-defined]
     shown = status["attention"]
     assert shown["configured"] == {"error": "auto", "knn": "auto", "tau": "auto"}  # the defaults
     assert shown["in_use"] == attention.setting.as_dict()
@@ -237,13 +237,13 @@ def test_metrics_exposes_latency_by_route(api: TestClient) -> None:
 
 
 def test_a_sync_never_lifts_a_quarantine_whose_deletion_has_not_committed(api: TestClient) -> None:
-    serving = api.app.state.gateway.serving  # type: ignore[attr-defined]
-    with serving.quarantined_until_committed([0]):
-        serving.sync()  # the ledger still says "serving" (nothing committed): shard 0 stays out
-        assert 0 not in serving.active()
-    serving.quarantine([1])
-    serving.sync()
-    assert set(serving.active()) == {0, 1}, "once nothing is pending, the ledger's word counts"
+    replica = api.app.state.gateway.replica  # type: ignore[attr-defined]
+    with replica.quarantined_until_committed([0]):
+        replica.sync()  # the ledger still says "serving" (nothing committed): shard 0 stays out
+        assert 0 not in replica.active()
+    replica.quarantine([1])
+    replica.sync()
+    assert set(replica.active()) == {0, 1}, "once nothing is pending, the ledger's word counts"
 
 
 def test_the_attention_is_chosen_on_the_memory_and_again_when_it_shrinks(
@@ -255,14 +255,14 @@ def test_the_attention_is_chosen_on_the_memory_and_again_when_it_shrinks(
     settings = service_settings(service_home, ledger_url, redis_prefix, tiny_model_dir, tau="auto", knn=3)
     record_run(settings)
     with TestClient(create_app(settings)) as client:
-        serving = client.app.state.gateway.serving  # type: ignore[attr-defined]
-        attention = serving.attention
+        replica = client.app.state.gateway.replica  # type: ignore[attr-defined]
+        attention = replica.attention.in_use
         grid = AttentionGrid(knns=(3,))  # the error and tau are auto, the neighbours fixed
         assert attention.setting == choose_attention(attention.memory, mode="per-user", grid=grid).attention
         assert attention.setting.knn == 3
-        serving.drop_valid(list(attention.memory.sample_ids[1:]))  # one sample left: nothing to choose with
-        assert len(serving.attention.memory.sample_ids) == 1
-        assert serving.attention.setting == Attention("mae", 3, 1000.0)  # the fixed part, the paper's for the rest
+        replica.attention.drop(list(attention.memory.sample_ids[1:]))  # one sample left: nothing to choose with
+        assert len(replica.attention.in_use.memory.sample_ids) == 1
+        assert replica.attention.in_use.setting == Attention("mae", 3, 1000.0)  # the fixed knn, the paper's rest
         assert client.post("/recommend", json={"user_id": "u1", "candidates": ["1"]}).status_code == 200
         shown = client.get("/admin/status", headers=AUTH).json()["attention"]
         assert shown == {"mode": "nd", "configured": {"error": "auto", "knn": 3, "tau": "auto"},

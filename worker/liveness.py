@@ -18,7 +18,6 @@ import logging
 import os
 import secrets
 import socket
-import threading
 import time
 from typing import Any
 
@@ -29,6 +28,7 @@ from rq.job import Job
 from rq.job_lifecycle import record_job_failure
 from rq.registry import StartedJobRegistry
 
+from jobs.periodic import Periodic
 from jobs.queue import Names, live_workers, queue
 
 log = logging.getLogger(__name__)
@@ -51,27 +51,25 @@ def lock_owner(token: bytes | str) -> str:
     return owner if separator else ""
 
 
-class Heartbeat(threading.Thread):
+class Heartbeat(Periodic):
     """SET ``<prefix>worker:<name>`` EX ``ttl_s`` every ``ttl_s / 3`` seconds; DEL on a clean stop."""
 
     def __init__(self, redis: Redis, prefix: str, name: str, ttl_s: float) -> None:
-        super().__init__(name="worker-heartbeat", daemon=True)
+        super().__init__("worker-heartbeat", self._beat_or_warn, ttl_s / 3)
         self.redis, self.key, self.ttl_s = redis, Names(prefix).heartbeat(name), ttl_s
         self.value = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()})
-        self.stopped = threading.Event()
 
     def beat(self) -> None:
         self.redis.set(self.key, self.value, px=max(1, int(self.ttl_s * 1000)))
 
-    def run(self) -> None:
-        while not self.stopped.wait(self.ttl_s / 3):
-            try:
-                self.beat()
-            except RedisError:  # Redis down: the key expires and the worker counts as gone, which it is for Redis
-                log.warning("heartbeat: Redis unavailable", exc_info=True)
+    def _beat_or_warn(self) -> None:
+        try:
+            self.beat()
+        except RedisError:  # Redis down: the key expires and the worker counts as gone, which it is for Redis
+            log.warning("heartbeat: Redis unavailable", exc_info=True)
 
     def stop(self) -> None:
-        self.stopped.set()
+        super().stop()
         self.join(timeout=5)
         with contextlib.suppress(RedisError):
             self.redis.delete(self.key)

@@ -10,7 +10,7 @@ from jobs import queue
 from ledger.db import require_current
 from worker import metrics
 from worker.liveness import Heartbeat, worker_name
-from worker.reconciler import Reconciler, reconcile
+from worker.reconciler import reconcile, reconciler
 from worker.settings import WorkerSettings
 from worker.tasks import WorkerContext, set_context
 
@@ -32,14 +32,14 @@ def run(settings: WorkerSettings, *, burst: bool = False) -> None:
     heartbeat = Heartbeat(redis, settings.redis_prefix, name, settings.heartbeat_ttl_s)
     heartbeat.beat()  # alive before the first reconcile judges the others
     heartbeat.start()
-    reconciler = Reconciler(settings, redis)
+    reconciling = reconciler(settings, redis)
     try:
         reconcile(settings, redis)
         if not burst:
-            reconciler.start()
+            reconciling.start()
         SimpleWorker([queue.queue(redis, settings.redis_prefix)], connection=redis, name=name).work(
             burst=burst, logging_level="INFO", with_scheduler=True)  # the scheduler runs rq.Retry's backoff
     finally:
-        reconciler.stop()
+        reconciling.stop()
         heartbeat.stop()
         set_context(None)

@@ -7,13 +7,13 @@ Failed shards wait for ``POST /admin/shards/{k}/retrain``.
 """
 
 import logging
-import threading
 from pathlib import Path
 from typing import Any
 
 from apa import artifacts
 from apa.errors import LedgerError
 from jobs import queue
+from jobs.periodic import Periodic
 from ledger import purges, retrains, run_import
 from ledger.db import session_scope
 from worker.liveness import recover_orphans
@@ -54,18 +54,6 @@ def reconcile(settings: WorkerSettings, redis: Any) -> dict[str, Any]:
     return {"dirty": dirty, "enqueued": enqueued, "purges": len(to_purge), "temp_dirs_removed": cleaned, **orphans}
 
 
-class Reconciler(threading.Thread):
-    def __init__(self, settings: WorkerSettings, redis: Any) -> None:
-        super().__init__(name="reconciler", daemon=True)
-        self.settings, self.redis = settings, redis
-        self.stopped = threading.Event()
-
-    def run(self) -> None:
-        while not self.stopped.wait(self.settings.reconcile_interval_s):
-            try:
-                reconcile(self.settings, self.redis)
-            except Exception:  # keep reconciling: the next round may find the ledger or Redis back
-                log.exception("reconcile round failed")
-
-    def stop(self) -> None:
-        self.stopped.set()
+def reconciler(settings: WorkerSettings, redis: Any) -> Periodic:
+    """The reconcile round every ``APA_RECONCILE_INTERVAL_S`` seconds (the worker runs the first at start)."""
+    return Periodic("reconciler", lambda: reconcile(settings, redis), settings.reconcile_interval_s)

@@ -9,7 +9,6 @@ dirty meanwhile.
 """
 
 import logging
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -27,6 +26,7 @@ from apa.model import BaseModel, load_base_model
 from apa.purge import purge_run_files
 from apa.runs import read_run, train_version
 from jobs import queue
+from jobs.periodic import Periodic
 from ledger import purges, retrains
 from ledger.db import session_scope
 from worker import metrics
@@ -76,21 +76,19 @@ def held_lock(redis: Redis, name: str, ttl_s: int, owner: str = "") -> Iterator[
     if not lock.acquire(token=lock_token(owner)):
         yield False
         return
-    stop = threading.Event()
 
-    def beat() -> None:
-        while not stop.wait(ttl_s / 3):
-            try:
-                lock.extend(ttl_s, replace_ttl=True)
-            except (LockError, RedisError):
-                log.warning("could not extend %s; another worker may take the shard", name, exc_info=True)
+    def extend() -> None:
+        try:
+            lock.extend(ttl_s, replace_ttl=True)
+        except (LockError, RedisError):
+            log.warning("could not extend %s; another worker may take the shard", name, exc_info=True)
 
-    heartbeat = threading.Thread(target=beat, name=f"heartbeat {name}", daemon=True)
+    heartbeat = Periodic(f"heartbeat {name}", extend, ttl_s / 3)
     heartbeat.start()
     try:
         yield True
     finally:
-        stop.set()
+        heartbeat.stop()
         heartbeat.join()
         try:
             lock.release()

@@ -1,8 +1,36 @@
 """Engines score prompts with per-sample shard weights, and hold the live (shard, version) adapters.
 
-Chosen by name from ``ENGINES``; ``torch`` is the default (CPU or CUDA). See ``base.Engine``.
+Chosen by name from ``ENGINES`` with ``create_engine``; ``torch`` is the default (CPU or CUDA). Each
+entry imports its engine when called, so naming the registry loads no engine's dependencies. See
+``base.Engine`` for what every engine does.
 """
 
-from apa.engines.base import AdapterRef, Engine, ShardState
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
-__all__ = ["AdapterRef", "Engine", "ShardState"]
+from apa.engines.base import AdapterRef, Engine, ShardState
+from apa.errors import ConfigError
+
+if TYPE_CHECKING:
+    from apa.model import BaseModel
+
+
+def _torch(base: "BaseModel", **options: Any) -> Engine:
+    from apa.engines.torch import TorchEngine
+
+    return TorchEngine(base, **options)
+
+
+ENGINES: dict[str, Callable[..., Engine]] = {"torch": _torch}
+
+
+def create_engine(name: str, base: "BaseModel", **options: Any) -> Engine:
+    """The engine registered as ``name`` over ``base`` (``options``: that engine's keyword arguments)."""
+    try:
+        factory = ENGINES[name]
+    except KeyError:
+        raise ConfigError(f"unknown engine {name!r}; choose one of {sorted(ENGINES)}") from None
+    return factory(base, **options)
+
+
+__all__ = ["ENGINES", "AdapterRef", "Engine", "ShardState", "create_engine"]

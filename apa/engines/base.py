@@ -42,6 +42,14 @@ class Engine(Protocol):
 
     def live(self) -> list[ShardState]: ...
 
+    def drop_cached(self) -> None:
+        """Forget everything computed from prompt text and kept across calls (a deletion: a prompt
+        holds a user's history). Engines without such caches do nothing."""
+
+    def cache_stats(self) -> dict[str, int]:
+        """What those caches hold, by statistic (hits, misses, entries, bytes, ...); empty without any."""
+        ...
+
     def score(self, prompts: Sequence[str], weights: np.ndarray, *, mode: Mode = "nd",
               batch_size: int = 8) -> np.ndarray:
         """p(yes) per prompt; ``weights`` is [n, K] in shard order (quarantined shards get 0)."""

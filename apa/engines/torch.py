@@ -22,7 +22,7 @@ import json
 import threading
 from collections.abc import Iterator, Sequence
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
@@ -234,6 +234,12 @@ class TorchEngine:
             return []
         return [ShardState(shard=a.shard, version=a.version, active=a.shard in live.active)
                 for a in live.stack.adapters]
+
+    def drop_cached(self) -> None:
+        self.prefixes.clear()
+
+    def cache_stats(self) -> dict[str, int]:
+        return asdict(self.prefixes.stats())
 
     # -- scoring -------------------------------------------------------------------------------
     @staticmethod

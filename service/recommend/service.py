@@ -1,4 +1,4 @@
-"""``POST /recommend``: the user's live history → per-user shard weights → one mixed forward per batch.
+"""The recommend use case: the user's live history → per-user shard weights → one mixed forward per batch.
 
 Ledger reads run in a worker thread; the history embedding and the candidates' scores go through
 micro-batchers onto the single model thread, so concurrent requests share forwards.
@@ -21,8 +21,8 @@ from service.batching import MicroBatcher
 from service.deadline import LoadShed
 from service.limits import Admission
 from service.metrics import Metrics
-from service.schemas import AdapterWeight, ItemScore, RecommendRequest, RecommendResponse
-from service.serving import Serving
+from service.recommend.schemas import AdapterWeight, ItemScore, RecommendRequest, RecommendResponse
+from service.replica import Replica
 from service.settings import ServiceSettings
 
 
@@ -38,9 +38,9 @@ class Query:
 
 
 class Recommender:
-    def __init__(self, settings: ServiceSettings, serving: Serving, sessions: sessionmaker[Session],
+    def __init__(self, settings: ServiceSettings, replica: Replica, sessions: sessionmaker[Session],
                  metrics: Metrics) -> None:
-        self.settings, self.serving, self.sessions, self.metrics = settings, serving, sessions, metrics
+        self.settings, self.replica, self.sessions, self.metrics = settings, replica, sessions, metrics
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
         self.admission = Admission(settings.max_model_waiting)
         window = settings.batch_window_ms / 1000
@@ -62,8 +62,8 @@ class Recommender:
     def _embed(self, texts: list[str]) -> list[np.ndarray]:
         self.metrics.batches.labels(kind="embed").inc()
         started = time.perf_counter()
-        out = list(embed(self.serving.base, texts, batch_size=self.settings.score_batch_size))
-        self.serving.deadline.pause_after(time.perf_counter() - started)  # yields to an owed retrain
+        out = list(embed(self.replica.base, texts, batch_size=self.settings.score_batch_size))
+        self.replica.deadline.pause_after(time.perf_counter() - started)  # yields to an owed retrain
         return out
 
     def _score(self, items: list[tuple[str, str, np.ndarray]]) -> list[float]:
@@ -74,10 +74,10 @@ class Recommender:
         try:
             return self._score_items(items)
         finally:
-            self.serving.deadline.pause_after(time.perf_counter() - started)  # yields to an owed retrain
+            self.replica.deadline.pause_after(time.perf_counter() - started)  # yields to an owed retrain
 
     def _score_items(self, items: list[tuple[str, str, np.ndarray]]) -> list[float]:
-        engine, mode, batch_size = self.serving.engine, self.settings.mode, self.settings.score_batch_size
+        engine, mode, batch_size = self.replica.engine, self.settings.mode, self.settings.score_batch_size
         if not self.settings.prefix_sharing:
             weights = np.stack([w for _, _, w in items])  # [n, K]
             p = engine.score([text for _, text, _ in items], weights, mode=mode, batch_size=batch_size)
@@ -95,7 +95,7 @@ class Recommender:
 
     # -- per request ----------------------------------------------------------------------------
     def prepare(self, request: RecommendRequest) -> Query:
-        cfg = self.serving.run.config
+        cfg = self.replica.run.config
         with self.sessions() as session:
             history = catalog.live_history(session=session, user_id=request.user_id)
             if request.candidates is None:
@@ -118,7 +118,7 @@ class Recommender:
         )
 
     async def history_embedding(self, query: Query, epoch: int) -> np.ndarray:
-        cache = self.serving.histories
+        cache = self.replica.histories
         embedding = cache.get(query.user_id, query.history_prompt)
         self.metrics.history_cache.labels(result="miss" if embedding is None else "hit").inc()
         if embedding is None:
@@ -127,17 +127,17 @@ class Recommender:
         return embedding
 
     async def recommend(self, request: RecommendRequest) -> RecommendResponse:
-        deadline = self.serving.deadline
+        deadline = self.replica.deadline
         if deadline.stance() == "shed":
             self.metrics.shed.inc()
             raise LoadShed(self.settings.shed_retry_after_s, deadline.waited_s() or 0.0)
-        epoch = self.serving.histories.epoch  # before the history is read
+        epoch = self.replica.histories.epoch  # before the history is read
         query = await run_in_threadpool(self.prepare, request)
-        active = self.serving.active()
+        active = self.replica.active()
         if active and query.candidates:
             with self.admission:  # a full model queue answers 503 at once
                 history_embedding = await self.history_embedding(query, epoch)
-                weights = self.serving.weights(history_embedding, active)  # [K]
+                weights = self.replica.attention.weights(history_embedding, active)  # [K]
                 try:
                     scores = await self.scorer.submit([(query.user_id, p, weights) for p in query.prompts])
                 except AllShardsQuarantined:

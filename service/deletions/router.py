@@ -1,18 +1,27 @@
-import logging
+"""``DELETE /users/{user_id}/interactions`` and ``GET /deletions/{request_id}``: parse, call the
+deletion service (``service.py``), shape the answer."""
+
 import time
 from typing import Annotated
 
-from fastapi import APIRouter, Header, Path, Query, Response
+from fastapi import APIRouter, Depends, Header, Path, Query, Response
 
-from jobs import queue
 from ledger import deletions
 from ledger.models import DeletionRequest, as_utc
 from service.deadline import Policy
-from service.deps import AdminDep, GatewayDep, ServingDep, SessionDep
-from service.schemas import MAX_ITEMS, DeletionAccepted, DeletionRequestPublic, IdParam, error_responses
+from service.deletions.schemas import DeletionAccepted, DeletionRequestPublic
+from service.deletions.service import DeletionService
+from service.deps import AdminDep, GatewayDep, ReplicaDep, SessionDep
+from service.schemas import MAX_ITEMS, IdParam, error_responses
 
-log = logging.getLogger(__name__)
 router = APIRouter(tags=["deletions"])
+
+
+def get_deletion_service(gateway: GatewayDep, replica: ReplicaDep) -> DeletionService:
+    return DeletionService(settings=gateway.settings, replica=replica, redis=gateway.redis, metrics=gateway.metrics)
+
+
+DeletionServiceDep = Annotated[DeletionService, Depends(get_deletion_service)]
 
 
 def _public(request: DeletionRequest, policy: Policy) -> DeletionRequestPublic:
@@ -31,7 +40,7 @@ def _public(request: DeletionRequest, policy: Policy) -> DeletionRequestPublic:
                    _409="The Idempotency-Key was used for another request (another user or other items)"))
 def delete_interactions(
     user_id: Annotated[IdParam, Path()], response: Response, session: SessionDep, token_hmac: AdminDep,
-    gateway: GatewayDep, serving: ServingDep,
+    service: DeletionServiceDep,
     item_id: Annotated[list[IdParam] | None, Query(max_length=MAX_ITEMS,
                                                    description="Only these items (repeat the parameter)")] = None,
     idempotency_key: Annotated[str | None, Header(max_length=256)] = None,
@@ -42,39 +51,11 @@ def delete_interactions(
     status is ``quarantined`` (``completed`` when no shard saw the data). Follow ``Location``.
     """
     received = time.perf_counter()
-    settings = gateway.settings
-    outcome = deletions.request_deletion(
-        session=session, user_id=user_id, item_ids=item_id, key=settings.hmac_secret(),
-        idempotency_key=idempotency_key, token_hmac=token_hmac)
-    request = outcome.request
-    if outcome.created:
-        serving.drop_valid(outcome.valid_sample_ids)
-        with serving.quarantined_until_committed(request.affected_shards):  # before the commit: the safe side
-            session.commit()
-        serving.forget_user(user_id)
-        gateway.metrics.time_to_quarantine.observe(time.perf_counter() - received)
-        gateway.metrics.deletion_requests.labels(first_status=request.status).inc()
-        _wake_worker(gateway, request)
+    request = service.request(session=session, user_id=user_id, item_ids=item_id, token_hmac=token_hmac,
+                              idempotency_key=idempotency_key, received=received)
     response.headers["Location"] = f"/deletions/{request.id}"
     return DeletionAccepted(request_id=request.id, status=request.status,  # type: ignore[arg-type]
                             affected_shards=list(request.affected_shards))
-
-
-def _wake_worker(gateway: GatewayDep, request: DeletionRequest) -> None:
-    """Enqueue the retrains and publish the quarantine; if Redis is down the reconciler catches up."""
-    settings = gateway.settings
-    try:
-        for shard in request.affected_shards:
-            queue.enqueue_retrain(gateway.redis, settings, shard)
-        if request.affected_shards:
-            # the user by the ledger's HMAC only: other replicas drop their cached history with it
-            queue.publish(gateway.redis, settings.redis_prefix, {
-                "type": "quarantine", "shards": list(request.affected_shards), "subject": request.subject_hmac})
-        else:
-            queue.enqueue_purge(gateway.redis, settings.redis_prefix)
-    except Exception:
-        log.warning("deletion %s recorded, but Redis is unavailable: the worker's reconciler will pick it up",
-                    request.id, exc_info=True)
 
 
 @router.get("/deletions/{request_id}", response_model=DeletionRequestPublic,

@@ -1,7 +1,10 @@
+"""``POST /recommend``: parse the body, ask the recommender (``service.py``), answer."""
+
 from fastapi import APIRouter
 
 from service.deps import ClientDep, RecommenderDep
-from service.schemas import RecommendRequest, RecommendResponse, error_responses
+from service.recommend.schemas import RecommendRequest, RecommendResponse
+from service.schemas import error_responses
 
 router = APIRouter(tags=["recommend"])
 

@@ -1,0 +1,67 @@
+"""``/admin/*``: the shards, the queue, the deletions, the model and the attention; a retrain accepted."""
+
+from datetime import datetime
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+ShardState = Literal["serving", "quarantined", "retraining", "failed"]
+
+
+class ShardStatus(BaseModel):
+    shard: int
+    state: ShardState
+    version: int | None
+    n_samples: int | None
+    trained_at: datetime | None
+    manifest_sha256: str | None
+
+
+class QueueStatus(BaseModel):
+    depth: int | None = Field(description="Jobs waiting; null when Redis cannot be reached")
+    workers: int | None
+
+
+class ModelInfo(BaseModel):
+    name: str
+    sha256: str
+
+
+class AttentionSetting(BaseModel):
+    error: str = Field(description="mae | brier | logloss (or auto, as configured)")
+    knn: int | Literal["all", "auto"]
+    tau: float | Literal["auto"]
+
+
+class AttentionStatus(BaseModel):
+    mode: Literal["nd", "d"]
+    configured: AttentionSetting = Field(description="APA_ATTENTION_ERROR, APA_KNN and APA_TAU")
+    in_use: AttentionSetting | None = Field(description="The attention in use, chosen on the validation memory "
+                                                        "(leave one out) where configured auto; null before the "
+                                                        "first sync")
+    loo_valid_auc: float | None = Field(description="Leave-one-out validation AUC of the attention in use; null "
+                                                    "when too few samples were left to choose with")
+    validation_samples: int = Field(description="Live validation samples the per-user weights attend over")
+
+
+class ForgetStatus(BaseModel):
+    deadline_s: float = Field(description="APA_FORGET_DEADLINE_S: a deletion completes within it")
+    oldest_open_s: float | None = Field(description="How long the oldest open deletion has waited (this replica's "
+                                                    "last ledger sync); null when none is open")
+    overdue: int = Field(description="Open deletions past the deadline (alert on > 0)")
+    stance: Literal["normal", "yield", "shed"] = Field(
+        description="normal; yield: the model thread sleeps between batches; shed: /recommend answers 503")
+
+
+class AdminStatus(BaseModel):
+    shards: list[ShardStatus]
+    queue: QueueStatus
+    deletions: dict[str, int]
+    model: ModelInfo
+    attention: AttentionStatus
+    forget: ForgetStatus | None = None
+
+
+class RetrainAccepted(BaseModel):
+    shard: int
+    enqueued: bool = Field(description="False when a retrain of this shard is already waiting")

@@ -1,0 +1,47 @@
+"""A deletion request as accepted, and as followed until its certificate."""
+
+from datetime import datetime
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+DeletionStatus = Literal["quarantined", "retraining", "completed", "failed"]
+
+
+class DeletionAccepted(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "request_id": "5f0c6e0f2b7d4f0e9d7b0b0f6a1c2d3e", "status": "quarantined", "affected_shards": [1, 3]}]})
+
+    request_id: str
+    status: DeletionStatus
+    affected_shards: list[int]
+
+
+class ShardCertificate(BaseModel):
+    shard: int
+    old_version: int | None
+    new_version: int | None
+    old_manifest_sha256: str | None
+    new_manifest_sha256: str | None
+
+
+class Certificate(BaseModel):
+    request_id: str
+    interactions_removed: int
+    samples_removed: int
+    shards: list[ShardCertificate]
+    deleted_hmacs: list[str] = Field(description="HMAC-SHA256 of each deleted interaction key (APA_HMAC_KEY)")
+    serving_manifests_checked: int
+    violations: int
+    issued_at: datetime
+
+
+class DeletionRequestPublic(BaseModel):
+    request_id: str
+    status: DeletionStatus
+    affected_shards: list[int]
+    created_at: datetime
+    completed_at: datetime | None
+    certificate: Certificate | None
+    error: str | None = None
+    overdue: bool = Field(False, description="It took (or has taken so far) longer than APA_FORGET_DEADLINE_S")

@@ -1,0 +1,1 @@
+"""``POST /recommend``: its router, schemas and use case (``Recommender``)."""
