@@ -176,8 +176,8 @@ def packed_last_hidden(model: Any, prefix: Sequence[int], suffixes: Sequence[Seq
 
     A block mask lets each suffix token see the prefix and the earlier tokens of its own suffix only,
     and each suffix's positions continue the prefix's, so every suffix is computed exactly as in its
-    full prompt; with ``cached`` keys/values of the prefix, only the suffixes run. One row, so the
-    prefix is never copied per prompt.
+    full prompt; with ``cached`` keys/values of the prefix, only the suffixes run (with no suffixes,
+    only the prefix). One row, so the prefix is never copied per prompt.
     """
     from transformers import DynamicCache
 
@@ -197,7 +197,7 @@ def packed_last_hidden(model: Any, prefix: Sequence[int], suffixes: Sequence[Seq
         list(cached), config=model.config)  # the update concatenates: a cached prefix is never written
     out = model.get_decoder()(input_ids=ids, attention_mask=mask[None, None].to(device),
                               position_ids=positions[None, :].to(device), cache=cache, use_cache=True)
-    ends = torch.tensor(lengths).cumsum(0) - 1 + (0 if cached is not None else p)  # [n]: last token of each
+    ends = torch.tensor(lengths, dtype=torch.long).cumsum(0) - 1 + (0 if cached is not None else p)  # [n]
     hidden = out.last_hidden_state[0, ends.to(device)]  # [n, hidden]
     states = cached if cached is not None else [(layer.keys[:, :, :p].clone(), layer.values[:, :, :p].clone())
                                                for layer in cache.layers]

@@ -26,7 +26,10 @@ class ServiceSettings(CoreSettings):
     knn: Annotated[int, Field(ge=1)] | Literal["all"] | Auto = "auto"
     tau: Annotated[float, Field(ge=0)] | Auto = "auto"
     popular_candidates: int = 20  # candidates when a request names none
-    score_batch_size: int = 8  # prompts per forward
+    score_batch_size: Annotated[int, Field(ge=1)] = 8  # prompts per forward
+    # With prefix sharing: a user's candidates packed into one forward after their prefix (one row, a
+    # block mask); 20 candidates of ~14 tokens each make a ~280-token row.
+    packed_prompts: Annotated[int, Field(ge=1)] = 32
     batch_window_ms: float = 5.0  # how long the micro-batcher waits for concurrent requests
     max_batch_prompts: int = 128
     poll_interval_s: float = 2.0  # ledger poll, the fallback to pub/sub

@@ -284,9 +284,9 @@ class TorchEngine:
     def score_shared(self, prompts: Sequence[str], weights: np.ndarray, *, mode: Mode = "nd",
                      batch_size: int = 8, desc: str | None = None) -> np.ndarray:
         """p(yes) per prompt for prompts scored with one weight vector ``weights`` ([K]), e.g. one user's
-        candidates: their longest common token prefix runs once with the mixture active, and the
-        suffixes, ``batch_size`` at a time, packed into one row against its keys and values
-        (``packed_last_hidden``). Equal to ``score`` (same tokens, same positions, same per-token
+        candidates: their longest common token prefix runs once with the mixture active (or comes from
+        the prefix cache), then the suffixes, ``batch_size`` at a time, packed into one row against its
+        keys and values (``packed_last_hidden``). Equal to ``score`` (same tokens, same positions, same per-token
         mixture); the whole call uses one stack, whatever swaps meanwhile."""
         generation = self.prefixes.generation  # before the live view: see PrefixCache.put
         live = self._live
@@ -305,17 +305,20 @@ class TorchEngine:
         key = PrefixKey(tokens=tuple(ids[0][:cut]), weights=tuple(float(x) for x in w[0]), mode=mode,
                         versions=tuple((a.shard, a.version) for a in stack.adapters))
         prefix = self.prefixes.get(key) if cut else None
+        if cut and prefix is None:  # alone, so a cached prefix gives the same numbers to the last bit
+            token = _MIX.set(_Mix(stack=stack, weights=w, mode=mode))
+            try:
+                _, prefix = packed_last_hidden(net, key.tokens, [], device)
+            finally:
+                _MIX.reset(token)
+            self.prefixes.put(key, prefix, generation=generation)
         hidden = torch.empty(len(prompts), net.config.hidden_size, dtype=torch.float32)  # [n, hidden]
         for start in tqdm(range(0, len(prompts), batch_size), desc=desc, disable=desc is None, unit="batch"):
             index = list(range(start, min(start + batch_size, len(prompts))))
             token = _MIX.set(_Mix(stack=stack, weights=w, mode=mode))  # one row: the prompts are packed
             try:
-                out, states = packed_last_hidden(net, key.tokens, [ids[i][cut:] for i in index], device,
-                                                 cached=prefix)
+                out, _ = packed_last_hidden(net, key.tokens, [ids[i][cut:] for i in index], device, cached=prefix)
             finally:
                 _MIX.reset(token)
             hidden[index] = out.float().cpu()
-            if cut and prefix is None:
-                prefix = states
-                self.prefixes.put(key, prefix, generation=generation)
         return score_hidden(self.base, hidden).numpy()

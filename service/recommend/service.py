@@ -25,6 +25,8 @@ from service.recommend.schemas import AdapterWeight, ItemScore, RecommendRequest
 from service.replica import Replica
 from service.settings import ServiceSettings
 
+ALL_ITEMS = 10**9  # the ranking's limit: every item with a live interaction
+
 
 @dataclass(frozen=True)
 class Query:
@@ -41,6 +43,7 @@ class Recommender:
     def __init__(self, settings: ServiceSettings, replica: Replica, sessions: sessionmaker[Session],
                  metrics: Metrics) -> None:
         self.settings, self.replica, self.sessions, self.metrics = settings, replica, sessions, metrics
+        self._ranking: tuple[int, list[str]] | None = None  # (history cache epoch, every item by popularity)
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
         self.admission = Admission(settings.max_model_waiting)
         window = settings.batch_window_ms / 1000
@@ -88,20 +91,27 @@ class Recommender:
         out = [0.0] * len(items)
         for index in groups.values():
             p = engine.score_shared([items[i][1] for i in index], items[index[0]][2], mode=mode,
-                                    batch_size=batch_size)
+                                    batch_size=self.settings.packed_prompts)
             for i, x in zip(index, p, strict=True):
                 out[i] = float(x)
         return out
 
     # -- per request ----------------------------------------------------------------------------
-    def prepare(self, request: RecommendRequest) -> Query:
+    def popular(self, session: Session, exclude: set[str], epoch: int) -> list[str]:
+        """The most popular items not in ``exclude``: the ledger's ranking of every item, read again only
+        after this replica saw a deletion (``epoch``: the history cache's, read before the request)."""
+        ranking = self._ranking
+        if ranking is None or ranking[0] != epoch:
+            ranking = (epoch, catalog.popular_items(session=session, exclude=set(), limit=ALL_ITEMS))
+            self._ranking = ranking
+        return [item for item in ranking[1] if item not in exclude][:self.settings.popular_candidates]
+
+    def prepare(self, request: RecommendRequest, epoch: int) -> Query:
         cfg = self.replica.run.config
         with self.sessions() as session:
             history = catalog.live_history(session=session, user_id=request.user_id)
             if request.candidates is None:
-                rated = {item for item, _ in history}
-                candidates = catalog.popular_items(session=session, exclude=rated,
-                                                   limit=self.settings.popular_candidates)
+                candidates = self.popular(session, {item for item, _ in history}, epoch)
             else:
                 candidates = list(dict.fromkeys(request.candidates))
             titles = catalog.titles(session=session, item_ids=sorted({*candidates, *(i for i, _ in history)}))
@@ -132,7 +142,7 @@ class Recommender:
             self.metrics.shed.inc()
             raise LoadShed(self.settings.shed_retry_after_s, deadline.waited_s() or 0.0)
         epoch = self.replica.histories.epoch  # before the history is read
-        query = await run_in_threadpool(self.prepare, request)
+        query = await run_in_threadpool(self.prepare, request, epoch)
         active = self.replica.active()
         if active and query.candidates:
             with self.admission:  # a full model queue answers 503 at once
