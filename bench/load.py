@@ -109,14 +109,15 @@ def measure(client: Client, run: Path, args: argparse.Namespace) -> dict[str, An
     sent = {"n": 0}
     delete_at = args.requests // 4
     reached, forgotten = threading.Event(), threading.Event()
-    # with ``until_forgotten``, clients go on past ``requests`` until the deletion ends (at most 10x)
-    cap = 10 * args.requests if getattr(args, "until_forgotten", False) else args.requests
+    # with ``until_forgotten``, clients go on past ``requests`` until the deletion ends (or its wait
+    # times out), and 5 s more, so answers from the swapped version are seen under load
+    until_forgotten = getattr(args, "until_forgotten", False)
 
     def worker() -> None:
         with httpx.Client(base_url=str(client.http.base_url), timeout=args.timeout, trust_env=False) as http:
             while True:
                 with lock:
-                    if sent["n"] >= cap or (sent["n"] >= args.requests and forgotten.is_set()):
+                    if sent["n"] >= args.requests and (forgotten.is_set() or not until_forgotten):
                         return
                     n = sent["n"]
                     sent["n"] += 1
@@ -152,6 +153,8 @@ def measure(client: Client, run: Path, args: argparse.Namespace) -> dict[str, An
             completed_at = time.monotonic()
             break
         time.sleep(0.2)
+    if until_forgotten and completed_at is not None:
+        time.sleep(5.0)
     forgotten.set()
     for thread in threads:
         thread.join(timeout=max(1.0, deadline - time.monotonic()))
