@@ -74,7 +74,7 @@ def _peft_load_problem(base: BaseModel, folder: Path) -> str | None:
 
     from peft import PeftModel
 
-    from apa.engines.torch import strip_mixture
+    from apa.engines.mixture import strip_mixture
 
     try:
         PeftModel.from_pretrained(strip_mixture(copy.deepcopy(base.model)), str(folder))

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from apa.engines.torch import strip_mixture
+from apa.engines.mixture import strip_mixture
 from apa.errors import ConfigError
 from apa.hashing import sha256_text
 from apa.model import BaseModel, encode, forward_last_hidden, last_hidden, score_hidden

@@ -31,7 +31,8 @@ import numpy as np
 import torch
 
 from apa.engines.base import AdapterRef
-from apa.engines.torch import TorchEngine, strip_mixture
+from apa.engines.mixture import strip_mixture
+from apa.engines.torch import TorchEngine
 from apa.model import BaseModel, forward_last_hidden, load_base_model, score_hidden
 from apa.settings import get_settings
 from apa.training import TrainConfig, lora_config

@@ -17,7 +17,8 @@ from torch import nn
 import apa.engines.torch as torch_engine
 from apa.data import Dataset
 from apa.engines.base import AdapterRef
-from apa.engines.torch import MixtureLoRALinear, TorchEngine, _Mix, _Stack
+from apa.engines.mixture import MIXTURE, Mix, MixtureLoRALinear, Stack
+from apa.engines.torch import TorchEngine
 from apa.errors import AdapterMismatch, AllShardsQuarantined
 from apa.model import BaseModel, forward_last_hidden, score_hidden
 from apa.samples import build_samples
@@ -229,11 +230,11 @@ def test_all_quarantined_refuses_to_score(engine: TorchEngine, texts: list[str])
 
 # -- (d) APA(D) by hand on one linear layer -----------------------------------------------------------
 
-def _hand_stack(k: int, r: int, d_in: int, d_out: int) -> tuple[_Stack, list[torch.Tensor], list[torch.Tensor]]:
+def _hand_stack(k: int, r: int, d_in: int, d_out: int) -> tuple[Stack, list[torch.Tensor], list[torch.Tensor]]:
     gen = torch.Generator().manual_seed(7)
     a_blocks = [torch.randn(r, d_in, generator=gen, dtype=torch.float64) for _ in range(k)]
     b_blocks = [torch.randn(d_out, r, generator=gen, dtype=torch.float64) for _ in range(k)]
-    stack = _Stack(
+    stack = Stack(
         adapters=tuple(AdapterRef(shard=s, version=1, path=Path(f"/nowhere/{s}")) for s in range(k)),
         r=r,
         modules={"lin": (torch.cat(a_blocks, dim=0), torch.cat(b_blocks, dim=1))},  # [K*r, in], [out, K*r]
@@ -241,13 +242,13 @@ def _hand_stack(k: int, r: int, d_in: int, d_out: int) -> tuple[_Stack, list[tor
     return stack, a_blocks, b_blocks
 
 
-def _run_mixture(layer: MixtureLoRALinear, x: torch.Tensor, mix: _Mix | None) -> torch.Tensor:
-    token = torch_engine._MIX.set(mix)
+def _run_mixture(layer: MixtureLoRALinear, x: torch.Tensor, mix: Mix | None) -> torch.Tensor:
+    token = MIXTURE.set(mix)
     try:
         with torch.no_grad():
             return layer(x)
     finally:
-        torch_engine._MIX.reset(token)
+        MIXTURE.reset(token)
 
 
 def test_mixture_linear_d_and_nd_by_hand() -> None:
@@ -265,22 +266,22 @@ def test_mixture_linear_d_and_nd_by_hand() -> None:
             a_mix = torch.stack([w[b, j] * a_blocks[j] for j in range(k)]).sum(dim=0)  # [r, in]
             b_mix = torch.stack([w[b, j] * b_blocks[j] for j in range(k)]).sum(dim=0)  # [out, r]
             delta_nd = torch.stack([w[b, j] * b_blocks[j] @ a_blocks[j] for j in range(k)]).sum(dim=0)  # [out, in]
-            got_d = _run_mixture(layer, x, _Mix(stack=stack, weights=w, mode="d"))
-            got_nd = _run_mixture(layer, x, _Mix(stack=stack, weights=w, mode="nd"))
+            got_d = _run_mixture(layer, x, Mix(stack=stack, weights=w, mode="d"))
+            got_nd = _run_mixture(layer, x, Mix(stack=stack, weights=w, mode="nd"))
             torch.testing.assert_close(got_d[b], y[b] + x[b] @ a_mix.T @ b_mix.T, atol=1e-12, rtol=0.0)
             torch.testing.assert_close(got_nd[b], y[b] + x[b] @ delta_nd.T, atol=1e-12, rtol=0.0)
         assert (got_d - got_nd).abs().max() > 1e-3  # the two modes really differ off one-hot
 
         one_hot_w = torch.tensor([[0.0, 1.0, 0.0], [1.0, 0.0, 0.0]], dtype=torch.float64)
-        got_d = _run_mixture(layer, x, _Mix(stack=stack, weights=one_hot_w, mode="d"))
-        got_nd = _run_mixture(layer, x, _Mix(stack=stack, weights=one_hot_w, mode="nd"))
+        got_d = _run_mixture(layer, x, Mix(stack=stack, weights=one_hot_w, mode="d"))
+        got_nd = _run_mixture(layer, x, Mix(stack=stack, weights=one_hot_w, mode="nd"))
         torch.testing.assert_close(got_d, got_nd, atol=1e-12, rtol=0.0)
         torch.testing.assert_close(got_nd[0], y[0] + x[0] @ (b_blocks[1] @ a_blocks[1]).T, atol=1e-12, rtol=0.0)
 
         # no mixture set, or a mixture for other modules: exactly the base layer
         torch.testing.assert_close(_run_mixture(layer, x, None), y, atol=0.0, rtol=0.0)
         other = MixtureLoRALinear(linear, "elsewhere")
-        torch.testing.assert_close(_run_mixture(other, x, _Mix(stack=stack, weights=w, mode="nd")), y,
+        torch.testing.assert_close(_run_mixture(other, x, Mix(stack=stack, weights=w, mode="nd")), y,
                                    atol=0.0, rtol=0.0)
 
 

@@ -1,37 +1,22 @@
-"""The torch engine: K shard LoRAs stacked per target module, mixed per sample in one forward pass.
+"""The torch engine: K shard LoRAs stacked per target module (``apa.engines.mixture``), mixed per
+sample in one forward pass.
 
-For each target module (``q_proj``, ``v_proj``) the K adapters are concatenated along the rank::
-
-    A: [K*r, in]      (lora_A of shard 0, then shard 1, ...)
-    B: [out, K*r]     (lora_B * scaling, same order)
-
-and the wrapped linear layer adds, for a sample with shard weights ``w`` ([K]):
-
-* APA(ND), exact:  x A^T diag(w ⊗ 1_r) B^T  =  x (Σ_k w_k B_k A_k)^T
-* APA(D):          x (Σ_k w_k A_k)^T (Σ_k w_k B_k)^T
-
-The stacks live in an immutable ``_Stack``; the engine holds one reference to the live
+The stacks live in an immutable ``Stack``; the engine holds one reference to the live
 (stack, active shards) pair and replaces it whole, so a swap or a quarantine is atomic for
-concurrent callers and an in-flight call finishes on the tensors it started with. The wrapped layers
-hold no adapter state: the stack and weights reach them through a context variable set per batch,
-so outside ``score`` the model is exactly the base model (embeddings use it that way).
+concurrent callers and an in-flight call finishes on the tensors it started with. Outside ``score``
+the model is exactly the base model (embeddings use it that way).
 """
-
 import contextlib
-import json
 import threading
 from collections.abc import Iterator, Sequence
-from contextvars import ContextVar
 from dataclasses import asdict, dataclass
-from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
-from torch import nn
 from tqdm.auto import tqdm
 
 from apa.engines.base import AdapterRef, Mode, ShardState
+from apa.engines.mixture import MIXTURE, Mix, Stack, install_mixture, read_adapter
 from apa.engines.prefix_cache import PrefixCache, PrefixKey
 from apa.errors import AdapterMismatch, AllShardsQuarantined
 from apa.model import (
@@ -43,101 +28,11 @@ from apa.model import (
     token_ids,
 )
 
-_PREFIX = "base_model.model."
-
-
-@dataclass(frozen=True)
-class _Stack:
-    adapters: tuple[AdapterRef, ...]  # shard order 0..K-1
-    r: int
-    modules: dict[str, tuple[torch.Tensor, torch.Tensor]]  # name -> (A [K*r, in], B*scaling [out, K*r])
-
 
 @dataclass(frozen=True)
 class _Live:
-    stack: _Stack | None
+    stack: Stack | None
     active: frozenset[int]
-
-
-@dataclass(frozen=True)
-class _Mix:
-    stack: _Stack
-    weights: torch.Tensor  # [batch, K]
-    mode: Mode
-
-
-_MIX: ContextVar[_Mix | None] = ContextVar("apa_mixture", default=None)
-
-
-class MixtureLoRALinear(nn.Module):
-    """A base ``nn.Linear`` plus the per-sample mixture of the stacked shard LoRAs (when one is set)."""
-
-    def __init__(self, base: nn.Linear, name: str) -> None:
-        super().__init__()
-        self.base = base
-        self.name = name
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [batch, seq, in]
-        y = self.base(x)  # [batch, seq, out]
-        mix = _MIX.get()
-        if mix is None or self.name not in mix.stack.modules:
-            return y
-        a, b = mix.stack.modules[self.name]  # [K*r, in], [out, K*r]
-        w = mix.weights.to(x.dtype)  # [batch, K]
-        r = mix.stack.r
-        if mix.mode == "nd":
-            h = x @ a.T  # [batch, seq, K*r]
-            h = h * w.repeat_interleave(r, dim=1)[:, None, :]  # scale each rank block by its shard weight
-            return y + h @ b.T  # [batch, seq, out]
-        k = w.shape[1]
-        a_mix = torch.einsum("bk,kri->bri", w, a.view(k, r, -1))  # [batch, r, in]
-        b_mix = torch.einsum("bk,okr->bor", w, b.view(b.shape[0], k, r))  # [batch, out, r]
-        h = torch.einsum("bsi,bri->bsr", x, a_mix)  # [batch, seq, r]
-        return y + torch.einsum("bsr,bor->bso", h, b_mix)  # [batch, seq, out]
-
-
-def install_mixture(model: nn.Module, target_modules: Sequence[str]) -> list[str]:
-    """Wrap every ``nn.Linear`` whose last name is a target (idempotent); returns the wrapped names."""
-    wrapped = []
-    for name, module in list(model.named_modules()):
-        if isinstance(module, MixtureLoRALinear):
-            wrapped.append(module.name)
-            continue
-        if name.rsplit(".", 1)[-1] in target_modules and isinstance(module, nn.Linear):
-            parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, child, MixtureLoRALinear(module, name))
-            wrapped.append(name)
-    return sorted(set(wrapped))
-
-
-def strip_mixture(model: nn.Module) -> nn.Module:
-    """Undo ``install_mixture`` in place (training wants plain linear layers for PEFT)."""
-    for name, module in list(model.named_modules()):
-        if isinstance(module, MixtureLoRALinear):
-            parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, child, module.base)
-    return model
-
-
-def read_adapter(ref: AdapterRef) -> tuple[dict[str, Any], dict[str, tuple[torch.Tensor, torch.Tensor]]]:
-    """An adapter's config and, per module, (lora_A [r, in], lora_B * scaling [out, r])."""
-    config = json.loads((ref.path / "adapter_config.json").read_text())
-    if config.get("use_rslora") or config.get("use_dora"):
-        raise AdapterMismatch(f"{ref.path}: rsLoRA/DoRA adapters are not supported")
-    scaling = float(config["lora_alpha"]) / int(config["r"])
-    tensors = load_file(str(ref.path / "adapter_model.safetensors"))
-    modules: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    for key, a in tensors.items():
-        if not key.endswith(".lora_A.weight"):
-            continue
-        name = key.removeprefix(_PREFIX).removesuffix(".lora_A.weight")
-        b = tensors[key.replace(".lora_A.", ".lora_B.")]
-        modules[name] = (a, b * scaling)
-    if not modules:
-        raise AdapterMismatch(f"{ref.path}: no LoRA tensors found")
-    return config, modules
 
 
 class TorchEngine:
@@ -157,7 +52,7 @@ class TorchEngine:
         self.prefixes.drop(lambda key: key.versions != versions)
 
     # -- loading -------------------------------------------------------------------------------
-    def _build(self, refs: Sequence[AdapterRef], reuse: _Stack | None = None) -> _Stack:
+    def _build(self, refs: Sequence[AdapterRef], reuse: Stack | None = None) -> Stack:
         """The stack of ``refs``; a (shard, version) that ``reuse`` already holds is sliced out of it
         instead of read again (its folder may be gone: a superseded version is purged once replaced)."""
         refs = sorted(refs, key=lambda a: a.shard)
@@ -189,7 +84,7 @@ class TorchEngine:
             a = torch.cat([mods[name][0] for _, mods in blocks], dim=0)  # [K*r, in]
             b = torch.cat([mods[name][1] for _, mods in blocks], dim=1)  # [out, K*r]
             modules[name] = (a, b)
-        return _Stack(adapters=tuple(refs), r=ranks.pop(), modules=modules)
+        return Stack(adapters=tuple(refs), r=ranks.pop(), modules=modules)
 
     def load(self, adapters: Sequence[AdapterRef]) -> None:
         stack = self._build(adapters)
@@ -271,11 +166,11 @@ class TorchEngine:
 
         @contextlib.contextmanager
         def mixing(index: list[int]) -> Iterator[None]:
-            token = _MIX.set(_Mix(stack=stack, weights=w[index].to(self.base.device), mode=mode))
+            token = MIXTURE.set(Mix(stack=stack, weights=w[index].to(self.base.device), mode=mode))
             try:
                 yield
             finally:
-                _MIX.reset(token)
+                MIXTURE.reset(token)
 
         hidden = forward_last_hidden(self.base, prompts, batch_size=batch_size, desc=desc, around=mixing)
         return score_hidden(self.base, hidden).numpy()
@@ -306,19 +201,19 @@ class TorchEngine:
                         versions=tuple((a.shard, a.version) for a in stack.adapters))
         prefix = self.prefixes.get(key) if cut else None
         if cut and prefix is None:  # alone, so a cached prefix gives the same numbers to the last bit
-            token = _MIX.set(_Mix(stack=stack, weights=w, mode=mode))
+            token = MIXTURE.set(Mix(stack=stack, weights=w, mode=mode))
             try:
                 _, prefix = packed_last_hidden(net, key.tokens, [], device)
             finally:
-                _MIX.reset(token)
+                MIXTURE.reset(token)
             self.prefixes.put(key, prefix, generation=generation)
         hidden = torch.empty(len(prompts), net.config.hidden_size, dtype=torch.float32)  # [n, hidden]
         for start in tqdm(range(0, len(prompts), batch_size), desc=desc, disable=desc is None, unit="batch"):
             index = list(range(start, min(start + batch_size, len(prompts))))
-            token = _MIX.set(_Mix(stack=stack, weights=w, mode=mode))  # one row: the prompts are packed
+            token = MIXTURE.set(Mix(stack=stack, weights=w, mode=mode))  # one row: the prompts are packed
             try:
                 out, _ = packed_last_hidden(net, key.tokens, [ids[i][cut:] for i in index], device, cached=prefix)
             finally:
-                _MIX.reset(token)
+                MIXTURE.reset(token)
             hidden[index] = out.float().cpu()
         return score_hidden(self.base, hidden).numpy()
