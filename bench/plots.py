@@ -1,4 +1,5 @@
-"""Plots for docs/results from the benchmarks' JSON: AUC by method, cost vs K.
+"""Plots for docs/results from the benchmarks' JSON: AUC by method, cost vs K, serving with prefix
+sharing on and off.
 
     python bench/plots.py docs/results
 """
@@ -68,6 +69,31 @@ def cost_vs_k(engine: dict | None, unlearning: dict | None, out: Path) -> None:
     plt.close(fig)
 
 
+def serving(report: dict, out: Path) -> None:
+    """``bench/serving.py``: p50/p99 latency and candidates per second by concurrency, sharing on vs off."""
+    levels = sorted(int(key[1:]) for key in report["speedup"])
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for name, style in (("sharing_on", "o-"), ("sharing_off", "s--")):
+        rows = [report[name][f"c{c}"] for c in levels]
+        label = name.replace("_", " ")
+        axes[0].plot(levels, [r["p50_s"] for r in rows], style, label=f"{label}: p50")
+        axes[0].fill_between(levels, [r["p50_s"] for r in rows], [r["p99_s"] for r in rows], alpha=0.15)
+        axes[1].plot(levels, [r["candidates_per_s"] for r in rows], style, label=label)
+    axes[0].set_yscale("log")
+    axes[0].set_ylabel("latency, s (band: p50 to p99)")
+    axes[1].set_ylabel("candidates scored per second")
+    for ax in axes:
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(levels, [str(c) for c in levels])
+        ax.set_xlabel("concurrent clients (20 candidates each)")
+        ax.legend(fontsize=8)
+    fig.suptitle(f"/recommend, first request per user — {report['machine']['cores']} cores "
+                 f"{report['machine']['cpu']}, {report['machine']['date'][:10]}")
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("folder", type=Path)
@@ -79,6 +105,9 @@ def main() -> None:
 
     for path in sorted(args.folder.glob("quality-*.json")):
         auc_by_method(json.loads(path.read_text()), path.with_suffix(".png"))
+        print(f"wrote {path.with_suffix('.png')}")
+    for path in sorted(args.folder.glob("serving*.json")):
+        serving(json.loads(path.read_text()), path.with_suffix(".png"))
         print(f"wrote {path.with_suffix('.png')}")
     engine, unlearning = load("engine-cpu.json"), load("unlearning.json")
     if engine or unlearning:
