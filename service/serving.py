@@ -22,8 +22,8 @@ import numpy as np
 
 from apa import aggregation, artifacts
 from apa.aggregation import ValidationMemory
+from apa.engines import ENGINES, Engine
 from apa.engines.base import AdapterRef
-from apa.engines.torch import TorchEngine
 from apa.errors import ConfigError, LedgerError
 from apa.ledger import catalog, deletions
 from apa.ledger.db import session_scope
@@ -55,8 +55,7 @@ class Attention:
 class Serving:
     def __init__(self, settings: ServiceSettings, base: BaseModel, run: RunInfo) -> None:
         self.settings, self.base, self.run = settings, base, run
-        cache_bytes = int(settings.prefix_cache_mb * 2**20) if settings.prefix_sharing else 0
-        self.engine = TorchEngine(base, prefix_cache_bytes=cache_bytes)
+        self.engine: Engine = ENGINES[settings.engine](base, **settings.engine_options())
         self.attention: Attention | None = None
         self.histories = HistoryCache(settings.history_cache_size)
         self._valid_ids: frozenset[str] = frozenset()

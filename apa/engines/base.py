@@ -7,6 +7,8 @@ from typing import Literal, Protocol
 
 import numpy as np
 
+from apa.engines.prefix_cache import PrefixCacheStats
+
 Mode = Literal["nd", "d"]
 
 
@@ -26,7 +28,18 @@ class ShardState:
     active: bool  # False while quarantined
 
 
+class PrefixStore(Protocol):
+    """What the gateway asks of an engine's prefix cache: forget it all (a user deleted data), report it."""
+
+    def clear(self) -> None: ...
+
+    def stats(self) -> PrefixCacheStats: ...
+
+
 class Engine(Protocol):
+    @property
+    def prefixes(self) -> PrefixStore: ...
+
     def load(self, adapters: Sequence[AdapterRef]) -> None:
         """Replace every shard at once (start-up)."""
 
