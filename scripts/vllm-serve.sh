@@ -28,6 +28,9 @@ export VLLM_ALLOW_RUNTIME_LORA_UPDATING=True
 export VLLM_CPU_KVCACHE_SPACE=${APA_VLLM_KVCACHE_GB:-2}
 export VLLM_CPU_OMP_THREADS_BIND=${VLLM_CPU_OMP_THREADS_BIND:-0-$((threads - 1))}
 export VLLM_CPU_NUM_OF_RESERVED_CPU=${VLLM_CPU_NUM_OF_RESERVED_CPU:-0}
+# /reset_prefix_cache (the gateway clears the server's prefix cache when a user deletes data) is a
+# development endpoint in vLLM: keep the server on a private address (APA_VLLM_HOST, 127.0.0.1).
+export VLLM_SERVER_DEV_MODE=${VLLM_SERVER_DEV_MODE:-1}
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1
 # `python -m ...api_server`, not the `vllm` command: that one asks for the version of a package named
 # "vllm", and the CPU build is named vllm-cpu.
