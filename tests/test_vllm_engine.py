@@ -8,6 +8,7 @@ engine in milliseconds; tests/test_vllm_server.py does the same against the real
 """
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ from apa.engines.torch import TorchEngine
 from apa.engines.vllm import VllmEngine
 from apa.errors import AdapterMismatch, EngineUnavailable
 from apa.model import BaseModel
-from tests.conftest import load_tiny
+from tests.conftest import TINY_RUN, load_tiny
 from tests.test_engine import K, R, make_adapter, refs
 
 TOL = 1e-4
@@ -239,3 +240,75 @@ def test_registry_builds_both_engines(tiny_model_dir: Path, tmp_path: Path) -> N
     base = load_tiny(tiny_model_dir)
     assert isinstance(ENGINES["torch"](base), TorchEngine)
     assert isinstance(ENGINES["vllm"](base, url="http://127.0.0.1:1", adapter_dir=tmp_path), VllmEngine)
+
+
+# -- the gateway on the vLLM engine: a deletion end to end (the stand-in server behind it) ----------
+
+@pytest.fixture
+def vllm_gateway(service_home: Path, ledger_url: str, redis_prefix: str, tiny_model_dir: Path,
+                 server: StandInServer, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict]:
+    from fastapi.testclient import TestClient
+
+    from jobs import queue
+    from service.app import create_app
+    from tests.conftest import record_run, service_settings
+    from worker.settings import WorkerSettings
+    from worker.tasks import WorkerContext, set_context
+
+    def standin(base: BaseModel, **options: Any) -> VllmEngine:
+        client = httpx.Client(transport=httpx.MockTransport(server.handle), base_url=options["url"])
+        return VllmEngine(base, client=client, **options)
+
+    monkeypatch.setitem(ENGINES, "vllm", standin)
+    settings = service_settings(service_home, ledger_url, redis_prefix, tiny_model_dir, engine="vllm")
+    record_run(settings)
+    worker_settings = WorkerSettings(**settings.model_dump(include=set(WorkerSettings.model_fields)))
+    redis = queue.connect(settings.redis_url)
+    set_context(WorkerContext(settings=worker_settings, base=load_tiny(tiny_model_dir), redis=redis))
+    with TestClient(create_app(settings)) as client:
+        yield {"client": client, "settings": settings, "redis": redis, "run_dir": service_home / "runs" / "tiny"}
+    set_context(None)
+    redis.close()
+
+
+def test_a_deletion_end_to_end_on_the_vllm_engine(vllm_gateway: dict, server: StandInServer) -> None:
+    from tests.test_service_flow import AUTH, run_worker, user_with_train_samples, wait_for
+
+    client, run_dir, settings = vllm_gateway["client"], vllm_gateway["run_dir"], vllm_gateway["settings"]
+    adapter_dir = settings.home / "vllm-adapters"
+    r = TINY_RUN.train.r
+    user, shards = user_with_train_samples(run_dir)
+    other = next(u for u in ("u1", "u2", "u3", "u4") if u != user)
+    before = client.post("/recommend", json={"user_id": other, "candidates": ["1", "2"]})
+    assert before.status_code == 200, before.text
+    assert {a["shard"] for a in before.json()["adapters"]} == {0, 1} and before.json()["fallback"] is False
+    mixed = {name for event, name in server.events if event == "score"}
+    assert mixed and set(server.adapters) == mixed
+
+    deleted = client.delete(f"/users/{user}/interactions", headers=AUTH)
+    assert deleted.status_code == 202, deleted.text
+    assert not mixed & set(server.adapters)  # the mixtures holding the shard left the server at once
+    assert not any((adapter_dir / name).exists() for name in mixed)  # and the disk
+    seen = len(server.events)
+    during = client.post("/recommend", json={"user_id": other, "candidates": ["1", "2"]}).json()
+    if shards == {0, 1}:  # the hand-made users all reach both shards: popularity, no adapter at all
+        assert during["fallback"] is True
+        assert not [event for event, _ in server.events[seen:] if event in ("load", "score")]
+    else:
+        assert not shards & {a["shard"] for a in during["adapters"]}
+        used = {name for event, name in server.events[seen:] if event == "score"}
+        assert used and not used & mixed
+        for name in used:  # one clean shard in the file: rank r
+            assert json.loads((adapter_dir / name / "adapter_config.json").read_text())["r"] == r
+
+    run_worker(vllm_gateway)
+    assert client.get(f"/deletions/{deleted.json()['request_id']}").json()["status"] == "completed"
+
+    def swapped() -> bool:
+        adapters = client.post("/recommend", json={"user_id": other, "candidates": ["1", "2"]}).json()["adapters"]
+        return {(a["shard"], a["version"]) for a in adapters} >= {(k, 2) for k in shards}
+
+    wait_for(swapped)
+    last = next(name for event, name in reversed(server.events) if event == "score")
+    assert last not in mixed  # the retrained versions: a new adapter, never an old name
+    assert json.loads((adapter_dir / last / "adapter_config.json").read_text())["r"] == 2 * r  # both shards again
