@@ -5,9 +5,11 @@ vLLM's CPU punica wrapper (``vllm/lora/punica_wrapper/punica_cpu.py``) calls the
 index (``lora_b_weights[indices]``: a copy of a whole [out, rank] matrix for every token) and then
 contract with an einsum: O(tokens x out x rank) memory traffic per call, where one
 [tokens, in] @ [in, rank] matmul does the same work. Measured on 2 cores (fp32, in=576, rank 32,
-4,096 tokens): 112 ms per shrink and 120 ms per expand, against 4 ms for both as plain matmuls; vLLM
-wraps every projection of every layer (qkv, o, gate_up, down), so a first prompt batch with a LoRA took
-minutes.
+4,096 tokens): 112 ms per shrink and 120 ms per expand, against 4 ms for both as plain matmuls, and
+vLLM calls them for every LoRA-wrapped projection of every layer. End to end (SmolLM2-135M, 20 prompts
+of 220 tokens, a rank-32 merged adapter, 2026-11-29, machine busy): with vLLM's ops the first request
+took 77 s and the same request again 173 s; with these, 36.7 s for the server's first request (its
+warm-up), then 2.5 s, and 2.9 s for a request with a new adapter. p(yes) agreed to 5e-6 in log-prob.
 
 Here every op groups the tokens by adapter index (consecutive runs, which is what a prefill batch is)
 and runs one matmul per run; tokens with index -1 (no LoRA) get nothing. Same semantics as the
