@@ -38,6 +38,10 @@ from apa.model import BaseModel, token_ids
 
 log = logging.getLogger(__name__)
 
+# Loading, unloading and cache resets answer at once on a live server; a quarantine (inside a DELETE)
+# must not wait on a hung one for the scoring timeout. Scoring itself uses the client's timeout.
+ADMIN_TIMEOUT_S = 30.0
+
 
 @dataclass(frozen=True)
 class _Live:
@@ -68,7 +72,7 @@ class ServerPrefixCache:
         self._engine = engine
 
     def clear(self) -> None:
-        self._engine._post("/reset_prefix_cache", None, missing_ok=True)
+        self._engine._post("/reset_prefix_cache", None, missing_ok=True, timeout_s=ADMIN_TIMEOUT_S)
 
     def stats(self) -> PrefixCacheStats:
         return PrefixCacheStats(hits=0, misses=0, entries=0, bytes=0, capacity_bytes=0)
@@ -102,9 +106,11 @@ class VllmEngine:
         self.prefixes = ServerPrefixCache(self)
 
     # -- HTTP ----------------------------------------------------------------------------------
-    def _post(self, path: str, body: dict[str, Any] | None, *, missing_ok: bool = False) -> Any:
+    def _post(self, path: str, body: dict[str, Any] | None, *, missing_ok: bool = False,
+              timeout_s: float | None = None) -> Any:
         try:
-            response = self._client.post(path, json=body)
+            response = (self._client.post(path, json=body) if timeout_s is None
+                        else self._client.post(path, json=body, timeout=timeout_s))
         except httpx.HTTPError as exc:
             raise EngineUnavailable(f"vLLM server at {self._client.base_url}: {exc}") from exc
         if missing_ok and response.status_code == 404:
@@ -115,13 +121,18 @@ class VllmEngine:
         return response.json() if response.headers.get("content-type", "").startswith("application/json") else None
 
     # -- shards --------------------------------------------------------------------------------
-    def _set_live(self, shards: tuple[ShardAdapter, ...], active: frozenset[int]) -> None:
-        """Switch the live view and retire every adapter holding a version no longer live."""
+    def _swap(self, expected: tuple[ShardAdapter, ...] | None, shards: tuple[ShardAdapter, ...],
+              active: frozenset[int] | None = None) -> bool:
+        """Switch to ``shards`` if the live shards are still ``expected`` (keeping the quarantine unless
+        ``active`` is given) and retire every adapter holding a version no longer live."""
         versions = {(s.ref.shard, s.ref.version) for s in shards}
         with self._lock:
-            self._live = _Live(shards=shards, active=active)
+            if self._live.shards is not expected:
+                return False
+            self._live = _Live(shards=shards, active=self._live.active if active is None else active)
             self._retire_where(lambda entry: not entry.versions <= versions)
         self._unload_idle()
+        return True
 
     def load(self, adapters: Sequence[AdapterRef]) -> None:
         refs = sorted(adapters, key=lambda a: a.shard)
@@ -130,22 +141,28 @@ class VllmEngine:
         shards = tuple(ShardAdapter.read(ref) for ref in refs)
         if len({(s.r, frozenset(s.modules)) for s in shards}) != 1:
             raise AdapterMismatch("every shard adapter must have the same rank and target modules")
-        self._set_live(shards, frozenset(s.ref.shard for s in shards))
+        while not self._swap(self._live.shards, shards, frozenset(s.ref.shard for s in shards)):
+            pass
 
     def load_shard(self, adapter: AdapterRef) -> None:
         self.load_shards([adapter])
 
     def load_shards(self, adapters: Sequence[AdapterRef]) -> None:
-        live = self._live
-        k = len(live.shards) if live.shards is not None else 0
-        bad = [a.shard for a in adapters if not 0 <= a.shard < k]
-        if live.shards is None or bad:
-            raise AdapterMismatch(f"no shard {bad or [a.shard for a in adapters]} to swap; load all shards first")
-        new = {a.shard: ShardAdapter.read(a) for a in adapters}
-        shards = tuple(new.get(s.ref.shard, s) for s in live.shards)
-        if len({(s.r, frozenset(s.modules)) for s in shards}) != 1:
-            raise AdapterMismatch("every shard adapter must have the same rank and target modules")
-        self._set_live(shards, self._live.active)
+        """Read the new versions aside, then switch (again on the newer view if another swap won)."""
+        new: dict[int, ShardAdapter] | None = None
+        while True:
+            live = self._live
+            k = len(live.shards) if live.shards is not None else 0
+            bad = [a.shard for a in adapters if not 0 <= a.shard < k]
+            if live.shards is None or bad:
+                raise AdapterMismatch(f"no shard {bad or [a.shard for a in adapters]} to swap; load all shards first")
+            if new is None:
+                new = {a.shard: ShardAdapter.read(a) for a in adapters}
+            shards = tuple(new.get(s.ref.shard, s) for s in live.shards)
+            if len({(s.r, frozenset(s.modules)) for s in shards}) != 1:
+                raise AdapterMismatch("every shard adapter must have the same rank and target modules")
+            if self._swap(live.shards, shards):
+                return
 
     def quarantine(self, shard: int) -> None:
         with self._lock:
@@ -187,7 +204,7 @@ class VllmEngine:
                                           if e.users > 0 and n not in loaded]
             for name, entry in idle:
                 try:
-                    self._post("/v1/unload_lora_adapter", {"lora_name": name})
+                    self._post("/v1/unload_lora_adapter", {"lora_name": name}, timeout_s=ADMIN_TIMEOUT_S)
                 except EngineUnavailable:
                     log.warning("could not unload adapter %s from vLLM", name, exc_info=True)
                 shutil.rmtree(entry.folder, ignore_errors=True)
@@ -254,7 +271,8 @@ class VllmEngine:
 
     def _load(self, name: str, folder: Path) -> None:
         try:
-            self._post("/v1/load_lora_adapter", {"lora_name": name, "lora_path": str(folder.resolve())})
+            self._post("/v1/load_lora_adapter", {"lora_name": name, "lora_path": str(folder.resolve())},
+                       timeout_s=ADMIN_TIMEOUT_S)
         except EngineUnavailable as exc:
             if "already" not in str(exc):  # loaded before (another gateway): the same name is the same tensors
                 raise
