@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from apa.engines.base import AdapterRef, Mode
-from apa.engines.merge import ShardAdapter, adapter_name, merged_tensors, snap_weights, write_merged
+from apa.engines.merge import ShardAdapter, adapter_name, merged_tensors, purge_merged, snap_weights, write_merged
 from apa.engines.torch import TorchEngine
 from apa.errors import AdapterMismatch
 from apa.model import BaseModel
@@ -120,3 +120,19 @@ def test_merge_refuses_empty_or_mismatched_weights(shards: list[ShardAdapter]) -
         merged_tensors(shards, np.zeros(K), "nd")
     with pytest.raises(AdapterMismatch):
         merged_tensors(shards, np.array([1.0]), "nd")
+
+
+def test_purge_deletes_merged_adapters_of_versions_no_longer_live(
+    shards: list[ShardAdapter], shard_dirs: list[Path], tmp_path: Path,
+) -> None:
+    old = write_merged(shards, np.array(MIX), "nd", tmp_path)
+    clean = write_merged(shards, np.array([0.5, 0.0, 0.5]), "nd", tmp_path)  # holds no shard 1
+    broken = tmp_path / "apa-nd-000000000000000000000000"
+    broken.mkdir()  # no provenance: nothing vouches for it
+    retrained = ShardAdapter.read(AdapterRef(shard=1, version=2, path=shard_dirs[0]))
+    live = {shards[0].sha256, retrained.sha256, shards[2].sha256}
+    assert sorted(purge_merged(tmp_path, live)) == sorted([old.name, broken.name])
+    assert [p.name for p in tmp_path.iterdir()] == [clean.name]
+    assert json.loads((clean / "apa_merge.json").read_text())["shards"] == [
+        {"shard": 0, "version": 1, "sha256": shards[0].sha256, "weight": 0.5},
+        {"shard": 2, "version": 1, "sha256": shards[2].sha256, "weight": 0.5}]

@@ -41,6 +41,7 @@ from apa.engines.torch import read_adapter
 from apa.errors import AdapterMismatch
 
 WEIGHT_DECIMALS = 6  # weights in a name; two vectors closer than this share a name (and an adapter)
+PROVENANCE = "apa_merge.json"  # beside the adapter: which shard versions (and weights) it holds
 _PREFIX = "base_model.model."
 
 
@@ -77,13 +78,35 @@ def snap_weights(weights: np.ndarray, step: float) -> np.ndarray:
     return floor / units
 
 
-def adapter_name(adapters: Sequence[ShardAdapter], weights: np.ndarray, mode: Mode) -> str:
-    """``apa-<mode>-<digest>`` over the used shards' identities and weights (see module docstring)."""
+def provenance(adapters: Sequence[ShardAdapter], weights: np.ndarray, mode: Mode) -> dict:
+    """What a merged adapter is made of: the mode and each used shard's identity and weight."""
     used = [{"shard": a.ref.shard, "version": a.ref.version, "sha256": a.sha256,
              "weight": round(float(w), WEIGHT_DECIMALS)}
             for a, w in zip(adapters, weights, strict=True) if round(float(w), WEIGHT_DECIMALS) > 0]
-    canonical = json.dumps({"mode": mode, "shards": used}, sort_keys=True, separators=(",", ":"))
+    return {"mode": mode, "shards": used}
+
+
+def adapter_name(adapters: Sequence[ShardAdapter], weights: np.ndarray, mode: Mode) -> str:
+    """``apa-<mode>-<digest>`` of the adapter's provenance (see module docstring)."""
+    canonical = json.dumps(provenance(adapters, weights, mode), sort_keys=True, separators=(",", ":"))
     return f"apa-{mode}-{hashlib.sha256(canonical.encode()).hexdigest()[:24]}"
+
+
+def purge_merged(root: Path, keep_sha256: set[str]) -> list[str]:
+    """Delete every merged adapter under ``root`` made from a shard version whose tensors are not in
+    ``keep_sha256`` (e.g. one left behind by a gateway that stopped before unloading it, holding a
+    version since retrained after a deletion); returns the names deleted."""
+    deleted = []
+    for folder in sorted(root.glob("apa-*")) if root.is_dir() else []:
+        try:
+            made_of = json.loads((folder / PROVENANCE).read_text())["shards"]
+            stale = any(shard["sha256"] not in keep_sha256 for shard in made_of)
+        except (OSError, ValueError, KeyError, TypeError):
+            stale = True  # unreadable: nothing vouches for it
+        if stale:
+            shutil.rmtree(folder, ignore_errors=True)
+            deleted.append(folder.name)
+    return deleted
 
 
 def merged_tensors(adapters: Sequence[ShardAdapter], weights: np.ndarray,
@@ -133,6 +156,7 @@ def write_merged(adapters: Sequence[ShardAdapter], weights: np.ndarray, mode: Mo
     try:
         save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
         (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+        (tmp / PROVENANCE).write_text(json.dumps(provenance(adapters, weights, mode), indent=1, sort_keys=True))
         os.chmod(tmp, 0o755)
         os.rename(tmp, folder)
     except OSError:

@@ -30,7 +30,7 @@ import httpx
 import numpy as np
 
 from apa.engines.base import AdapterRef, Mode, ShardState
-from apa.engines.merge import ShardAdapter, adapter_name, snap_weights, write_merged
+from apa.engines.merge import ShardAdapter, adapter_name, purge_merged, snap_weights, write_merged
 from apa.engines.prefix_cache import PrefixCacheStats
 from apa.engines.torch import TorchEngine
 from apa.errors import AdapterMismatch, EngineUnavailable
@@ -143,6 +143,9 @@ class VllmEngine:
             raise AdapterMismatch("every shard adapter must have the same rank and target modules")
         while not self._swap(self._live.shards, shards, frozenset(s.ref.shard for s in shards)):
             pass
+        stale = purge_merged(self.adapter_dir, {s.sha256 for s in shards})  # left on disk by an earlier start
+        if stale:
+            log.info("deleted %d merged adapters of versions no longer live", len(stale))
 
     def load_shard(self, adapter: AdapterRef) -> None:
         self.load_shards([adapter])
