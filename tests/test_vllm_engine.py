@@ -216,7 +216,7 @@ def test_weight_step_bounds_the_adapters(
 
 
 def test_errors(engines: tuple[VllmEngine, TorchEngine], server: StandInServer, texts: list[str],
-                tiny_model_dir: Path, tmp_path: Path) -> None:
+                tiny_model_dir: Path, shard_dirs: list[Path], tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     vllm, _ = engines
     with pytest.raises(AdapterMismatch):
         vllm.score(texts, ROWS[:, :2])
@@ -232,8 +232,12 @@ def test_errors(engines: tuple[VllmEngine, TorchEngine], server: StandInServer, 
 
     down = VllmEngine(vllm.base, url="http://vllm", adapter_dir=tmp_path / "down",
                       client=httpx.Client(transport=httpx.MockTransport(refuse), base_url="http://vllm"))
-    with pytest.raises(EngineUnavailable):
-        down.prefixes.clear()
+    with caplog.at_level("WARNING", logger="apa.engines.vllm"):
+        down.prefixes.clear()  # best effort: a deletion does not fail on it
+    assert "could not clear" in caplog.text
+    down.load(refs(shard_dirs[:K]))
+    with pytest.raises(EngineUnavailable):  # scoring does fail: 503 at the gateway
+        down.score_shared(texts, ROWS[0])
 
 
 def test_registry_builds_both_engines(tiny_model_dir: Path, tmp_path: Path) -> None:

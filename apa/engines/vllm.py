@@ -72,7 +72,13 @@ class ServerPrefixCache:
         self._engine = engine
 
     def clear(self) -> None:
-        self._engine._post("/reset_prefix_cache", None, missing_ok=True, timeout_s=ADMIN_TIMEOUT_S)
+        """Best effort: a deletion must not fail because the server is down (a restarted server's
+        cache is empty anyway); the server's cached blocks are keyed by adapter and token ids, and the
+        deleted user's prompts are never sent again."""
+        try:
+            self._engine._post("/reset_prefix_cache", None, missing_ok=True, timeout_s=ADMIN_TIMEOUT_S)
+        except EngineUnavailable:
+            log.warning("could not clear the vLLM server's prefix cache", exc_info=True)
 
     def stats(self) -> PrefixCacheStats:
         return PrefixCacheStats(hits=0, misses=0, entries=0, bytes=0, capacity_bytes=0)
