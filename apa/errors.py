@@ -63,3 +63,7 @@ class GateFailed(APAError):
 
 class IdempotencyConflict(APAError):
     """An Idempotency-Key already named another request (another user, or other items)."""
+
+
+class EngineUnavailable(APAError):
+    """The scoring engine cannot answer (the vLLM server is unreachable or refused a request)."""

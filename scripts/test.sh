@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The test command: install, start Redis/PostgreSQL if they are not running, fetch the pinned assets
-# (the slow tests use the real SmolLM2), static checks, then the whole test suite (slow tests included).
+# (the slow tests use the real SmolLM2), static checks, then the whole test suite (slow tests included;
+# the vllm ones when .venv-vllm exists).
 # Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -32,4 +33,9 @@ else
   exit 1
 fi
 rm -f "$audit_log"
+if [ -x .venv-vllm/bin/python ]; then  # scripts/setup-vllm.sh made it: the vllm-marked tests run too
+  echo "test: .venv-vllm exists: the tests marked vllm start the real vLLM server (about 2 min)"
+else
+  echo "note: no .venv-vllm (bash scripts/setup-vllm.sh): the tests marked vllm will skip"
+fi
 python -m pytest "$@"

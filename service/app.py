@@ -53,8 +53,7 @@ def _start(gateway: Gateway) -> None:
     base = load_base_model(settings.base_model_dir, device=settings.device)
     if base.sha256 != expected_sha:
         raise LedgerError(f"the base model at {settings.base_model_dir} is not the one the run was trained on")
-    cache_bytes = int(settings.prefix_cache_mb * 2**20) if settings.prefix_sharing else 0
-    replica = Replica(settings, base, info, create_engine(settings.engine, base, prefix_cache_bytes=cache_bytes))
+    replica = Replica(settings, base, info, create_engine(settings.engine, base, **settings.engine_options()))
 
     def observe_completed(seconds: list[float]) -> None:
         for value in seconds:

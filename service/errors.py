@@ -18,6 +18,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 from apa.errors import (
     APAError,
     DeletionNotFound,
+    EngineUnavailable,
     IdempotencyConflict,
     ItemsNotFound,
     LedgerError,
@@ -37,6 +38,7 @@ STATUS: dict[type[APAError], int] = {
     NothingToRetrain: 409,
     IdempotencyConflict: 409,
     LedgerError: 503,
+    EngineUnavailable: 503,  # the vLLM server is down or refused: try again
 }
 RETRY_AFTER_S = 5  # when the ledger is unreachable
 

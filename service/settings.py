@@ -1,6 +1,7 @@
 """The gateway process's settings (environment ``APA_*``), built on demand."""
 
 from functools import lru_cache
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, SecretStr
@@ -18,7 +19,6 @@ class ServiceSettings(CoreSettings):
     # is open and bounded only by the body limit and the model queue's admission (APA_MAX_MODEL_WAITING).
     recommend_token: SecretStr | None = None
     device: str = "cpu"
-    engine: str = "torch"  # by name from apa.engines.ENGINES
     mode: Literal["nd", "d"] = "nd"  # APA(ND) exact mixture, or APA(D)
     # The attention: each part a value, or auto (chosen on the validation memory, leave one out, each
     # time the memory changes). The paper's is mae / 20 / 1000.
@@ -59,11 +59,30 @@ class ServiceSettings(CoreSettings):
     admin_burst: Annotated[int, Field(ge=1)] = 30
     max_model_waiting: Annotated[int, Field(ge=1)] = 16  # /recommend requests waiting for the model thread
     probe_timeout_s: Annotated[float, Field(gt=0)] = 2.0  # /readyz's ledger and Redis checks
+    # The scoring engine (apa.engines.ENGINES): torch, in this process; or vllm, a client of a vLLM server
+    # (scripts/vllm-serve.sh) that loads each weight vector's merged adapter from vllm_adapter_dir, a
+    # folder both processes see at the same path. The history embedding always uses the local base model.
+    engine: Literal["torch", "vllm"] = "torch"
+    vllm_url: str = "http://127.0.0.1:8000"
+    vllm_adapter_dir: Path | None = None  # unset: <home>/vllm-adapters
+    vllm_max_adapters: Annotated[int, Field(ge=1)] = 8  # merged adapters kept loaded (least recently used go)
+    # > 0: weight vectors snapped to this grid before merging (fewer distinct adapters; each weight moves
+    # by less than the step). 0: exact weights, one adapter per distinct weight vector.
+    vllm_weight_step: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    vllm_timeout_s: Annotated[float, Field(gt=0)] = 600.0
 
     def forget_policy(self) -> Policy:
         """The time-to-forget policy (service/deadline.py) these settings describe."""
         return Policy(deadline_s=self.forget_deadline_s, yield_at=self.forget_yield_at, shed_at=self.forget_shed_at,
                       yield_ratio=self.forget_yield_ratio)
+
+    def engine_options(self) -> dict[str, Any]:
+        """Keyword options of ``apa.engines.ENGINES[self.engine]``."""
+        if self.engine == "vllm":
+            return {"url": self.vllm_url, "adapter_dir": self.vllm_adapter_dir or self.home / "vllm-adapters",
+                    "max_adapters": self.vllm_max_adapters, "weight_step": self.vllm_weight_step,
+                    "timeout_s": self.vllm_timeout_s}
+        return {"prefix_cache_bytes": int(self.prefix_cache_mb * 2**20) if self.prefix_sharing else 0}
 
     def ledger_timeouts(self) -> dict[str, Any]:
         return {"connect_timeout_s": self.ledger_connect_timeout_s,

@@ -1,8 +1,8 @@
 """Engines score prompts with per-sample shard weights, and hold the live (shard, version) adapters.
 
-Chosen by name from ``ENGINES`` with ``create_engine``; ``torch`` is the default (CPU or CUDA). Each
-entry imports its engine when called, so naming the registry loads no engine's dependencies. See
-``base.Engine`` for what every engine does.
+Chosen by name from ``ENGINES`` with ``create_engine``; ``torch`` is the default (CPU or CUDA), ``vllm``
+a client of a vLLM server. Each entry imports its engine when called, so naming the registry loads no
+engine's dependencies. See ``base.Engine`` for what every engine does.
 """
 
 from collections.abc import Callable
@@ -21,7 +21,13 @@ def _torch(base: "BaseModel", **options: Any) -> Engine:
     return TorchEngine(base, **options)
 
 
-ENGINES: dict[str, Callable[..., Engine]] = {"torch": _torch}
+def _vllm(base: "BaseModel", **options: Any) -> Engine:
+    from apa.engines.vllm import VllmEngine
+
+    return VllmEngine(base, **options)
+
+
+ENGINES: dict[str, Callable[..., Engine]] = {"torch": _torch, "vllm": _vllm}
 
 
 def create_engine(name: str, base: "BaseModel", **options: Any) -> Engine:

@@ -1,0 +1,196 @@
+"""The vLLM engine against the real vLLM server (``scripts/vllm-serve.sh`` from ``.venv-vllm``).
+
+Marked ``vllm``: they run when ``.venv-vllm`` exists (``scripts/setup-vllm.sh``) and skip otherwise.
+vLLM serves the real SmolLM2 (``apa assets fetch``); the shard adapters are random rank-8 LoRAs on
+q_proj and v_proj (B non-zero, so each one moves p(yes)). p(yes) must be within 2e-3 of the torch
+engine's on the same prompts and weights, APA(ND) and APA(D), and through a quarantine and a swap.
+"""
+
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import torch
+
+from apa import prompts
+from apa.data import movielens_100k
+from apa.engines.base import AdapterRef, Mode
+from apa.engines.torch import TorchEngine
+from apa.engines.vllm import VllmEngine
+from apa.model import BaseModel, load_base_model
+
+pytestmark = pytest.mark.vllm
+
+ROOT = Path(__file__).parents[1]
+VENV = Path(os.environ.get("APA_VLLM_VENV", ROOT / ".venv-vllm"))
+K, R = 4, 8
+TOL = 2e-3
+START_TIMEOUT_S = 600
+
+
+def _assets_dir() -> Path:
+    return Path(os.environ.get("APA_HOME", "var")) / "assets"
+
+
+def _model_dir() -> Path:
+    return _assets_dir() / "smollm2-135m-instruct"
+
+
+@pytest.fixture(scope="module")
+def model_dir() -> Path:
+    if not (VENV / "bin" / "python").is_file():
+        pytest.skip(f"no {VENV}: run scripts/setup-vllm.sh")
+    folder = _model_dir()
+    if not (folder / "config.json").is_file():
+        pytest.skip(f"no base model at {folder}: run `apa assets fetch`")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def base(model_dir: Path) -> BaseModel:
+    return load_base_model(model_dir)
+
+
+def random_adapter(base_model: BaseModel, folder: Path, seed: int) -> Path:
+    """A rank-8 PEFT LoRA (alpha 16) on q_proj and v_proj with random A and B, saved PEFT's way."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=R, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "v_proj"], bias="none",
+                        task_type="CAUSAL_LM")
+    model = get_peft_model(base_model.model, config)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
+    model.save_pretrained(str(folder))
+    model.unload()  # the base model back, unwrapped
+    return folder
+
+
+@pytest.fixture(scope="module")
+def shard_dirs(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    root = tmp_path_factory.mktemp("vllm-shards")
+    scratch = load_base_model(model_dir)
+    return [random_adapter(scratch, root / f"shard-{k}", seed=500 + k) for k in range(K + 1)]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def server_url(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A vLLM server of our own, started as a user would (scripts/vllm-serve.sh), stopped afterwards."""
+    port = _free_port()
+    log = tmp_path_factory.mktemp("vllm-log") / "server.log"
+    env = {**os.environ, "APA_VLLM_PORT": str(port), "APA_BASE_MODEL_PATH": str(model_dir),
+           "APA_VLLM_VENV": str(VENV), "APA_VLLM_MAX_CPU_LORAS": "4"}
+    with log.open("w") as out:
+        process = subprocess.Popen(["bash", str(ROOT / "scripts" / "vllm-serve.sh")], env=env, stdout=out,
+                                   stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while True:
+            if process.poll() is not None:
+                pytest.fail(f"vLLM server exited ({process.returncode}):\n{log.read_text()[-3000:]}")
+            try:
+                if httpx.get(f"{url}/v1/models", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"vLLM server not up after {START_TIMEOUT_S} s:\n{log.read_text()[-3000:]}")
+            time.sleep(2)
+        yield url
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)  # the server's own process group (start_new_session)
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+@pytest.fixture(scope="module")
+def texts(model_dir: Path) -> list[str]:
+    """Ten real candidate prompts of one made-up user (same history, ten target titles)."""
+    titles = list(movielens_100k(_assets_dir()).titles.values())
+    return [prompts.sample_prompt(titles[:6], titles[6:10], target) for target in titles[20:30]]
+
+
+def refs(paths: list[Path]) -> list[AdapterRef]:
+    return [AdapterRef(shard=k, version=1, path=p) for k, p in enumerate(paths)]
+
+
+@pytest.fixture
+def engines(base: BaseModel, server_url: str, shard_dirs: list[Path],
+            tmp_path: Path) -> Iterator[tuple[VllmEngine, TorchEngine]]:
+    vllm = VllmEngine(base, url=server_url, adapter_dir=tmp_path / "merged", max_adapters=4)
+    torch_engine = TorchEngine(load_base_model(_model_dir()))
+    vllm.load(refs(shard_dirs[:K]))
+    torch_engine.load(refs(shard_dirs[:K]))
+    yield vllm, torch_engine
+    vllm.close()
+
+
+def server_adapters(url: str) -> set[str]:
+    models = httpx.get(f"{url}/v1/models", timeout=10).json()["data"]
+    return {m["id"] for m in models if m.get("parent")}
+
+
+WEIGHTS = np.array([0.4, 0.3, 0.2, 0.1])
+
+
+@pytest.mark.parametrize("mode", ["nd", "d"])
+def test_p_yes_equals_the_torch_engine(engines: tuple[VllmEngine, TorchEngine], texts: list[str],
+                                       mode: Mode) -> None:
+    vllm, torch_engine = engines
+    p = vllm.score_shared(texts, WEIGHTS, mode=mode)
+    expected = torch_engine.score_shared(texts, WEIGHTS, mode=mode)
+    print(f"{mode}: max |p_vllm - p_torch| = {np.abs(p - expected).max():.2e}")
+    np.testing.assert_allclose(p, expected, atol=TOL, rtol=0.0)
+    base_p = torch_engine.score_shared(texts, np.eye(K)[0], mode=mode)  # another mixture is visibly elsewhere
+    assert np.abs(base_p - expected).max() > 5 * TOL
+    rows = np.array([WEIGHTS, WEIGHTS[::-1]] * 2)  # two distinct rows: two adapters, two requests
+    np.testing.assert_allclose(vllm.score(texts[:4], rows, mode=mode), torch_engine.score(texts[:4], rows, mode=mode),
+                               atol=TOL, rtol=0.0)
+
+
+def test_quarantine_and_swap_on_the_vllm_path(engines: tuple[VllmEngine, TorchEngine], server_url: str,
+                                              shard_dirs: list[Path], texts: list[str]) -> None:
+    vllm, torch_engine = engines
+    vllm.score_shared(texts, WEIGHTS)
+    with_shard = set(vllm.loaded_adapters())
+    assert with_shard and with_shard <= server_adapters(server_url)
+
+    vllm.quarantine(1)  # a deletion hit shard 1
+    torch_engine.quarantine(1)
+    assert not with_shard & server_adapters(server_url)  # unloaded from the server at once
+    p = vllm.score_shared(texts, WEIGHTS)
+    np.testing.assert_allclose(p, torch_engine.score_shared(texts, WEIGHTS), atol=TOL, rtol=0.0)
+    quarantined = set(vllm.loaded_adapters())
+    assert not quarantined & with_shard
+
+    retrained = AdapterRef(shard=1, version=2, path=shard_dirs[K])  # the retrained version goes live
+    vllm.load_shards([retrained])
+    torch_engine.load_shards([retrained])
+    vllm.release(1)
+    torch_engine.release(1)
+    p = vllm.score_shared(texts, WEIGHTS)
+    np.testing.assert_allclose(p, torch_engine.score_shared(texts, WEIGHTS), atol=TOL, rtol=0.0)
+    served = vllm.loaded_adapters()
+    assert not set(served) & with_shard  # adapters holding shard 1 v1 never come back
+    assert served[-1] not in with_shard | quarantined  # the one just used holds shard 1 v2
+    assert set(served) <= server_adapters(server_url)
+    assert [(s.shard, s.version, s.active) for s in vllm.live()][1] == (1, 2, True)
