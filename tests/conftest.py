@@ -10,7 +10,9 @@ import random
 import shutil
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -233,6 +235,29 @@ def service_settings(home: Path, ledger_url: str, redis_prefix: str, tiny_model_
     return ServiceSettings(home=home, database_url=ledger_url, base_model_path=tiny_model_dir,
                            admin_token=ADMIN_TOKEN, redis_url=REDIS_URL, redis_prefix=redis_prefix,
                            hmac_key="test-hmac-key", poll_interval_s=0.2, **extra)
+
+
+@contextmanager
+def gateway_with_worker(settings: Any, tiny_model_dir: Path) -> Iterator[dict]:
+    """The run recorded, the app in a TestClient, and the worker's context set (tests run its jobs
+    themselves): yields the client, the settings, a Redis connection and the run folder."""
+    from fastapi.testclient import TestClient
+
+    from jobs import queue
+    from service.app import create_app
+    from worker.settings import WorkerSettings
+    from worker.tasks import WorkerContext, set_context
+
+    record_run(settings)
+    worker_settings = WorkerSettings(**settings.model_dump(include=set(WorkerSettings.model_fields)))
+    redis = queue.connect(settings.redis_url)
+    set_context(WorkerContext(settings=worker_settings, base=load_tiny(tiny_model_dir), redis=redis))
+    try:
+        with TestClient(create_app(settings)) as client:
+            yield {"client": client, "settings": settings, "redis": redis, "run_dir": settings.runs_dir / "tiny"}
+    finally:
+        set_context(None)
+        redis.close()
 
 
 def record_run(settings: CoreSettings) -> None:

@@ -19,26 +19,16 @@ from jobs import queue
 from ledger import catalog
 from ledger.db import session_scope
 from ledger.models import Interaction, Sample
-from tests.conftest import ADMIN_TOKEN, load_tiny, record_run, service_settings
-from worker.settings import WorkerSettings
-from worker.tasks import WorkerContext, set_context
+from tests.conftest import ADMIN_TOKEN, gateway_with_worker, record_run, service_settings
 
 AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 
 
 @pytest.fixture
 def env(service_home: Path, ledger_url: str, redis_prefix: str, tiny_model_dir: Path) -> Iterator[dict]:
-    from service.app import create_app
-
-    settings = service_settings(service_home, ledger_url, redis_prefix, tiny_model_dir)
-    record_run(settings)
-    worker_settings = WorkerSettings(**settings.model_dump(include=set(WorkerSettings.model_fields)))
-    redis = queue.connect(settings.redis_url)
-    set_context(WorkerContext(settings=worker_settings, base=load_tiny(tiny_model_dir), redis=redis))
-    with TestClient(create_app(settings)) as client:
-        yield {"client": client, "settings": settings, "redis": redis, "run_dir": service_home / "runs" / "tiny"}
-    set_context(None)
-    redis.close()
+    with gateway_with_worker(service_settings(service_home, ledger_url, redis_prefix, tiny_model_dir),
+                             tiny_model_dir) as env:
+        yield env
 
 
 def run_worker(env: dict) -> None:

@@ -251,13 +251,8 @@ def test_registry_builds_both_engines(tiny_model_dir: Path, tmp_path: Path) -> N
 @pytest.fixture
 def vllm_gateway(service_home: Path, ledger_url: str, redis_prefix: str, tiny_model_dir: Path,
                  server: StandInServer, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict]:
-    from fastapi.testclient import TestClient
 
-    from jobs import queue
-    from service.app import create_app
-    from tests.conftest import record_run, service_settings
-    from worker.settings import WorkerSettings
-    from worker.tasks import WorkerContext, set_context
+    from tests.conftest import gateway_with_worker, service_settings
 
     def standin(base: BaseModel, **options: Any) -> VllmEngine:
         client = httpx.Client(transport=httpx.MockTransport(server.handle), base_url=options["url"])
@@ -265,14 +260,8 @@ def vllm_gateway(service_home: Path, ledger_url: str, redis_prefix: str, tiny_mo
 
     monkeypatch.setitem(ENGINES, "vllm", standin)
     settings = service_settings(service_home, ledger_url, redis_prefix, tiny_model_dir, engine="vllm")
-    record_run(settings)
-    worker_settings = WorkerSettings(**settings.model_dump(include=set(WorkerSettings.model_fields)))
-    redis = queue.connect(settings.redis_url)
-    set_context(WorkerContext(settings=worker_settings, base=load_tiny(tiny_model_dir), redis=redis))
-    with TestClient(create_app(settings)) as client:
-        yield {"client": client, "settings": settings, "redis": redis, "run_dir": service_home / "runs" / "tiny"}
-    set_context(None)
-    redis.close()
+    with gateway_with_worker(settings, tiny_model_dir) as env:
+        yield env
 
 
 def test_a_deletion_end_to_end_on_the_vllm_engine(vllm_gateway: dict, server: StandInServer) -> None:

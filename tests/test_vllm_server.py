@@ -7,10 +7,6 @@ engine's on the same prompts and weights, APA(ND) and APA(D), and through a quar
 """
 
 import os
-import signal
-import socket
-import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,6 +21,7 @@ from apa.engines.base import AdapterRef, Mode
 from apa.engines.torch import TorchEngine
 from apa.engines.vllm import VllmEngine
 from apa.model import BaseModel, load_base_model
+from bench.engines import vllm_server
 
 pytestmark = pytest.mark.vllm
 
@@ -82,44 +79,13 @@ def shard_dirs(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> lis
     return [random_adapter(scratch, root / f"shard-{k}", seed=500 + k) for k in range(K + 1)]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def server_url(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A vLLM server of our own, started as a user would (scripts/vllm-serve.sh), stopped afterwards."""
-    port = _free_port()
     log = tmp_path_factory.mktemp("vllm-log") / "server.log"
-    env = {**os.environ, "APA_VLLM_PORT": str(port), "APA_BASE_MODEL_PATH": str(model_dir),
-           "APA_VLLM_VENV": str(VENV), "APA_VLLM_MAX_CPU_LORAS": "4"}
-    with log.open("w") as out:
-        process = subprocess.Popen(["bash", str(ROOT / "scripts" / "vllm-serve.sh")], env=env, stdout=out,
-                                   stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"vLLM server exited ({process.returncode}):\n{log.read_text()[-3000:]}")
-            try:
-                if httpx.get(f"{url}/v1/models", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"vLLM server not up after {START_TIMEOUT_S} s:\n{log.read_text()[-3000:]}")
-            time.sleep(2)
+    with vllm_server(model_dir, log, venv=VENV, timeout_s=START_TIMEOUT_S,
+                     env={"APA_VLLM_MAX_CPU_LORAS": "4"}) as (url, _):
         yield url
-    finally:
-        os.killpg(process.pid, signal.SIGTERM)  # the server's own process group (start_new_session)
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
 
 
 @pytest.fixture(scope="module")
