@@ -50,6 +50,18 @@ def _owner_only(path: Path) -> None:
     path.chmod(0o600)
 
 
+def _sqlite_file(url: str) -> Path | None:
+    """A SQLite ledger's file, its folder made and the file owner-only; None for other databases."""
+    if not url.startswith("sqlite"):
+        return None
+    path = url.split("///", 1)[-1].split("?", 1)[0]
+    if not path or path == ":memory:":
+        return None
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    _owner_only(Path(path))
+    return Path(path)
+
+
 def get_engine(url: str, *, connect_timeout_s: int = DEFAULT_CONNECT_TIMEOUT_S,
                statement_timeout_s: float | None = None) -> Engine:
     """One engine per URL and timeouts. ``connect_timeout_s`` bounds a connection attempt (and the wait
@@ -73,10 +85,7 @@ def dispose_engines() -> None:
 
 def _create_engine(url: str, *, connect_timeout_s: int, statement_timeout_s: float | None) -> Engine:
     if url.startswith("sqlite"):
-        path = url.split("///", 1)[-1].split("?", 1)[0]
-        if path and path != ":memory:":
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-            _owner_only(Path(path))
+        _sqlite_file(url)
         busy_s = statement_timeout_s if statement_timeout_s is not None else 30.0
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": busy_s},
                                hide_parameters=True)
@@ -124,6 +133,7 @@ def alembic_config(url: str) -> Any:
 def upgrade(url: str, revision: str = "head") -> None:
     from alembic import command
 
+    _sqlite_file(url)  # Alembic opens its own engine: the file must be owner-only before it creates it
     command.upgrade(alembic_config(url), revision)
 
 

@@ -47,6 +47,9 @@ def test_redact_hides_the_password_and_a_sqlite_ledger_is_its_owners_only(tmp_pa
     assert path.stat().st_mode & 0o777 == 0o600
     db.upgrade(f"sqlite:///{path}")
     assert path.stat().st_mode & 0o777 == 0o600
+    fresh = tmp_path / "fresh" / "apa.db"
+    db.upgrade(f"sqlite:///{fresh}")  # no engine before: Alembic's own makes the file
+    assert fresh.stat().st_mode & 0o777 == 0o600
 
 
 def test_cli_ledger_commands_and_clear_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
