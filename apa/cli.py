@@ -141,7 +141,8 @@ def _record(run_dir: Path) -> None:
     what = "recorded" if summary.created else "already recorded; updated"
     typer.echo(f"ledger ({db.redact(settings.ledger_url)}): {what} run {run_dir.name}: "
                f"{summary.interactions} interactions, {summary.samples} samples, "
-               f"{summary.versions_added} adapter version(s) added, {summary.skipped_forgotten} forgotten skipped")
+               f"{summary.versions_added} adapter version(s) added, "
+               f"{summary.skipped_forgotten} forgotten interaction(s) and sample(s) skipped")
 
 
 def _grid_values(option: str, value: str, parse: Callable[[str], object], full: tuple[Any, ...]) -> tuple[Any, ...]:

@@ -51,7 +51,7 @@ class ImportSummary:
     created: bool
     interactions: int
     samples: int
-    skipped_forgotten: int
+    skipped_forgotten: int  # forgotten interactions and samples together (each a row not imported)
     versions_added: int
 
 
