@@ -5,11 +5,11 @@ Each function works inside the caller's session (one transaction); none commits.
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import delete, or_, select, update
 from sqlalchemy.orm import Session
 
+from ledger.common import chunks, write_audit
 from ledger.deletions import get_deletion
 from ledger.models import (
     COMPLETED,
@@ -22,12 +22,6 @@ from ledger.models import (
     utcnow,
 )
 from ledger.run_import import get_run
-
-if TYPE_CHECKING:  # types only: apa.data reaches the model-conversion code
-    pass
-
-
-from ledger.common import chunks, write_audit
 
 
 @dataclass(frozen=True)
@@ -49,9 +43,11 @@ def purge_plan(*, session: Session, request_id: str) -> PurgePlan:
     parts = session.scalars(select(DeletionShard).where(DeletionShard.request_id == request.id)).all()
     superseded: list[Path] = []
     for part in parts:
+        # trained on the deleted data: older than the version that forgot it, or snapshot before the
+        # deletion whatever its number (a stalled retrain published late, recorded retired)
         stale = session.scalars(select(AdapterVersion).where(
-            AdapterVersion.shard == part.shard, AdapterVersion.version < (part.new_version or 0),
-            AdapterVersion.purged_at.is_(None)))
+            AdapterVersion.shard == part.shard, AdapterVersion.purged_at.is_(None),
+            or_(AdapterVersion.version < (part.new_version or 0), AdapterVersion.covers_seq < part.seq)))
         superseded.extend(Path(v.path) for v in stale)
     sample_ids = session.scalars(select(Sample.sample_id).where(Sample.deletion_id == request.id))
     return PurgePlan(request_id=request.id, sample_ids=sorted(sample_ids),

@@ -110,3 +110,23 @@ def test_each_request_purges_the_versions_before_its_own_retrain(
     assert plan.superseded == [_version_path(session, 0, 1)]
     purges.finish_purge(session=session, plan=plan)
     assert purges.purge_plan(session=session, request_id=second.id).superseded == [_version_path(session, 0, 2)]
+
+
+def test_a_stale_version_published_late_is_purged_whatever_its_number(
+    session: Session, key: bytes, tmp_path: Path,
+) -> None:
+    """Worker A snapshots seq 1 and stalls; worker B retrains seq 2 and publishes v3; A's version arrives
+    last as v4 (the next free number), trained on u2's deleted sample: the second request purges it."""
+    first = deletions.request_deletion(session=session, user_id="u1", item_ids=["5"], key=key).request
+    stale = retrains.begin_retrain(session=session, shard=0)
+    second = deletions.request_deletion(session=session, user_id="u2", item_ids=["2"], key=key).request
+    fresh = retrains.begin_retrain(session=session, shard=0)
+    assert stale is not None and fresh is not None
+    v3 = fake_version(tmp_path / "v3", shard=0, version=3, samples=[["u4:11:370"]])
+    assert retrains.publish_version(session=session, snapshot=fresh, record=v3, key=key) == [first.id, second.id]
+    v4 = fake_version(tmp_path / "v4", shard=0, version=4, samples=[["u2:2:180"], ["u4:11:370"]])
+    assert retrains.publish_version(session=session, snapshot=stale, record=v4, key=key) == []
+    v1 = _version_path(session, 0, 1)
+    assert purges.purge_plan(session=session, request_id=first.id).superseded == [v1]  # v4 holds no u1 data
+    assert purges.purge_plan(session=session, request_id=second.id).superseded == sorted(
+        [v1, _version_path(session, 0, 4)])
