@@ -7,7 +7,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
@@ -15,6 +14,7 @@ from sqlalchemy.orm import Session
 from apa.errors import (
     UserNotFound,
 )
+from ledger.common import chunks, version_row
 from ledger.models import (
     DeletionRequest,
     Interaction,
@@ -23,12 +23,6 @@ from ledger.models import (
     Shard,
     as_utc,
 )
-
-if TYPE_CHECKING:  # types only: apa.data reaches the model-conversion code
-    pass
-
-
-from ledger.common import chunks, version_row
 
 
 def live_history(*, session: Session, user_id: str) -> list[tuple[str, float]]:

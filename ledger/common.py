@@ -5,7 +5,7 @@ Each function works inside the caller's session (one transaction); none commits.
 
 from collections.abc import Iterable, Sequence
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -16,10 +16,6 @@ from ledger.models import (
     DeletionEvent,
     DeletionRequest,
 )
-
-if TYPE_CHECKING:  # types only: apa.data reaches the model-conversion code
-    pass
-
 
 IDEMPOTENCY_WINDOW = timedelta(hours=24)
 _CHUNK = 900  # stays under SQLite's bound-parameter limit

@@ -8,7 +8,7 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
@@ -22,6 +22,7 @@ from apa.errors import (
 )
 from apa.hashing import hmac_hex
 from ledger.catalog import shard_views
+from ledger.common import IDEMPOTENCY_WINDOW, chunks, record_event, version_row, write_audit
 from ledger.models import (
     COMPLETED,
     FAILED,
@@ -39,12 +40,6 @@ from ledger.models import (
     as_utc,
     utcnow,
 )
-
-if TYPE_CHECKING:  # types only: apa.data reaches the model-conversion code
-    pass
-
-
-from ledger.common import IDEMPOTENCY_WINDOW, chunks, record_event, version_row, write_audit
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,6 @@ Each function works inside the caller's session (one transaction); none commits.
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -15,6 +14,8 @@ from apa.errors import (
     ShardNotFound,
 )
 from ledger.catalog import live_sample_ids
+from ledger.common import record_event, version_row, write_audit
+from ledger.deletions import complete
 from ledger.models import (
     COMPLETED,
     FAILED,
@@ -28,13 +29,6 @@ from ledger.models import (
     utcnow,
 )
 from ledger.run_import import VersionRecord, get_run
-
-if TYPE_CHECKING:  # types only: apa.data reaches the model-conversion code
-    pass
-
-
-from ledger.common import record_event, version_row, write_audit
-from ledger.deletions import complete
 
 
 @dataclass(frozen=True)
