@@ -16,7 +16,7 @@ from torch import nn
 
 import apa.engines.torch as torch_engine
 from apa.data import Dataset
-from apa.engines.base import AdapterRef
+from apa.engines.base import AdapterRef, effective_weights
 from apa.engines.mixture import MIXTURE, Mix, MixtureLoRALinear, Stack
 from apa.engines.torch import TorchEngine
 from apa.errors import AdapterMismatch, AllShardsQuarantined
@@ -213,10 +213,10 @@ def test_quarantined_shard_with_all_the_weight_falls_back_to_uniform_over_clean_
 
 def test_effective_weights_by_hand() -> None:
     weights = np.array([[0.2, 0.3, 0.5], [0.0, 0.0, 1.0], [-1.0, 1.0, 1.0]])
-    got = TorchEngine.effective_weights(weights, frozenset({0, 1}))
+    got = effective_weights(weights, frozenset({0, 1}))
     np.testing.assert_allclose(got, [[0.4, 0.6, 0.0], [0.5, 0.5, 0.0], [0.0, 1.0, 0.0]], atol=1e-12)
     with pytest.raises(AllShardsQuarantined):
-        TorchEngine.effective_weights(weights, frozenset())
+        effective_weights(weights, frozenset())
 
 
 def test_all_quarantined_refuses_to_score(engine: TorchEngine, texts: list[str]) -> None:

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from apa.engines.base import AdapterRef, Mode
+from apa.engines.base import AdapterRef, Mode, effective_weights
 from apa.engines.merge import ShardAdapter, adapter_name, merged_tensors, purge_merged, snap_weights, write_merged
 from apa.engines.torch import TorchEngine
 from apa.errors import AdapterMismatch
@@ -73,7 +73,7 @@ def test_merge_after_quarantine_uses_the_effective_weights_and_leaves_the_shard_
 ) -> None:
     engine.quarantine(1)
     weights = np.array(MIX)
-    effective = TorchEngine.effective_weights(weights[None, :], frozenset({0, 2}))[0]
+    effective = effective_weights(weights[None, :], frozenset({0, 2}))[0]
     np.testing.assert_allclose(effective, [0.6 / 0.7, 0.0, 0.1 / 0.7])
     rank, tensors = merged_tensors(shards, effective, mode)
     assert rank == (2 * R if mode == "nd" else R)

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from apa.engines import ENGINES
-from apa.engines.base import AdapterRef, Mode
+from apa.engines.base import AdapterRef, Mode, effective_weights
 from apa.engines.merge import adapter_name
 from apa.engines.torch import TorchEngine
 from apa.engines.vllm import VllmEngine
@@ -124,7 +124,7 @@ ROWS = np.array([[0.6, 0.3, 0.1], [0.6, 0.3, 0.1], [0.2, 0.2, 0.6], [0.7, 0.0, 0
 def name_of(engine: VllmEngine, row: np.ndarray, mode: Mode = "nd") -> str:
     live = engine._live
     assert live.shards is not None
-    return adapter_name(live.shards, TorchEngine.effective_weights(row[None, :], live.active)[0], mode)
+    return adapter_name(live.shards, effective_weights(row[None, :], live.active)[0], mode)
 
 
 @pytest.mark.parametrize("mode", ["nd", "d"])

@@ -7,6 +7,8 @@ from typing import Literal, Protocol
 
 import numpy as np
 
+from apa.errors import AllShardsQuarantined
+
 Mode = Literal["nd", "d"]
 
 
@@ -24,6 +26,19 @@ class ShardState:
     shard: int
     version: int
     active: bool  # False while quarantined
+
+def effective_weights(weights: np.ndarray, active: frozenset[int]) -> np.ndarray:
+    """What every engine scores with: the quarantined shards zeroed and each row renormalised over the
+    active ones: [n, K]. A row with no weight left on an active shard falls back to uniform over them.
+    """
+    k = weights.shape[1]
+    mask = np.array([s in active for s in range(k)], dtype=np.float64)  # [K]
+    if not mask.any():
+        raise AllShardsQuarantined("every shard is quarantined")
+    w = np.clip(weights.astype(np.float64), 0.0, None) * mask  # [n, K]
+    totals = w.sum(axis=1, keepdims=True)  # [n, 1]
+    uniform = np.broadcast_to(mask / mask.sum(), w.shape)
+    return np.where(totals > 0, w / np.where(totals > 0, totals, 1.0), uniform)
 
 
 class Engine(Protocol):

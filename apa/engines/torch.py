@@ -15,10 +15,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from apa.engines.base import AdapterRef, Mode, ShardState
+from apa.engines.base import AdapterRef, Mode, ShardState, effective_weights
 from apa.engines.mixture import MIXTURE, Mix, Stack, install_mixture, read_adapter
 from apa.engines.prefix_cache import PrefixCache, PrefixKey
-from apa.errors import AdapterMismatch, AllShardsQuarantined
+from apa.errors import AdapterMismatch
 from apa.model import (
     BaseModel,
     forward_last_hidden,
@@ -137,21 +137,6 @@ class TorchEngine:
         return asdict(self.prefixes.stats())
 
     # -- scoring -------------------------------------------------------------------------------
-    @staticmethod
-    def effective_weights(weights: np.ndarray, active: frozenset[int]) -> np.ndarray:
-        """Zero the quarantined shards and renormalise each row over the active ones: [n, K].
-
-        A row with no weight left on an active shard falls back to uniform over the active shards.
-        """
-        k = weights.shape[1]
-        mask = np.array([s in active for s in range(k)], dtype=np.float64)  # [K]
-        if not mask.any():
-            raise AllShardsQuarantined("every shard is quarantined")
-        w = np.clip(weights.astype(np.float64), 0.0, None) * mask  # [n, K]
-        totals = w.sum(axis=1, keepdims=True)  # [n, 1]
-        uniform = np.broadcast_to(mask / mask.sum(), w.shape)
-        return np.where(totals > 0, w / np.where(totals > 0, totals, 1.0), uniform)
-
     def score(self, prompts: Sequence[str], weights: np.ndarray, *, mode: Mode = "nd",
               batch_size: int = 8, desc: str | None = None) -> np.ndarray:
         live = self._live  # one consistent (stack, quarantine) view for the whole call
@@ -161,7 +146,7 @@ class TorchEngine:
             raise AdapterMismatch(
                 f"weights shape {weights.shape} != ({len(prompts)}, {len(live.stack.adapters)})"
             )
-        w = torch.from_numpy(self.effective_weights(weights, live.active)).float()  # [n, K]
+        w = torch.from_numpy(effective_weights(weights, live.active)).float()  # [n, K]
         stack = live.stack
 
         @contextlib.contextmanager
@@ -191,7 +176,7 @@ class TorchEngine:
             raise AdapterMismatch(f"weights shape {weights.shape} != ({len(live.stack.adapters)},)")
         if not prompts:
             return np.empty(0)
-        w = torch.from_numpy(self.effective_weights(weights[None, :], live.active)).float()  # [1, K]
+        w = torch.from_numpy(effective_weights(weights[None, :], live.active)).float()  # [1, K]
         w = w.to(self.base.device)
         stack, net, device = live.stack, self.base.model, self.base.device
         ids = token_ids(self.base.tokenizer, prompts)

@@ -29,9 +29,8 @@ from typing import Any
 import httpx
 import numpy as np
 
-from apa.engines.base import AdapterRef, Mode, ShardState
+from apa.engines.base import AdapterRef, Mode, ShardState, effective_weights
 from apa.engines.merge import ShardAdapter, adapter_name, purge_merged, snap_weights, write_merged
-from apa.engines.torch import TorchEngine
 from apa.errors import AdapterMismatch, EngineUnavailable
 from apa.model import BaseModel, token_ids
 
@@ -236,7 +235,7 @@ class VllmEngine:
                 raise AdapterMismatch("no adapters loaded")
             if weights.shape != (len(live.shards),):
                 raise AdapterMismatch(f"weights shape {weights.shape} != ({len(live.shards)},)")
-            effective = snap_weights(TorchEngine.effective_weights(weights[None, :], live.active)[0],
+            effective = snap_weights(effective_weights(weights[None, :], live.active)[0],
                                      self.weight_step)  # [K], quarantined shards 0
             name = adapter_name(live.shards, effective, mode)
             with self._lock:
