@@ -1,10 +1,12 @@
 """The gateway under load on loopback, with prefix sharing on and off, side by side in one run.
 
 Serves a *copy* of the given run from a temp home (its own SQLite ledger, its own Redis key prefix on
-the machine's Redis) with the real ``apa serve`` in a subprocess, once with ``APA_PREFIX_SHARING=true``
-and once with ``false``. Each ``/recommend`` names no candidates, so the gateway scores the user's 20
-most popular unrated items; every request is a different user (a first request: the history
-embedding is computed too), the same users for both settings. Per concurrency level: p50/p99 latency,
+the machine's Redis) with the real ``apa serve`` in two subprocesses, one with
+``APA_PREFIX_SHARING=true`` and one with ``false``. Both run side by side, idle in turn: each
+concurrency level is measured with sharing on, then off, so a drift in the machine's load hits both
+alike. Each ``/recommend`` names no candidates, so the gateway scores the user's 20 most popular
+unrated items; every request is a different user (a first request: the history embedding is computed
+too), the same users for both settings. Per concurrency level: p50/p99 latency,
 candidates scored per second, errors; per gateway: peak resident memory (VmHWM). Then, with sharing on
 and a worker beside the gateway, the same load while one interaction is deleted and its shard retrained
 and hot-swapped (``bench.load``'s phase: errors, latency, time to forget, quarantined uses after the
@@ -26,6 +28,7 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack, closing
 from pathlib import Path
 from typing import Any
 
@@ -93,28 +96,31 @@ def measure(env: dict[str, str], args: argparse.Namespace, users: list[str], wor
     need = 1 + sum(per_level[c] for c in levels)
     if len(users) < need:
         raise SystemExit(f"the run has {len(users)} users; {need} are needed (one per request)")
+    names = {True: "sharing_on", False: "sharing_off"}
     report: dict[str, Any] = {}
-    for sharing in (True, False):
-        name = "sharing_on" if sharing else "sharing_off"
-        proc, handle = gateway(env, args.port, sharing, work / f"gateway-{name}.log")
-        client = Client(f"http://127.0.0.1:{args.port}", timeout_s=args.timeout)
-        try:
+    with ExitStack() as stack:  # both gateways up at once, idle in turn: each level is measured on, then off,
+        clients, procs = {}, {}  # so a drift in the machine's load hits both settings alike
+        for i, (sharing, name) in enumerate(names.items()):
+            proc, handle = gateway(env, args.port + i, sharing, work / f"gateway-{name}.log")
+            stack.callback(handle.close)
+            stack.callback(proc.wait, timeout=60)
+            stack.callback(proc.terminate)
+            procs[name] = proc
+            clients[name] = stack.enter_context(
+                closing(Client(f"http://127.0.0.1:{args.port + i}", timeout_s=args.timeout)))
+        for name, client in clients.items():
             client.wait_ready(timeout_s=args.timeout)
             started = time.perf_counter()
             client.recommend(users[0], top_k=1)  # warm-up: first forward, lazy imports; not measured
-            result: dict[str, Any] = {"warmup_s": round(time.perf_counter() - started, 3)}
-            rest = users[1:]
-            for c in levels:
-                batch, rest = rest[:per_level[c]], rest[per_level[c]:]
-                result[f"c{c}"] = load(client, batch, c, args.timeout)
-                print(f"{name} c={c}: {json.dumps(result[f'c{c}'])}", flush=True)
-            result["peak_rss_mb"] = peak_rss_mb(proc.pid)
-            report[name] = result
-        finally:
-            client.close()
-            proc.terminate()
-            proc.wait(timeout=60)
-            handle.close()
+            report[name] = {"warmup_s": round(time.perf_counter() - started, 3)}
+        rest = users[1:]
+        for c in levels:
+            batch, rest = rest[:per_level[c]], rest[per_level[c]:]
+            for name, client in clients.items():
+                report[name][f"c{c}"] = load(client, batch, c, args.timeout)
+                print(f"{name} c={c}: {json.dumps(report[name][f'c{c}'])}", flush=True)
+        for name, proc in procs.items():
+            report[name]["peak_rss_mb"] = peak_rss_mb(proc.pid)
     on, off = report["sharing_on"], report["sharing_off"]
     report["speedup"] = {
         f"c{c}": {"p50": round(off[f"c{c}"]["p50_s"] / on[f"c{c}"]["p50_s"], 2),
@@ -155,7 +161,7 @@ def main() -> None:
     parser.add_argument("--no-hot-swap", action="store_true", help="skip the load during a deletion's hot-swap")
     parser.add_argument("--forget-deadline", type=float, default=300.0,
                         help="APA_FORGET_DEADLINE_S during the hot-swap phase, seconds")
-    parser.add_argument("--port", type=int, default=8766)
+    parser.add_argument("--port", type=int, default=8766, help="the sharing-on gateway; sharing off uses the next port")
     parser.add_argument("--timeout", type=float, default=900.0, help="per request and per wait, seconds")
     parser.add_argument("--note", default="", help="recorded with the result (e.g. what else loaded the machine)")
     parser.add_argument("--out", type=Path)
