@@ -17,8 +17,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from apa import prompts
 from apa.hashing import sha256_text
-from apa.model import BaseModel, forward_last_hidden
+from apa.model import (
+    BaseModel,
+    PackedRow,
+    forward_last_hidden,
+    packed_last_hidden,
+    shared_prefix_length,
+    token_ids,
+)
 
 
 class EmbeddingCache:
@@ -49,11 +57,26 @@ class EmbeddingCache:
         return False
 
 
+def template_head(base: BaseModel, noun: str) -> PackedRow:
+    """The token prefix every prompt of the template starts with (template text only, never a user's
+    data) and the base model's keys and values for it, computed once per base model and noun."""
+    head = base.heads.get(noun)
+    if head is None:
+        probes = token_ids(base.tokenizer, [prompts.history_prompt(["A"], [], noun=noun),
+                                            prompts.history_prompt([], ["B"], noun=noun)])
+        tokens = tuple(probes[0][:shared_prefix_length(probes)])
+        with torch.inference_mode():
+            [(_, states)] = packed_last_hidden(base.model, [PackedRow(prefix=tokens, suffixes=[])], base.device)
+        head = base.heads[noun] = PackedRow(prefix=tokens, suffixes=[], cached=states)
+    return head
+
+
 def embed(
     base: BaseModel, texts: Sequence[str], *, cache: EmbeddingCache | None = None, batch_size: int = 8,
-    desc: str | None = None,
+    desc: str | None = None, noun: str = "movie",
 ) -> np.ndarray:
-    """Embeddings of ``texts`` in order: [n, hidden] float32. Cached entries are not recomputed."""
+    """Embeddings of ``texts`` in order: [n, hidden] float32. Cached entries are not recomputed; the
+    template's head (``template_head``) runs once per process, not once per prompt."""
     out = np.empty((len(texts), base.model.config.hidden_size), dtype=np.float32)
     todo: list[int] = []
     for i, text in enumerate(texts):
@@ -64,7 +87,7 @@ def embed(
             out[i] = hit
     if todo:
         hidden: torch.Tensor = forward_last_hidden(
-            base, [texts[i] for i in todo], batch_size=batch_size, desc=desc
+            base, [texts[i] for i in todo], batch_size=batch_size, desc=desc, head=template_head(base, noun)
         )
         for row, i in enumerate(todo):
             out[i] = hidden[row].numpy()

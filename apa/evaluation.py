@@ -165,13 +165,15 @@ def evaluate(
     seconds: dict[str, float] = {}
 
     started = time.perf_counter()
-    test_hidden = embed(base, prompts, cache=cache, batch_size=batch_size, desc="base / embed test")  # [n, hidden]
+    test_hidden = embed(base, prompts, cache=cache, batch_size=batch_size, desc="base / embed test",
+                        noun=run.config.noun)  # [n, hidden]
     seconds["base"] = round(time.perf_counter() - started, 3)
     scores: dict[str, np.ndarray] = {"base": score_hidden(base, torch.from_numpy(test_hidden)).numpy(),
                                      "item_mean": item_mean_scores(run)}
     seconds["item_mean"] = 0.0
     queries = test_hidden if weights_mode == "per-sample" else embed(
-        base, [run.history_prompts[i] for i in ids], cache=cache, batch_size=batch_size, desc="embed test histories")
+        base, [run.history_prompts[i] for i in ids], cache=cache, batch_size=batch_size, desc="embed test histories",
+        noun=run.config.noun)
 
     refs = serving_refs(run_dir, k)
     memory = load_memory(run_dir, refs)

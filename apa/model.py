@@ -7,7 +7,7 @@ Prompts are right-padded (positions stay those of an unpadded run) and sorted by
 
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,7 @@ class BaseModel:
     name: str
     yes_id: int
     no_id: int
+    heads: "dict[str, PackedRow]" = field(default_factory=dict, repr=False)  # template heads' keys/values, by noun
 
     @property
     def device(self) -> torch.device:
@@ -121,16 +122,34 @@ def batches_by_length(tokenizer: Any, texts: Sequence[str], batch_size: int) -> 
 def forward_last_hidden(
     base: BaseModel, texts: Sequence[str], *, batch_size: int = 8, desc: str | None = None,
     model: Any = None, around: Callable[[list[int]], AbstractContextManager[None]] | None = None,
+    head: "PackedRow | None" = None,
 ) -> torch.Tensor:
     """Last hidden state of every prompt, in input order: [n, hidden] (float32, on CPU).
 
     ``model`` defaults to the base model; pass a PEFT model to read through its adapters.
     ``around(index)`` wraps each batch's forward (engines set their per-batch mixture with it).
+    ``head``: a token prefix with its keys and values, computed by the same model (e.g. the prompt
+    template's, ``apa.embeddings.template_head``); the prompts that start with it run only the rest
+    of their tokens against it (``packed_last_hidden``, one row each), the others whole.
     """
     net = base.model if model is None else model
     out = torch.empty(len(texts), net.config.hidden_size, dtype=torch.float32)
     bar = tqdm(total=len(texts), desc=desc, disable=desc is None, unit="sample")
-    for index in batches_by_length(base.tokenizer, texts, batch_size):
+    whole: Sequence[int] = range(len(texts))
+    if head is not None and head.cached is not None and texts:
+        ids, n = token_ids(base.tokenizer, texts), len(head.prefix)
+        headed = sorted((i for i, x in enumerate(ids) if len(x) > n and x[:n] == list(head.prefix)),
+                        key=lambda i: len(ids[i]))
+        for start in range(0, len(headed), batch_size):
+            index = headed[start:start + batch_size]
+            rows = [PackedRow(prefix=head.prefix, suffixes=[ids[i][n:]], cached=head.cached) for i in index]
+            with around(index) if around is not None else nullcontext():
+                out[index] = torch.cat([h for h, _ in packed_last_hidden(net, rows, base.device)]).float().cpu()
+            bar.update(len(index))
+        done = set(headed)
+        whole = [i for i in whole if i not in done]
+    for order in batches_by_length(base.tokenizer, [texts[i] for i in whole], batch_size):
+        index = [whole[i] for i in order]
         batch = encode(base.tokenizer, [texts[i] for i in index], base.device)
         with around(index) if around is not None else nullcontext():
             out[index] = last_hidden(net, batch).float().cpu()
@@ -169,36 +188,72 @@ def shared_prefix_length(ids: Sequence[Sequence[int]]) -> int:
 KeyValues = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys, values [1, kv_heads, prefix, head_dim]
 
 
-def packed_last_hidden(model: Any, prefix: Sequence[int], suffixes: Sequence[Sequence[int]], device: torch.device,
-                       cached: KeyValues | None = None) -> tuple[torch.Tensor, KeyValues]:
-    """Final hidden state at each suffix's last token, all suffixes packed into one sequence after the
-    prefix: [n, hidden], and the prefix's keys and values (to cache).
+@dataclass(frozen=True)
+class PackedRow:
+    """Prompts that share ``prefix``: their suffixes go packed into one row after it. With ``cached`` (the
+    prefix's keys and values) only the suffixes run; without, the prefix runs first in the same row."""
 
-    A block mask lets each suffix token see the prefix and the earlier tokens of its own suffix only,
-    and each suffix's positions continue the prefix's, so every suffix is computed exactly as in its
-    full prompt; with ``cached`` keys/values of the prefix, only the suffixes run (with no suffixes,
-    only the prefix). One row, so the prefix is never copied per prompt.
+    prefix: Sequence[int]
+    suffixes: Sequence[Sequence[int]]
+    cached: KeyValues | None = None
+
+
+def packed_last_hidden(model: Any, rows: Sequence[PackedRow], device: torch.device,
+                       ) -> list[tuple[torch.Tensor, KeyValues]]:
+    """Per row: the final hidden state at each suffix's last token ([n, hidden]) and the prefix's keys and
+    values (to cache). All rows run in one forward; each row has its own mixture weights (``MIXTURE``).
+
+    A block mask lets each suffix token see its prefix and the earlier tokens of its own suffix only, and
+    each suffix's positions continue the prefix's, so every suffix is computed exactly as in its full
+    prompt; the prefix is never copied per prompt. Rows of different lengths are padded: cached keys to
+    the longest cache, new tokens to the longest row; a padded key is masked out (its weight is exactly
+    0) and a padded query only sees itself.
     """
     from transformers import DynamicCache
 
-    p, lengths = len(prefix), [len(s) for s in suffixes]
-    head = [] if cached is not None else list(prefix)
-    ids = torch.tensor([head + [t for s in suffixes for t in s]], device=device)  # [1, q]
-    segment = torch.tensor([-1] * p + [i for i, n in enumerate(lengths) for _ in range(n)])  # [keys]: -1 = prefix
-    keys = len(segment)
-    queries = torch.arange(keys - ids.shape[1], keys)  # [q]: each query's index among the keys
-    key_index = torch.arange(keys)  # [keys]
-    allowed = (key_index[None, :] <= queries[:, None]) & (  # [q, keys]
-        (segment[None, :] == -1) | (segment[None, :] == segment[queries][:, None]))
+    past = max((len(r.prefix) for r in rows if r.cached is not None), default=0)  # cached keys per row, padded
+    news = [([] if r.cached is not None else list(r.prefix)) + [t for s in r.suffixes for t in s] for r in rows]
+    width = max(map(len, news))
+    ids = torch.tensor([x + [0] * (width - len(x)) for x in news], device=device)  # [rows, width]
+    positions = torch.zeros(len(rows), width, dtype=torch.long)  # [rows, width]
+    allowed = torch.zeros(len(rows), width, past + width, dtype=torch.bool)  # [rows, queries, keys]
+    for i, (row, new) in enumerate(zip(rows, news, strict=True)):
+        p, head = len(row.prefix), len(new) - sum(map(len, row.suffixes))  # head: prefix tokens run here
+        segment = torch.tensor([-1] * head + [j for j, s in enumerate(row.suffixes) for _ in s])  # -1 = prefix
+        positions[i, :len(new)] = torch.tensor(list(range(head)) + [p + j for s in row.suffixes for j in range(len(s))])
+        own = torch.arange(len(new))
+        causal = own[None, :] <= own[:, None]  # [q, q]
+        allowed[i, :len(new), past:past + len(new)] = causal & (
+            (segment[None, :] == -1) | (segment[None, :] == segment[:, None]))
+        if row.cached is not None:
+            allowed[i, :len(new), :p] = True  # the cached prefix, seen by every suffix token
+        pads = torch.arange(len(new), width)
+        allowed[i, pads, past + pads] = True
     dtype = next(model.parameters()).dtype
-    mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)  # [q, keys]
-    positions = torch.tensor(list(range(p)) + [p + j for n in lengths for j in range(n)])[queries]  # [q]
-    cache: Any = DynamicCache(config=model.config) if cached is None else DynamicCache(
-        list(cached), config=model.config)  # the update concatenates: a cached prefix is never written
-    out = model.get_decoder()(input_ids=ids, attention_mask=mask[None, None].to(device),
-                              position_ids=positions[None, :].to(device), cache=cache, use_cache=True)
-    ends = torch.tensor(lengths, dtype=torch.long).cumsum(0) - 1 + (0 if cached is not None else p)  # [n]
-    hidden = out.last_hidden_state[0, ends.to(device)]  # [n, hidden]
-    states = cached if cached is not None else [(layer.keys[:, :, :p].clone(), layer.values[:, :, :p].clone())
-                                               for layer in cache.layers]
-    return hidden, states
+    mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
+    cache: Any = DynamicCache(config=model.config)
+    if past:  # the update concatenates: a cached prefix is never written
+        template = next(r.cached for r in rows if r.cached is not None)
+        cache = DynamicCache([tuple(torch.cat([_padded(r.cached, template, past, layer, which) for r in rows])
+                                    for which in (0, 1)) for layer in range(len(template))], config=model.config)
+    out = model.get_decoder()(input_ids=ids, attention_mask=mask[:, None].to(device),
+                              position_ids=positions.to(device), cache=cache, use_cache=True)
+    results = []
+    for i, (row, new) in enumerate(zip(rows, news, strict=True)):
+        head = len(new) - sum(map(len, row.suffixes))
+        ends = torch.tensor([len(s) for s in row.suffixes], dtype=torch.long).cumsum(0) - 1 + head  # [n]
+        hidden = out.last_hidden_state[i, ends.to(device)]  # [n, hidden]
+        states = row.cached if row.cached is not None else [
+            (layer.keys[i:i + 1, :, past:past + head].clone(), layer.values[i:i + 1, :, past:past + head].clone())
+            for layer in cache.layers]
+        results.append((hidden, states))
+    return results
+
+
+def _padded(cached: KeyValues | None, template: KeyValues, length: int, layer: int, which: int) -> torch.Tensor:
+    """One layer's cached keys (``which`` 0) or values (1), zero-padded along the sequence to ``length``
+    (a row without a cache: all padding, shaped like ``template``)."""
+    t = (cached or template)[layer][which]  # [1, kv_heads, p, head_dim]
+    if cached is None:
+        t = t[:, :, :0]
+    return torch.nn.functional.pad(t, (0, 0, 0, length - t.shape[2]))

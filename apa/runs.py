@@ -168,7 +168,7 @@ def _prepare(cfg: RunConfig, run_dir: Path, base: BaseModel, dataset: data.Datas
     train = splits["train"]
     if cfg.partition in NEEDS_EMBEDDINGS:
         train_emb = embed(base, [prompts[s.sample_id] for s in train], cache=cache,
-                          batch_size=cfg.batch_size, desc="embed train")
+                          batch_size=cfg.batch_size, desc="embed train", noun=cfg.noun)
     else:
         train_emb = np.zeros((len(train), 0), dtype=np.float32)
     parts = partition(cfg.partition, train, train_emb, k=cfg.shards, seed=cfg.seed)
@@ -176,9 +176,10 @@ def _prepare(cfg: RunConfig, run_dir: Path, base: BaseModel, dataset: data.Datas
 
     valid = splits["valid"]
     valid_emb = embed(base, [prompts[s.sample_id] for s in valid], cache=cache,
-                      batch_size=cfg.batch_size, desc="embed valid")
+                      batch_size=cfg.batch_size, desc="embed valid", noun=cfg.noun)
     valid_hist = embed(base, [history[s.sample_id] for s in valid], cache=cache,
-                       batch_size=cfg.batch_size, desc="embed valid histories")
+                       batch_size=cfg.batch_size, desc="embed valid histories",
+                       noun=cfg.noun)
     ValidationMemory(
         sample_ids=tuple(s.sample_id for s in valid), embeddings=normalise_rows(valid_emb),
         history_embeddings=normalise_rows(valid_hist),

@@ -536,6 +536,58 @@ def test_shared_prefix_keeps_one_stack_through_a_swap(
     assert np.abs(after - old).max() > 1e-3  # the new version is live for the next call
 
 
+def test_packed_rows_of_different_prompt_groups_in_one_forward(
+    tiny_base: BaseModel, texts: list[str], candidates: list[str]
+) -> None:
+    """Rows of different lengths, one with its prefix cached, one running its prefix, one without a
+    prefix: each row's answers equal its prompts' full forwards."""
+    from apa.model import PackedRow, forward_last_hidden, packed_last_hidden, shared_prefix_length, token_ids
+
+    net, device = tiny_base.model, tiny_base.device
+    groups = [candidates[:4], texts[:3], candidates[5:7]]
+    ids = [token_ids(tiny_base.tokenizer, g) for g in groups]
+    cuts = [shared_prefix_length(x) for x in ids]
+    [(_, cached)] = packed_last_hidden(net, [PackedRow(prefix=ids[0][0][:cuts[0]], suffixes=[])], device)
+    rows = [PackedRow(prefix=ids[0][0][:cuts[0]], suffixes=[x[cuts[0]:] for x in ids[0]], cached=cached),
+            PackedRow(prefix=ids[1][0][:cuts[1]], suffixes=[x[cuts[1]:] for x in ids[1]]),
+            PackedRow(prefix=(), suffixes=ids[2])]
+    out = packed_last_hidden(net, rows, device)
+    for group, (hidden, _) in zip(groups, out, strict=True):
+        np.testing.assert_allclose(hidden.float().cpu(), forward_last_hidden(tiny_base, group, batch_size=1),
+                                   atol=SHARED_TOL, rtol=0.0)
+    assert out[0][1] is cached  # a cached row hands its cache back
+    [(_, alone)] = packed_last_hidden(net, [PackedRow(prefix=rows[1].prefix, suffixes=[])], device)
+    for (keys, values), (keys_alone, values_alone) in zip(out[1][1], alone, strict=True):
+        assert keys.shape == keys_alone.shape == (1, keys.shape[1], cuts[1], keys.shape[3])
+        torch.testing.assert_close(keys, keys_alone, atol=SHARED_TOL, rtol=0.0)
+        torch.testing.assert_close(values, values_alone, atol=SHARED_TOL, rtol=0.0)
+
+
+def test_the_template_head_is_computed_once_and_changes_no_embedding(
+    tiny_base: BaseModel, texts: list[str], candidates: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from apa import model as model_module
+    from apa import prompts
+    from apa.embeddings import embed, template_head
+    from apa.model import forward_last_hidden, token_ids
+
+    head = template_head(tiny_base, "movie")
+    assert template_head(tiny_base, "movie") is head
+    other_users = [prompts.history_prompt(["Zebra Crossing (1999)"], ["Q"]), prompts.history_prompt([], []), *texts]
+    for ids in token_ids(tiny_base.tokenizer, other_users):  # the template's text only: the same for anyone
+        assert ids[:len(head.prefix)] == list(head.prefix)
+    assert template_head(tiny_base, "book").prefix != head.prefix
+
+    packed = []
+    real = model_module.packed_last_hidden
+    monkeypatch.setattr(model_module, "packed_last_hidden", lambda *a, **k: packed.append(len(a[1])) or real(*a, **k))
+    mixed = [*texts, "no template here", *candidates[:3]]
+    np.testing.assert_allclose(embed(tiny_base, mixed, batch_size=4), forward_last_hidden(tiny_base, mixed).numpy(),
+                               atol=SHARED_TOL, rtol=0.0)
+    assert sum(packed) == len(mixed) - 1  # every templated prompt ran against the head, 4 rows at most at once
+    assert max(packed) == 4
+
+
 def test_prefix_cache_by_hand() -> None:
     from apa.engines.prefix_cache import PrefixCache, PrefixKey
 

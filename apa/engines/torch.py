@@ -21,6 +21,7 @@ from apa.engines.prefix_cache import PrefixCache, PrefixKey
 from apa.errors import AdapterMismatch
 from apa.model import (
     BaseModel,
+    PackedRow,
     forward_last_hidden,
     packed_last_hidden,
     score_hidden,
@@ -136,6 +137,9 @@ class TorchEngine:
     def cache_stats(self) -> dict[str, int]:
         return asdict(self.prefixes.stats())
 
+    def close(self) -> None:
+        """Nothing outside this process to give back."""
+
     # -- scoring -------------------------------------------------------------------------------
     def score(self, prompts: Sequence[str], weights: np.ndarray, *, mode: Mode = "nd",
               batch_size: int = 8, desc: str | None = None) -> np.ndarray:
@@ -188,7 +192,7 @@ class TorchEngine:
         if cut and prefix is None:  # alone, so a cached prefix gives the same numbers to the last bit
             token = MIXTURE.set(Mix(stack=stack, weights=w, mode=mode))
             try:
-                _, prefix = packed_last_hidden(net, key.tokens, [], device)
+                [(_, prefix)] = packed_last_hidden(net, [PackedRow(prefix=key.tokens, suffixes=[])], device)
             finally:
                 MIXTURE.reset(token)
             self.prefixes.put(key, prefix, generation=generation)
@@ -197,7 +201,8 @@ class TorchEngine:
             index = list(range(start, min(start + batch_size, len(prompts))))
             token = MIXTURE.set(Mix(stack=stack, weights=w, mode=mode))  # one row: the prompts are packed
             try:
-                out, _ = packed_last_hidden(net, key.tokens, [ids[i][cut:] for i in index], device, cached=prefix)
+                [(out, _)] = packed_last_hidden(
+                    net, [PackedRow(prefix=key.tokens, suffixes=[ids[i][cut:] for i in index], cached=prefix)], device)
             finally:
                 MIXTURE.reset(token)
             hidden[index] = out.float().cpu()

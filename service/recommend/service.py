@@ -65,7 +65,8 @@ class Recommender:
     def _embed(self, texts: list[str]) -> list[np.ndarray]:
         self.metrics.batches.labels(kind="embed").inc()
         started = time.perf_counter()
-        out = list(embed(self.replica.base, texts, batch_size=self.settings.score_batch_size))
+        out = list(embed(self.replica.base, texts, batch_size=self.settings.score_batch_size,
+                         noun=self.replica.run.config.noun))
         self.replica.deadline.pause_after(time.perf_counter() - started)  # yields to an owed retrain
         return out
 
