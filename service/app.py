@@ -89,6 +89,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             thread.join(timeout=5)
         if gateway.redis is not None:
             gateway.redis.close()
+        if gateway.replica is not None:  # e.g. a vLLM server's adapter slots, for the next gateway
+            await run_in_threadpool(gateway.replica.engine.close)
         gateway.probes.shutdown(wait=False, cancel_futures=True)
 
 

@@ -179,11 +179,14 @@ TINY_RUN = RunConfig(
 @pytest.fixture(scope="session")
 def tiny_run_template(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A K=2 run of the tiny model on the hand-made dataset, trained once per session (copy before use)."""
-    home = tmp_path_factory.mktemp("template-home")
+    return train_tiny_run(tmp_path_factory.mktemp("template-home"), load_tiny(tiny_model_dir))
+
+
+def train_tiny_run(home: Path, base: BaseModel) -> Path:
+    """``TINY_RUN`` on the hand-made dataset, trained with ``base`` into ``home``/runs/tiny; returns ``home``."""
     interactions, items = raw_frames()
     save(normalise(interactions, items, source="handmade"), home / "datasets", "handmade")
-    train_run(TINY_RUN, home / "runs" / "tiny", load_tiny(tiny_model_dir), datasets_dir=home / "datasets",
-              assets_dir=home / "assets")
+    train_run(TINY_RUN, home / "runs" / "tiny", base, datasets_dir=home / "datasets", assets_dir=home / "assets")
     return home
 
 

@@ -160,3 +160,64 @@ def test_quarantine_and_swap_on_the_vllm_path(engines: tuple[VllmEngine, TorchEn
     assert served[-1] not in with_shard | quarantined  # the one just used holds shard 1 v2
     assert set(served) <= server_adapters(server_url)
     assert [(s.shard, s.version, s.active) for s in vllm.live()][1] == (1, 2, True)
+
+
+# -- the gateway on the real vLLM server: a deletion end to end ------------------------------------------------
+
+@pytest.fixture(scope="module")
+def real_run_home(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tests' K=2, rank-4 run on the hand-made dataset, trained with the real SmolLM2 (seconds)."""
+    from tests.conftest import train_tiny_run
+
+    return train_tiny_run(tmp_path_factory.mktemp("real-run"), load_base_model(model_dir))
+
+
+def test_a_deletion_end_to_end_through_the_gateway(real_run_home: Path, model_dir: Path, server_url: str,
+                                                   redis_prefix: str, tmp_path: Path) -> None:
+    """APA_ENGINE=vllm: the gateway scores through the real server; a DELETE takes every adapter holding
+    the user's shard off the server before it returns, and the retrained version is served after the swap."""
+    import shutil
+
+    from tests.conftest import gateway_with_worker, service_settings
+    from tests.test_service_flow import AUTH, run_worker, user_with_train_samples, wait_for
+
+    home = tmp_path / "home"
+    shutil.copytree(real_run_home, home)
+    settings = service_settings(home, f"sqlite:///{tmp_path / 'apa.db'}", redis_prefix, model_dir,
+                                engine="vllm", vllm_url=server_url, vllm_max_adapters=4)
+    with gateway_with_worker(settings, model_dir) as env:
+        client, run_dir = env["client"], env["run_dir"]
+        user, shards = user_with_train_samples(run_dir)
+        other = next(u for u in ("u1", "u2", "u3", "u4") if u != user)
+        ask = {"user_id": other, "candidates": ["1", "2", "3"]}
+        before = client.post("/recommend", json=ask)
+        assert before.status_code == 200, before.text
+        assert before.json()["fallback"] is False
+        assert {(a["shard"], a["version"]) for a in before.json()["adapters"]} == {(0, 1), (1, 1)}
+        mixed = server_adapters(server_url)
+        assert mixed  # the mixture was loaded on the server and scored there
+
+        deleted = client.delete(f"/users/{user}/interactions", headers=AUTH)
+        assert deleted.status_code == 202, deleted.text
+        assert not mixed & server_adapters(server_url)  # every adapter holding the shard left the server
+
+        during = client.post("/recommend", json=ask).json()
+        assert not mixed & server_adapters(server_url)  # and none came back
+        if shards == {0, 1}:  # no clean shard left: popularity, no adapter at all
+            assert during["fallback"] is True
+        else:
+            assert not shards & {a["shard"] for a in during["adapters"]} and during["fallback"] is False
+
+        run_worker(env)  # retrains the user's shards without the deleted samples
+        assert client.get(f"/deletions/{deleted.json()['request_id']}").json()["status"] == "completed"
+
+        def swapped() -> bool:
+            adapters = client.post("/recommend", json=ask).json()["adapters"]
+            return {(a["shard"], a["version"]) for a in adapters} >= {(k, 2) for k in shards}
+
+        wait_for(swapped, timeout_s=120)
+        after = client.post("/recommend", json=ask).json()
+        assert after["fallback"] is False and {a["shard"] for a in after["adapters"]} == {0, 1}
+        serving = server_adapters(server_url)
+        assert serving and not serving & mixed  # the retrained mixture: new names, never an old one
+    assert not serving & server_adapters(server_url)  # a stopped gateway gives the server's slots back

@@ -65,6 +65,10 @@ class Engine(Protocol):
         """What those caches hold, by statistic (hits, misses, entries, bytes, ...); empty without any."""
         ...
 
+    def close(self) -> None:
+        """Give back what the engine holds outside this process (a server's adapter slots, connections);
+        the gateway calls it when it stops. Engines holding nothing do nothing."""
+
     def score(self, prompts: Sequence[str], weights: np.ndarray, *, mode: Mode = "nd",
               batch_size: int = 8) -> np.ndarray:
         """p(yes) per prompt; ``weights`` is [n, K] in shard order (quarantined shards get 0)."""

@@ -319,7 +319,7 @@ class VllmEngine:
             return self._p_yes(name, ids)
 
     def close(self) -> None:
-        """Unload every adapter this engine loaded (tests and benchmarks; a gateway just exits)."""
+        """Unload every adapter this engine loaded from the server, then close the connection."""
         with self._lock:
             for name, entry in list(self._registry.loaded.items()):
                 entry.retired = True
