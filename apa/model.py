@@ -137,8 +137,8 @@ def forward_last_hidden(
     bar = tqdm(total=len(texts), desc=desc, disable=desc is None, unit="sample")
     whole: Sequence[int] = range(len(texts))
     if head is not None and head.cached is not None and texts:
-        ids, n = token_ids(base.tokenizer, texts), len(head.prefix)
-        headed = sorted((i for i, x in enumerate(ids) if len(x) > n and x[:n] == list(head.prefix)),
+        ids, n, start_ids = token_ids(base.tokenizer, texts), len(head.prefix), list(head.prefix)
+        headed = sorted((i for i, x in enumerate(ids) if len(x) > n and x[:n] == start_ids),
                         key=lambda i: len(ids[i]))
         for start in range(0, len(headed), batch_size):
             index = headed[start:start + batch_size]
@@ -212,13 +212,14 @@ def packed_last_hidden(model: Any, rows: Sequence[PackedRow], device: torch.devi
     from transformers import DynamicCache
 
     past = max((len(r.prefix) for r in rows if r.cached is not None), default=0)  # cached keys per row, padded
-    news = [([] if r.cached is not None else list(r.prefix)) + [t for s in r.suffixes for t in s] for r in rows]
+    heads = [0 if r.cached is not None else len(r.prefix) for r in rows]  # prefix tokens each row runs itself
+    news = [list(r.prefix[:h]) + [t for s in r.suffixes for t in s] for r, h in zip(rows, heads, strict=True)]
     width = max(map(len, news))
     ids = torch.tensor([x + [0] * (width - len(x)) for x in news], device=device)  # [rows, width]
     positions = torch.zeros(len(rows), width, dtype=torch.long)  # [rows, width]
     allowed = torch.zeros(len(rows), width, past + width, dtype=torch.bool)  # [rows, queries, keys]
-    for i, (row, new) in enumerate(zip(rows, news, strict=True)):
-        p, head = len(row.prefix), len(new) - sum(map(len, row.suffixes))  # head: prefix tokens run here
+    for i, (row, new, head) in enumerate(zip(rows, news, heads, strict=True)):
+        p = len(row.prefix)
         segment = torch.tensor([-1] * head + [j for j, s in enumerate(row.suffixes) for _ in s])  # -1 = prefix
         positions[i, :len(new)] = torch.tensor(list(range(head)) + [p + j for s in row.suffixes for j in range(len(s))])
         own = torch.arange(len(new))
@@ -239,8 +240,7 @@ def packed_last_hidden(model: Any, rows: Sequence[PackedRow], device: torch.devi
     out = model.get_decoder()(input_ids=ids, attention_mask=mask[:, None].to(device),
                               position_ids=positions.to(device), cache=cache, use_cache=True)
     results = []
-    for i, (row, new) in enumerate(zip(rows, news, strict=True)):
-        head = len(new) - sum(map(len, row.suffixes))
+    for i, (row, head) in enumerate(zip(rows, heads, strict=True)):
         ends = torch.tensor([len(s) for s in row.suffixes], dtype=torch.long).cumsum(0) - 1 + head  # [n]
         hidden = out.last_hidden_state[i, ends.to(device)]  # [n, hidden]
         states = row.cached if row.cached is not None else [
