@@ -23,7 +23,7 @@ from apa.model import (
     BaseModel,
     PackedRow,
     forward_last_hidden,
-    packed_last_hidden,
+    run_head,
     shared_prefix_length,
     token_ids,
 )
@@ -64,10 +64,8 @@ def template_head(base: BaseModel, noun: str) -> PackedRow:
     if head is None:
         probes = token_ids(base.tokenizer, [prompts.history_prompt(["A"], [], noun=noun),
                                             prompts.history_prompt([], ["B"], noun=noun)])
-        tokens = tuple(probes[0][:shared_prefix_length(probes)])
         with torch.inference_mode():
-            [(_, states)] = packed_last_hidden(base.model, [PackedRow(prefix=tokens, suffixes=[])], base.device)
-        head = base.heads[noun] = PackedRow(prefix=tokens, suffixes=[], cached=states)
+            head = base.heads[noun] = run_head(base.model, probes[0][:shared_prefix_length(probes)], base.device)
     return head
 
 

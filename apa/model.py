@@ -142,9 +142,8 @@ def forward_last_hidden(
                         key=lambda i: len(ids[i]))
         for start in range(0, len(headed), batch_size):
             index = headed[start:start + batch_size]
-            rows = [PackedRow(prefix=head.prefix, suffixes=[ids[i][n:]], cached=head.cached) for i in index]
             with around(index) if around is not None else nullcontext():
-                out[index] = torch.cat([h for h, _ in packed_last_hidden(net, rows, base.device)]).float().cpu()
+                out[index] = headed_last_hidden(net, head, [ids[i][n:] for i in index], base.device).float().cpu()
             bar.update(len(index))
         done = set(headed)
         whole = [i for i in whole if i not in done]
@@ -248,6 +247,23 @@ def packed_last_hidden(model: Any, rows: Sequence[PackedRow], device: torch.devi
             for layer in cache.layers]
         results.append((hidden, states))
     return results
+
+
+def run_head(model: Any, tokens: Sequence[int], device: torch.device) -> PackedRow:
+    """``tokens`` run alone through ``model``: a prefix with its keys and values, for ``headed_last_hidden``.
+    Under autograd (training) the keys and values keep their graph, so gradients reach the head's LoRA."""
+    [(_, states)] = packed_last_hidden(model, [PackedRow(prefix=tuple(tokens), suffixes=[])], device)
+    return PackedRow(prefix=tuple(tokens), suffixes=[], cached=states)
+
+
+def headed_last_hidden(model: Any, head: PackedRow, suffixes: Sequence[Sequence[int]], device: torch.device,
+                       ) -> torch.Tensor:
+    """The final hidden state of each prompt ``head.prefix + suffix`` ([n, hidden]): every suffix in a row
+    of its own against the head's keys and values (``run_head``), so the head runs once, not n times.
+    Equal to the whole prompts' forward (``last_hidden``); gradients flow into the head through its
+    keys and values, summed over the rows that read them."""
+    rows = [PackedRow(prefix=head.prefix, suffixes=[suffix], cached=head.cached) for suffix in suffixes]
+    return torch.cat([h for h, _ in packed_last_hidden(model, rows, device)])  # [n, hidden]
 
 
 def _padded(cached: KeyValues | None, template: KeyValues, length: int, layer: int, which: int) -> torch.Tensor:

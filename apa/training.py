@@ -31,8 +31,19 @@ from tqdm.auto import tqdm
 
 from apa.engines.mixture import strip_mixture
 from apa.errors import ConfigError
+from apa.faults import crash_point
 from apa.hashing import sha256_text
-from apa.model import BaseModel, encode, forward_last_hidden, last_hidden, score_hidden
+from apa.model import (
+    BaseModel,
+    encode,
+    forward_last_hidden,
+    headed_last_hidden,
+    last_hidden,
+    run_head,
+    score_hidden,
+    shared_prefix_length,
+    token_ids,
+)
 
 
 @dataclass(frozen=True)
@@ -208,7 +219,9 @@ def train_adapter(
     params = [p for p in model.parameters() if p.requires_grad]
     optimiser = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     targets = torch.tensor([base.yes_id if y else base.no_id for y in labels])
-    head = model.get_output_embeddings()
+    lm_head = model.get_output_embeddings()
+    ids = token_ids(base.tokenizer, prompts)
+    cut = shared_prefix_length(ids)  # the template's head, which every prompt starts with
     stats = TrainStats()
     saved = _Checkpoint(checkpoint) if checkpoint is not None else None
     done, best_state = saved.restore(model=model, optimiser=optimiser, generator=generator, stats=stats) \
@@ -225,8 +238,12 @@ def train_adapter(
         losses = []
         for start in range(0, len(order), cfg.batch_size):
             index = order[start:start + cfg.batch_size]
-            batch = encode(base.tokenizer, [prompts[i] for i in index], base.device)
-            logits = head(last_hidden(model, batch))  # [batch, vocab]
+            if cut:  # the head once per batch, with gradients; each row runs its own tokens against it
+                hidden = headed_last_hidden(model, run_head(model, ids[0][:cut], base.device),
+                                            [ids[i][cut:] for i in index], base.device)  # [batch, hidden]
+            else:
+                hidden = last_hidden(model, encode(base.tokenizer, [prompts[i] for i in index], base.device))
+            logits = lm_head(hidden)  # [batch, vocab]
             loss = F.cross_entropy(logits.float(), targets[index].to(logits.device))
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
@@ -253,6 +270,7 @@ def train_adapter(
         if saved:
             saved.save(model=model, optimiser=optimiser, generator=generator, stats=stats, best_state=best_state,
                        epoch=epoch)
+            crash_point("training.epoch-saved")
         if patience is not None and epoch - stats.epoch_kept >= patience:
             break
     bar.close()
@@ -264,8 +282,17 @@ def train_adapter(
 
 def predict(base: BaseModel, model: Any, prompts: Sequence[str], *, batch_size: int = 8,
             desc: str | None = None) -> list[float]:
-    """p(yes) of each prompt through ``model`` (a PEFT model, or the base model)."""
-    hidden = forward_last_hidden(base, prompts, batch_size=batch_size, desc=desc, model=model)
+    """p(yes) of each prompt through ``model`` (a PEFT model, or the base model). The prompts' common
+    head runs once, through ``model`` (its keys depend on the adapter), and every prompt's own tokens
+    against it (``forward_last_hidden``'s ``head``)."""
+    head = None
+    if len(prompts) > 1:
+        ids = token_ids(base.tokenizer, prompts)
+        cut = shared_prefix_length(ids)
+        if cut:
+            with torch.inference_mode():
+                head = run_head(base.model if model is None else model, ids[0][:cut], base.device)
+    hidden = forward_last_hidden(base, prompts, batch_size=batch_size, desc=desc, model=model, head=head)
     return [float(p) for p in score_hidden(base, hidden, model=model)]
 
 

@@ -111,3 +111,49 @@ def test_config_from_a_run_written_before_early_stopping() -> None:
     assert TrainConfig.from_dict(cfg.as_dict()) == cfg
     with pytest.raises(ConfigError):
         TrainConfig(patience=0)
+
+
+def _loss_and_grads(base: BaseModel, model: Any, hidden_of: Any) -> tuple[float, dict[str, torch.Tensor]]:
+    targets = torch.tensor([base.yes_id if y else base.no_id for y in LABELS])
+    model.zero_grad(set_to_none=True)
+    loss = torch.nn.functional.cross_entropy(model.get_output_embeddings()(hidden_of(model)), targets)
+    loss.backward()
+    return float(loss.detach()), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_the_shared_head_training_step_equals_the_whole_prompts_step(tiny_base: BaseModel) -> None:
+    """The template's head run once per batch with gradients, every prompt's own tokens against its keys and
+    values: the same loss and the same LoRA gradients as running every prompt whole (dropout off, so both
+    draw nothing at random)."""
+    import copy
+
+    from peft import get_peft_model
+
+    from apa.model import encode, headed_last_hidden, last_hidden, run_head, shared_prefix_length, token_ids
+    from apa.training import lora_config
+
+    torch.manual_seed(0)
+    model = get_peft_model(copy.deepcopy(tiny_base.model), lora_config(TrainConfig(r=4, lora_dropout=0.0)))
+    with torch.no_grad():  # B is zero at init, which would leave A without a gradient
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, 0.5)
+    model.train()
+    ids = token_ids(tiny_base.tokenizer, TEXTS)
+    cut = shared_prefix_length(ids)
+    assert cut >= 5  # the template's head is really shared
+
+    def whole(net: Any) -> torch.Tensor:
+        return last_hidden(net, encode(tiny_base.tokenizer, TEXTS, tiny_base.device))
+
+    def headed(net: Any) -> torch.Tensor:
+        head = run_head(net, ids[0][:cut], tiny_base.device)
+        return headed_last_hidden(net, head, [x[cut:] for x in ids], tiny_base.device)
+
+    loss, grads = _loss_and_grads(tiny_base, model, whole)
+    shared_loss, shared_grads = _loss_and_grads(tiny_base, model, headed)
+    assert shared_loss == pytest.approx(loss, abs=1e-5)
+    assert grads.keys() == shared_grads.keys() and len(grads) == 2 * 2 * 2  # 2 layers x (q, v) x (A, B)
+    for name, grad in grads.items():
+        assert grad.abs().max() > 1e-3, name  # every gradient is really there
+        assert torch.allclose(shared_grads[name], grad, atol=1e-5, rtol=0), name
