@@ -174,7 +174,7 @@ def evaluate(
 
     apa_nd uses the attention chosen on validation (--error/--knn/--tau fix parts of it); apa_nd_paper
     the paper's (mae, 20, 1000)."""
-    from apa import aggregation
+    from apa import aggregation, artifacts
     from apa.evaluation import evaluate as run_eval
     from apa.evaluation import markdown
 
@@ -191,11 +191,11 @@ def evaluate(
     except APAError as exc:
         _fail(exc)
     text = markdown(report)
-    if out:
+    if out:  # the report last and whole: its presence says the evaluation finished
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(report, indent=2))
         out.with_suffix(".md").write_text(text + "\n")
         table.to_csv(predictions_path(out), index=False)
+        artifacts.write_json_atomic(out, report)
     typer.echo(text)
     if not out:
         json.dump(report, sys.stdout, indent=2)

@@ -11,10 +11,16 @@ Presets (all: lr 3e-4, batch 8, at most 6 epochs with patience 2 on validation, 
 
 * ``paper``     K=4, 1024/500/1000 samples (the paper's scale; several hours on 2 CPU cores)
 * ``paper-k8``  K=8 on the same samples (reuses the paper preset's single baseline)
+* ``paper-s1``, ``paper-s2``  the paper preset with seeds 1 and 2 (another split, partition and init)
 * ``cpu``       K=4, 512/250/250
 * ``cpu-k2``    K=2, 256/128/256, at most 4 epochs
 * ``ablation``  partition semantic / random / user at K=2, 256/128/256
 * ``--quick``   K=2, 64/32/64, one epoch: the same tables and JSON keys in minutes
+
+The paper presets keep their state in a committed folder, ``docs/results/runs/<config>/``
+(``bench.state``; ``--state DIR`` elsewhere, ``--no-state`` to skip): every finished unit is copied there as
+soon as it is finished, and a run whose work folder is gone (a new machine) restores from it, checked
+against the recorded sha256, and goes on where it stood. Commit that folder before the machine goes.
 
 The report's top-level ``auc``, ``ci95`` and ``paired`` are the first configuration's, per-sample
 weights; ``<out>-predictions.csv.gz`` holds its per-sample predictions and weights, from which the
@@ -40,6 +46,8 @@ from apa.runs import RunData, read_run
 from apa.settings import get_settings
 from bench import quick
 from bench.machine import describe
+from bench.state import RunState
+from bench.state import describe as describe_state
 
 WEIGHTS = ("per-sample", "per-user")
 
@@ -55,12 +63,16 @@ class Config:
     patience: int = 2
     seed: int = 0
     partition: str = "semantic"
+    dataset: str = "movielens-100k"
+    min_history: int = 10
+    batch_size: int = 8
 
     def train_args(self) -> list[str]:
         return ["--shards", str(self.shards), "--train-samples", str(self.n_train), "--valid-samples",
                 str(self.n_valid), "--test-samples", str(self.n_test), "--max-epochs", str(self.max_epochs),
                 "--patience", str(self.patience), "--seed", str(self.seed), "--partition", self.partition,
-                "--lr", "3e-4"]
+                "--lr", "3e-4", "--dataset", self.dataset, "--min-history", str(self.min_history),
+                "--batch-size", str(self.batch_size)]
 
 
 def ablation(k: int, n: tuple[int, int, int]) -> list[Config]:
@@ -71,11 +83,15 @@ PRESETS: dict[str, list[Config]] = {
     "quick": [Config("quick-k2", quick.SHARDS, quick.N_TRAIN, quick.N_VALID, quick.N_TEST, max_epochs=quick.EPOCHS)],
     "paper": [Config("paper-k4-s0", 4, 1024, 500, 1000)],
     "paper-k8": [Config("paper-k8-s0", 8, 1024, 500, 1000)],
+    "paper-s1": [Config("paper-k4-s1", 4, 1024, 500, 1000, seed=1)],
+    "paper-s2": [Config("paper-k4-s2", 4, 1024, 500, 1000, seed=2)],
     "cpu": [Config("cpu-k4-512", 4, 512, 250, 250)],
     "cpu-k2": [Config("cpu-k2-256", 2, 256, 128, 256, max_epochs=4)],
     "ablation": ablation(2, (256, 128, 256)),
 }
 DONORS: dict[str, list[str]] = {"paper-k8": ["paper-k4-s0"]}  # other presets' runs whose baselines may fit
+STATEFUL = {"paper", "paper-k8", "paper-s1", "paper-s2"}  # presets whose state is committed by default
+STATE_ROOT = Path("docs/results/runs")
 
 
 def apa(*args: str) -> None:
@@ -143,9 +159,24 @@ def adapter_seconds(run: Path, data: RunData) -> dict[str, dict[str, Any]]:
     return out
 
 
-def run_config(cfg: Config, root: Path, device: str, donors: list[Path]) -> dict[str, Any]:
+def run_config(cfg: Config, root: Path, device: str, donors: list[Path], state: Path | None = None,
+               ) -> dict[str, Any]:
     """Train (resuming) and evaluate one configuration, copying a donor's baseline where it is the
-    same adapter (``donor_version``)."""
+    same adapter (``donor_version``). With a ``state`` folder, first restore what it holds that the work
+    folder lacks, and copy every unit into it as soon as it is finished."""
+    if state is None:
+        return _run_config(cfg, root, device, donors)
+    saved = RunState(state, root / cfg.name)
+    restored = saved.restore()
+    print(f"{cfg.name}: state {state}: {len(saved.units)} units, {len(restored)} restored into the work folder",
+          flush=True)
+    with saved.syncing():
+        result = _run_config(cfg, root, device, donors)
+    result["state"] = {"folder": str(state), **json.loads(describe_state(saved))}
+    return result
+
+
+def _run_config(cfg: Config, root: Path, device: str, donors: list[Path]) -> dict[str, Any]:
     run = root / cfg.name
     started = time.perf_counter()
     apa("train", *cfg.train_args(), "--no-single", "--no-sisa", "--no-ledger", "--device", device, "--out", str(run))
@@ -231,6 +262,10 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="same as --preset quick")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", type=Path, help="report JSON; its per-sample predictions go beside it")
+    parser.add_argument("--state", type=Path, metavar="DIR",
+                        help=f"keep each configuration's state under DIR/<config> (default {STATE_ROOT} for "
+                             f"{', '.join(sorted(STATEFUL))})")
+    parser.add_argument("--no-state", action="store_true", help="keep no state folder")
     parser.add_argument("--check-predictions", type=Path, metavar="REPORT",
                         help="only recompute REPORT's AUCs from its predictions file")
     args = parser.parse_args()
@@ -240,9 +275,11 @@ def main() -> int:
     root = get_settings().home / "bench" / "quality"
     results: list[dict[str, Any]] = []
     donors = [root / name for name in DONORS.get(preset, [])]
+    state_root = None if args.no_state else args.state or (STATE_ROOT if preset in STATEFUL else None)
     for cfg in PRESETS[preset]:
         results.append(run_config(cfg, root, args.device, donors=donors + [root / r["config"]["name"]
-                                                                          for r in results]))
+                                                                          for r in results],
+                                  state=None if state_root is None else state_root / cfg.name))
     first = results[0]["eval"]["per-sample"]
     report = {"benchmark": "quality", "preset": preset, "machine": describe(args.device),
               "command": "python bench/quality.py " + " ".join(sys.argv[1:]),
