@@ -10,7 +10,7 @@ from typing import Annotated, Any
 import typer
 
 from apa import logs
-from apa.errors import APAError, LedgerError
+from apa.errors import APAError, LedgerError, RunNotFound
 from apa.settings import get_settings
 
 app = typer.Typer(help="APA-Rec: LLM recommendation with exact unlearning (Adapter Partition and Aggregation).",
@@ -226,6 +226,51 @@ def check(
         typer.secho(f"FAIL {line}", fg=typer.colors.RED)
     if not report.ok:
         raise typer.Exit(code=1)
+
+
+@app.command()
+def verify(
+    run: Annotated[Path, typer.Argument(help="Run folder")],
+    shard: Annotated[int | None, typer.Option(min=0, help="The shard whose version to replay")] = None,
+    adapter: Annotated[str | None, typer.Option(help="A baseline instead: single or sisa-<k>")] = None,
+    version: Annotated[int | None, typer.Option(min=1, help="The version (default: the newest)")] = None,
+    all_versions: Annotated[bool, typer.Option("--all", help="Every version on disk, shards and baselines")] = False,
+    device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
+) -> None:
+    """Retrain an adapter version from its manifest alone and compare the weights' sha256 with the published
+    one. Exit 0 when every version replays to the same bytes, 1 (naming the first differing tensor) when one
+    does not, 2 when a version cannot be replayed (a purged sample, another base model)."""
+    from apa import artifacts
+    from apa.replay import all_versions as every_version
+    from apa.replay import verify_version
+
+    if all_versions == (shard is not None or adapter is not None) or (shard is not None and adapter is not None):
+        typer.secho("error: give one of --shard K, --adapter NAME or --all", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2)
+    try:
+        run_dir = artifacts.require_run(run)
+        if all_versions:
+            targets = every_version(run_dir)
+        else:
+            which: int | str = shard if shard is not None else str(adapter)
+            newest = artifacts.latest_version(run_dir, which)
+            if version is None and newest is None:
+                raise RunNotFound(f"{run_dir}: {which} has no version")
+            targets = [(which, version or newest or 0)]
+        base = _load_base(device)
+        failed = 0
+        for which, number in targets:
+            result = verify_version(run_dir, base, which, number)
+            verdict = "same bytes" if result.equal else f"DIFFERENT: {result.first_difference or 'manifest sha256'}"
+            typer.echo(f"{which} v{number}: published {result.published_sha256[:16]}, on disk "
+                       f"{result.file_sha256[:16]}, replayed {result.replayed_sha256[:16]} ({result.seconds} s): "
+                       f"{verdict}")
+            failed += not result.equal
+    except APAError as exc:
+        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2) from None  # 1 is kept for "replayed to other bytes"
+    typer.echo(f"verified {len(targets) - failed} of {len(targets)} version(s)")
+    raise typer.Exit(1 if failed else 0)
 
 
 def _migrate(direction: str, revision: str) -> None:

@@ -28,6 +28,7 @@ from apa import artifacts, data, training
 from apa.aggregation import ValidationMemory
 from apa.embeddings import EmbeddingCache, embed, normalise_rows
 from apa.errors import ConfigError
+from apa.hashing import sha256_file
 from apa.metrics import selection_score
 from apa.model import BaseModel
 from apa.partition import NEEDS_EMBEDDINGS, partition
@@ -209,6 +210,34 @@ def _prepare(cfg: RunConfig, run_dir: Path, base: BaseModel, dataset: data.Datas
     return read_run(run_dir)
 
 
+def adapter_seed(run: RunData, adapter: int | str) -> int:
+    """The seed an adapter trains with: (run seed, shard); SISA's shard k takes a random run's shard k's."""
+    sisa = artifacts.sisa_shard(adapter)
+    return training.derive_seed(run.config.seed, adapter if sisa is None else sisa)
+
+
+def fit_adapter(
+    run: RunData, base: BaseModel, adapter: int | str, samples: list[Sample], select: list[Sample],
+    *, checkpoint: Path | None = None, desc: str | None = None,
+) -> tuple[Any, training.TrainStats]:
+    """Train one adapter from scratch on ``samples`` (in this order: it decides the batches), its epoch
+    chosen on ``select`` (none: the fixed schedule). Everything else comes from the run's config and
+    the adapter's seed, so the same arguments give the same adapter (``apa verify`` replays it)."""
+    cfg = run.config
+
+    def validate(model: Any) -> training.EpochScore:
+        scores = training.predict(base, model, [run.prompts[s.sample_id] for s in select],
+                                  batch_size=cfg.batch_size)
+        return training.EpochScore(score=selection_score(labels(select), np.array(scores)),
+                                   predictions={s.sample_id: p for s, p in zip(select, scores, strict=True)})
+
+    train_cfg = cfg.train if select else replace(cfg.train, patience=None)
+    return training.train_adapter(
+        base, [run.prompts[s.sample_id] for s in samples], [s.label for s in samples], train_cfg,
+        seed=adapter_seed(run, adapter), validate=validate, checkpoint=checkpoint, desc=desc,
+    )
+
+
 def train_version(
     run: RunData, run_dir: Path, base: BaseModel, shard: int | str, samples: list[Sample],
     valid: list[Sample] | None = None, gate: Callable[[dict[str, float]], None] | None = None,
@@ -222,28 +251,18 @@ def train_version(
     the version before it is written. ``resumable`` keeps each epoch's state under ``cache/train`` so
     an interrupted training continues where it stopped (``apa train``; the worker starts afresh).
     With no validation sample left, training falls back to the fixed schedule (the manifest says so).
+    The manifest's ``replay`` names what a replay needs beyond the hashed fields (``apa.replay``).
     """
     cfg = run.config
     sisa = artifacts.sisa_shard(shard)
-    seed = training.derive_seed(cfg.seed, shard if sisa is None else sisa)  # SISA's = a random run's shards
     name = {artifacts.SINGLE: "single"}.get(str(shard), f"shard {shard}" if sisa is None else f"SISA shard {sisa}")
     valid = run.splits["valid"] if valid is None else valid
     select, judged_on = selection_samples(run_dir, run, shard, valid)
-    doc = artifacts.manifest(shard=shard, samples=samples, config=cfg.train.as_dict(), seed=seed,
+    doc = artifacts.manifest(shard=shard, samples=samples, config=cfg.train.as_dict(), seed=adapter_seed(run, shard),
                              base_model_sha256=base.sha256)
-    train_cfg = cfg.train if select else replace(cfg.train, patience=None)
-
-    def validate(model: Any) -> training.EpochScore:
-        scores = training.predict(base, model, [run.prompts[s.sample_id] for s in select],
-                                  batch_size=cfg.batch_size)
-        return training.EpochScore(score=selection_score(labels(select), np.array(scores)),
-                                   predictions={s.sample_id: p for s, p in zip(select, scores, strict=True)})
-
     checkpoint = run_dir / "cache" / "train" / f"{shard}-{doc['manifest_sha256'][:16]}" if resumable else None
-    model, stats = training.train_adapter(
-        base, [run.prompts[s.sample_id] for s in samples], [s.label for s in samples], train_cfg,
-        seed=seed, validate=validate, checkpoint=checkpoint, desc=f"train {name} ({len(samples)} samples)",
-    )
+    model, stats = fit_adapter(run, base, shard, samples, select, checkpoint=checkpoint,
+                               desc=f"train {name} ({len(samples)} samples)")
     known = stats.best.predictions if stats.best is not None else {}
     rest = [s for s in valid if s.sample_id not in known]
     scores = training.predict(base, model, [run.prompts[s.sample_id] for s in rest], batch_size=cfg.batch_size,
@@ -254,9 +273,12 @@ def train_version(
         gate(predictions)
     doc["training"] = {**stats.summary(), "selection": {"on": judged_on if select else "none",
                                                          "samples": len(select)}}
+    doc["replay"] = training.replay_record(order=[s.sample_id for s in samples],
+                                           selection=[s.sample_id for s in select])
 
     def fill(folder: Path) -> None:
         training.save_adapter(model, folder)
+        doc["adapter_sha256"] = sha256_file(folder / training.ADAPTER_WEIGHTS)
         artifacts.write_json_atomic(folder / "valid_predictions.json", predictions)
 
     written = artifacts.write_version(run_dir, shard, fill, doc)

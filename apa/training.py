@@ -13,13 +13,14 @@ validation). With a ``checkpoint`` folder the state after each epoch is saved th
 JSON, no pickle), and a run that stopped resumes from it with the same result as one that did not.
 """
 
+import contextlib
 import copy
 import json
 import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -113,6 +114,27 @@ class TrainStats:
                 "epochs_run": len(self.curve), "epoch_kept": self.epoch_kept, "curve": self.curve}
 
 
+ADAPTER_WEIGHTS = "adapter_model.safetensors"  # PEFT's file name; its sha256 identifies a version's weights
+
+
+def replay_record(*, order: Sequence[str], selection: Sequence[str]) -> dict[str, Any]:
+    """What decides an adapter's bytes beyond its manifest's hashed fields (samples, config, seed, base
+    model): the order the samples were given in (the seeded permutation indexes it), the validation
+    samples that chose the epoch, the thread count, and the versions of the code. ``apa verify`` reads it.
+    Measured on 2-core CPUs: the same bytes with 1 or 2 threads and with deterministic algorithms on or
+    off; the count is kept so a replay runs as the original did."""
+    import peft
+    import transformers
+
+    from apa import __version__
+
+    return {"order": list(order), "selection": list(selection), "threads": torch.get_num_threads(),
+            "deterministic_algorithms": True,
+            "batch_order": "torch.randperm(n, generator=torch.Generator().manual_seed(seed)) per epoch",
+            "versions": {"apa": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+                         "peft": peft.__version__}}
+
+
 def derive_seed(seed: int, shard: int | str) -> int:
     """A 31-bit seed for (run seed, shard): independent streams per shard, stable across runs."""
     return int(sha256_text(f"{seed}:{shard}")[:8], 16) & 0x7FFFFFFF
@@ -198,6 +220,17 @@ class _Checkpoint:
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def deterministic() -> Iterator[None]:
+    """Deterministic algorithms only (no kernel may pick its reduction order at run time), restored after."""
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before)
+
+
 def train_adapter(
     base: BaseModel, prompts: Sequence[str], labels: Sequence[int], cfg: TrainConfig, *, seed: int,
     validate: Validate | None = None, checkpoint: Path | None = None, desc: str | None = None,
@@ -206,6 +239,15 @@ def train_adapter(
 
     ``validate`` is needed unless ``cfg.patience`` is None (the fixed schedule ignores it).
     """
+    with deterministic():
+        return _train_adapter(base, prompts, labels, cfg, seed=seed, validate=validate, checkpoint=checkpoint,
+                              desc=desc)
+
+
+def _train_adapter(
+    base: BaseModel, prompts: Sequence[str], labels: Sequence[int], cfg: TrainConfig, *, seed: int,
+    validate: Validate | None, checkpoint: Path | None, desc: str | None,
+) -> tuple[Any, TrainStats]:
     from peft import get_peft_model
 
     if len(prompts) != len(labels) or not prompts:

@@ -42,7 +42,7 @@ import pandas as pd
 from apa import artifacts
 from apa.cli import predictions_path
 from apa.evaluation import METHODS, recompute_auc
-from apa.runs import RunData, read_run
+from apa.runs import RunData, adapter_seed, read_run
 from apa.settings import get_settings
 from bench import quick
 from bench.machine import describe
@@ -118,7 +118,7 @@ def donor_version(run: Path, adapter: int | str, donors: list[Path]) -> Path | N
     epoch kept), so training it again would give the same adapter. None if no donor has one."""
     mine = read_run(run)
     expected = artifacts.manifest(shard=adapter, samples=mine.adapter_samples(adapter),
-                                  config=mine.config.train.as_dict(), seed=_seed(mine, adapter),
+                                  config=mine.config.train.as_dict(), seed=adapter_seed(mine, adapter),
                                   base_model_sha256=mine.base_model_sha256)["manifest_sha256"]
     for donor in donors:
         if not (donor / "run.json").is_file():
@@ -132,13 +132,6 @@ def donor_version(run: Path, adapter: int | str, donors: list[Path]) -> Path | N
                     artifacts.read_json(folder / "manifest.json")["manifest_sha256"] == expected:
                 return folder
     return None
-
-
-def _seed(run: RunData, adapter: int | str) -> int:
-    from apa.training import derive_seed
-
-    k = artifacts.sisa_shard(adapter)
-    return derive_seed(run.config.seed, adapter if k is None else k)
 
 
 def baseline_ids(run: RunData) -> list[int | str]:
@@ -276,6 +269,9 @@ def main() -> int:
     results: list[dict[str, Any]] = []
     donors = [root / name for name in DONORS.get(preset, [])]
     state_root = None if args.no_state else args.state or (STATE_ROOT if preset in STATEFUL else None)
+    for donor in donors:  # another preset's run, maybe only in its state folder (a new machine)
+        if state_root is not None and (state_root / donor.name / "state.json").is_file():
+            RunState(state_root / donor.name, donor).restore()
     for cfg in PRESETS[preset]:
         results.append(run_config(cfg, root, args.device, donors=donors + [root / r["config"]["name"]
                                                                           for r in results],

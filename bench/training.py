@@ -123,7 +123,7 @@ def main() -> int:
     texts, labels = real_prompts(n_train + n_valid, args.seed)
     steps = step_times(base, texts[:n_train], labels[:n_train], args.batch_size, args.seed)
     before, after = steps.pop("models")
-    weight_gap = max(float((p - q).abs().max()) for (_, p), (_, q) in
+    weight_gap = max(float((p - q).detach().abs().max()) for (_, p), (_, q) in
                      zip(before.named_parameters(), after.named_parameters(), strict=True))
     valid = validation_times(base, after, texts[n_train:], args.batch_size)
     per = {

@@ -176,6 +176,19 @@ TINY_RUN = RunConfig(
 )  # seed 0 puts both labels in valid and test (AUC needs them); the hand-made users have 6-8 ratings
 
 
+@pytest.fixture
+def tiny_home(tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An APA_HOME with the hand-made dataset and the tiny model as the base model, set in the environment
+    so that `apa` processes a test starts (train, eval, verify) use them."""
+    home = tmp_path / "home"
+    interactions, items = raw_frames()
+    save(normalise(interactions, items, source="handmade"), home / "datasets", "handmade")
+    monkeypatch.setenv("APA_HOME", str(home))
+    monkeypatch.setenv("APA_BASE_MODEL_PATH", str(tiny_model_dir))
+    monkeypatch.delenv("APA_FAULT_POINT", raising=False)
+    return home
+
+
 @pytest.fixture(scope="session")
 def tiny_run_template(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A K=2 run of the tiny model on the hand-made dataset, trained once per session (copy before use)."""

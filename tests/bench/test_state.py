@@ -10,24 +10,12 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from apa.data import normalise, save
 from apa.faults import EXIT_CODE
 from bench.quality import Config, predictions_path, run_config
 from bench.state import RunState, StateError
-from tests.conftest import raw_frames
 
 TINY = Config("tiny", 2, 8, 8, 8, max_epochs=2, patience=2, dataset="handmade", min_history=1, batch_size=4)
 COMPARED = ("auc", "ci95", "paired", "shards", "attention", "routing")
-
-
-@pytest.fixture
-def home(tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    home = tmp_path / "home"
-    save(normalise(*raw_frames(), source="handmade"), home / "datasets", "handmade")
-    monkeypatch.setenv("APA_HOME", str(home))  # the benchmark's `apa train` / `apa eval` processes read these
-    monkeypatch.setenv("APA_BASE_MODEL_PATH", str(tiny_model_dir))
-    monkeypatch.delenv("APA_FAULT_POINT", raising=False)
-    return home
 
 
 def adapter_bytes(run: Path) -> dict[str, bytes]:
@@ -35,11 +23,11 @@ def adapter_bytes(run: Path) -> dict[str, bytes]:
 
 
 def test_a_run_restored_from_its_state_folder_ends_as_one_never_stopped(
-    home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    tiny_home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    straight = run_config(TINY, home / "straight", "cpu", [])
+    straight = run_config(TINY, tiny_home / "straight", "cpu", [])
 
-    state, work = tmp_path / "state", home / "work"
+    state, work = tmp_path / "state", tiny_home / "work"
     monkeypatch.setenv("APA_FAULT_POINT", "training.epoch-saved@3")  # shard 0 done, shard 1 killed after epoch 1
     with pytest.raises(subprocess.CalledProcessError) as killed:
         run_config(TINY, work, "cpu", [], state=state)
@@ -59,9 +47,9 @@ def test_a_run_restored_from_its_state_folder_ends_as_one_never_stopped(
     for weights in ("per-sample", "per-user"):
         for key in COMPARED:
             assert resumed["eval"][weights][key] == straight["eval"][weights][key], (weights, key)
-    assert adapter_bytes(work / "tiny") == adapter_bytes(home / "straight" / "tiny")
+    assert adapter_bytes(work / "tiny") == adapter_bytes(tiny_home / "straight" / "tiny")
     table = pd.read_csv(predictions_path(work / "tiny" / "eval-per-sample.json"))
-    pd.testing.assert_frame_equal(table, pd.read_csv(predictions_path(home / "straight" / "tiny" /
+    pd.testing.assert_frame_equal(table, pd.read_csv(predictions_path(tiny_home / "straight" / "tiny" /
                                                                       "eval-per-sample.json")))
     units = RunState(state, work / "tiny").units
     assert not [u for u, doc in units.items() if doc["kind"] == "checkpoint"], "finished: no checkpoint kept"
