@@ -5,9 +5,10 @@ batch (after, ``apa.training``), side by side on the same batches of real MovieL
   over whole prompts; after, ``run_head`` once with gradients and every prompt's own tokens against its
   keys and values (``headed_last_hidden``). The two alternate batch by batch on twin models that start
   equal and take the same steps, so a drift in the machine's load hits both; their losses are compared
-  at every step and the twins' LoRA weights at the end. LoRA dropout is off here so that both draw
-  nothing at random and differ by float rounding only (training's 0.05 costs the same both ways). The
-  first batch warms up and is not timed.
+  at every step and the twins' LoRA weights at the end. Each path goes first in every other batch; the
+  ratio of total seconds and the median of the per-batch ratios are both reported. LoRA dropout is off
+  here so that both draw nothing at random and differ by float rounding only (training's 0.05 costs
+  the same both ways). The first batch warms up and is not timed.
 * **validation** (p(yes) of the validation prompts through the adapter): before, ``forward_last_hidden``
   over whole prompts; after, ``training.predict`` (the head once, then each prompt's own tokens).
 
@@ -68,11 +69,12 @@ def step_times(base: BaseModel, texts: list[str], labels: list[int], batch_size:
     ids = token_ids(base.tokenizer, texts)
     cut = shared_prefix_length(ids)
     seconds = {"before": 0.0, "after": 0.0}
-    gaps = []
+    gaps, ratios = [], []
     for start in range(0, len(texts), batch_size):
         index = list(range(start, min(start + batch_size, len(texts))))
-        losses = {}
-        for name, model in (("before", before), ("after", after)):
+        losses, took = {}, {}
+        pair = [("before", before), ("after", after)]
+        for name, model in pair if start // batch_size % 2 == 0 else pair[::-1]:  # each goes first in turn
             model.train()
             began = time.perf_counter()
             if name == "before":
@@ -84,16 +86,20 @@ def step_times(base: BaseModel, texts: list[str], labels: list[int], batch_size:
             optimisers[name].zero_grad(set_to_none=True)
             loss.backward()
             optimisers[name].step()
-            if start:
-                seconds[name] += time.perf_counter() - began
+            took[name] = time.perf_counter() - began
             losses[name] = float(loss.detach())
+        if start:
+            for name in seconds:
+                seconds[name] += took[name]
+            ratios.append(took["before"] / took["after"])
         gaps.append(abs(losses["before"] - losses["after"]))
         print(f"batch {start // batch_size + 1}: before {losses['before']:.5f}, after {losses['after']:.5f}",
               flush=True)
     before.eval()
     after.eval()
     timed = len(texts) - min(batch_size, len(texts))
-    return {"seconds": seconds, "timed_samples": timed, "max_loss_gap": max(gaps), "head_tokens": cut,
+    return {"seconds": seconds, "timed_samples": timed, "batch_ratios": [round(r, 3) for r in ratios],
+            "max_loss_gap": max(gaps), "head_tokens": cut,
             "mean_prompt_tokens": float(np.mean([len(x) for x in ids])), "models": (before, after)}
 
 
@@ -131,10 +137,12 @@ def main() -> int:
         "valid_s_per_sample": {k: round(v / n_valid, 4) for k, v in valid["seconds"].items()},
     }
     ratios = {"train": round(steps["seconds"]["before"] / steps["seconds"]["after"], 3),
+              "train_median_of_batches": round(float(np.median(steps["batch_ratios"])), 3),
               "valid": round(valid["seconds"]["before"] / valid["seconds"]["after"], 3)}
     report = {"benchmark": "training", "machine": describe(args.device),
               "command": "python bench/training.py " + " ".join(sys.argv[1:]),
               "n_train": n_train, "n_valid": n_valid, "batch_size": args.batch_size, **per, "speedup": ratios,
+              "train_batch_ratios": steps["batch_ratios"],
               "head_tokens": steps["head_tokens"], "mean_prompt_tokens": round(steps["mean_prompt_tokens"], 1),
               "max_loss_gap": steps["max_loss_gap"], "max_lora_weight_gap_after_epoch": weight_gap,
               "max_valid_p_gap": valid["max_p_gap"]}
