@@ -73,8 +73,9 @@ def embed(
     base: BaseModel, texts: Sequence[str], *, cache: EmbeddingCache | None = None, batch_size: int = 8,
     desc: str | None = None, noun: str = "movie",
 ) -> np.ndarray:
-    """Embeddings of ``texts`` in order: [n, hidden] float32. Cached entries are not recomputed; the
-    template's head (``template_head``) runs once per process, not once per prompt."""
+    """Embeddings of ``texts`` in order: [n, hidden] float32. Cached entries are not recomputed, and new
+    ones are cached as each batch finishes; the template's head (``template_head``) runs once per
+    process, not once per prompt."""
     out = np.empty((len(texts), base.model.config.hidden_size), dtype=np.float32)
     todo: list[int] = []
     for i, text in enumerate(texts):
@@ -84,13 +85,14 @@ def embed(
         else:
             out[i] = hit
     if todo:
-        hidden: torch.Tensor = forward_last_hidden(
-            base, [texts[i] for i in todo], batch_size=batch_size, desc=desc, head=template_head(base, noun)
-        )
-        for row, i in enumerate(todo):
-            out[i] = hidden[row].numpy()
-            if cache is not None:
-                cache.put(texts[i], out[i])
+        def keep(rows: list[int], hidden: torch.Tensor) -> None:  # cached batch by batch: a long run
+            for row, vector in zip(rows, hidden, strict=True):  # that stops keeps what it embedded
+                out[todo[row]] = vector.numpy()
+                if cache is not None:
+                    cache.put(texts[todo[row]], out[todo[row]])
+
+        forward_last_hidden(base, [texts[i] for i in todo], batch_size=batch_size, desc=desc,
+                            head=template_head(base, noun), done=keep)
     return out
 
 

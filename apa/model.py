@@ -122,7 +122,7 @@ def batches_by_length(tokenizer: Any, texts: Sequence[str], batch_size: int) -> 
 def forward_last_hidden(
     base: BaseModel, texts: Sequence[str], *, batch_size: int = 8, desc: str | None = None,
     model: Any = None, around: Callable[[list[int]], AbstractContextManager[None]] | None = None,
-    head: "PackedRow | None" = None,
+    head: "PackedRow | None" = None, done: Callable[[list[int], torch.Tensor], None] | None = None,
 ) -> torch.Tensor:
     """Last hidden state of every prompt, in input order: [n, hidden] (float32, on CPU).
 
@@ -131,6 +131,7 @@ def forward_last_hidden(
     ``head``: a token prefix with its keys and values, computed by the same model (e.g. the prompt
     template's, ``apa.embeddings.template_head``); the prompts that start with it run only the rest
     of their tokens against it (``packed_last_hidden``, one row each), the others whole.
+    ``done(index, hidden)`` is called after each batch with its rows (callers keep results as they come).
     """
     net = base.model if model is None else model
     out = torch.empty(len(texts), net.config.hidden_size, dtype=torch.float32)
@@ -144,14 +145,18 @@ def forward_last_hidden(
             index = headed[start:start + batch_size]
             with around(index) if around is not None else nullcontext():
                 out[index] = headed_last_hidden(net, head, [ids[i][n:] for i in index], base.device).float().cpu()
+            if done is not None:
+                done(index, out[index])
             bar.update(len(index))
-        done = set(headed)
-        whole = [i for i in whole if i not in done]
+        ran = set(headed)
+        whole = [i for i in whole if i not in ran]
     for order in batches_by_length(base.tokenizer, [texts[i] for i in whole], batch_size):
         index = [whole[i] for i in order]
         batch = encode(base.tokenizer, [texts[i] for i in index], base.device)
         with around(index) if around is not None else nullcontext():
             out[index] = last_hidden(net, batch).float().cpu()
+        if done is not None:
+            done(index, out[index])
         bar.update(len(index))
     bar.close()
     return out
