@@ -1,6 +1,7 @@
 """The service as the benchmarks run it: the run imported into a ledger, then `apa serve` and `apa worker`
 as subprocesses, stopped (and killed if they hang) whatever happens."""
 
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -11,7 +12,11 @@ from pathlib import Path
 @contextmanager
 def gateway_and_worker(run: Path, env: dict[str, str], work: Path, port: int) -> Iterator[None]:
     """Import ``run`` into the ledger ``env`` names, start the gateway on ``port`` and one worker, with
-    their output in ``work``/gateway.log and worker.log."""
+    their output in ``work``/gateway.log and worker.log. A port something already answers on is refused:
+    the benchmark would measure that other server."""
+    with socket.socket() as probe:
+        if probe.connect_ex(("127.0.0.1", port)) == 0:
+            raise RuntimeError(f"port {port} is in use by another server; pass another --port")
     subprocess.run([sys.executable, "-m", "apa.cli", "ledger", "import", str(run)], env=env, check=True)
     with open(work / "gateway.log", "w") as gateway_log, open(work / "worker.log", "w") as worker_log:
         procs = [subprocess.Popen([sys.executable, "-m", "apa.cli", "serve", "--port", str(port)], env=env,
