@@ -65,6 +65,18 @@ class HistoryCache:
             self._epoch += 1
             self._entries.pop(user_id, None)
 
+    def discard(self, user_id: str) -> None:
+        """The user's history changed (ingestion): drop the entry now. No epoch bump: an embedding of the
+        old history stored meanwhile is keyed by the old prompt and can never match the new one."""
+        with self._lock:
+            self._entries.pop(user_id, None)
+
+    def discard_subjects(self, subject_hmacs: Collection[str], key: bytes) -> None:
+        """``discard`` for users known by their HMAC (another replica's ingestion)."""
+        with self._lock:
+            for user in [u for u in self._entries if hmac_hex(key, "user", u) in subject_hmacs]:
+                del self._entries[user]
+
     def forget_subjects(self, subject_hmacs: Collection[str], key: bytes) -> None:
         """Drop the users whose ``hmac_hex(key, "user", id)`` is listed (completed deletions)."""
         with self._lock:
