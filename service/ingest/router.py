@@ -26,8 +26,9 @@ IngestionServiceDep = Annotated[IngestionService, Depends(get_ingestion_service)
                  _422="Unknown items (listed), a rating outside 1-5, a timestamp before 1995 or over a day "
                       "ahead, an id off the pattern, or an empty or oversized batch"))
 def add_interactions(
-    user_id: Annotated[IdParam, Path()], body: IngestRequest, session: SessionDep, token_hmac: IngestDep,
-    service: IngestionServiceDep, idempotency_key: Annotated[str | None, Header(max_length=256)] = None,
+    user_id: Annotated[IdParam, Path(examples=["196"])], body: IngestRequest, session: SessionDep,
+    token_hmac: IngestDep, service: IngestionServiceDep,
+    idempotency_key: Annotated[str | None, Header(max_length=256)] = None,
 ) -> IngestAccepted:
     """Record what a user rated (1 to 1,000 interactions, all or nothing). The user's next ``/recommend``
     uses the new history and no longer offers these items; each new interaction with enough earlier

@@ -32,7 +32,7 @@ class InteractionIn(BaseModel):
 
 class IngestRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
-        {"interactions": [{"item_id": "50", "rating": 4, "timestamp": 893286638}, {"item_id": "181", "rating": 2}]}]})
+        {"interactions": [{"item_id": "1", "rating": 4, "timestamp": 893286638}, {"item_id": "2", "rating": 2}]}]})
 
     interactions: list[InteractionIn] = Field(min_length=1, max_length=MAX_INTERACTIONS)
 

@@ -14,7 +14,7 @@ router = APIRouter(tags=["catalog"])
 
 @router.put("/items/{item_id}", response_model=ItemPublic, responses={
     201: {"model": ItemPublic, "description": "Added"}, **error_responses(401, 403, 413, 422, 429, 503)})
-def put_item(item_id: Annotated[IdParam, Path()], body: ItemIn, response: Response, _: AdminDep,
+def put_item(item_id: Annotated[IdParam, Path(examples=["1"])], body: ItemIn, response: Response, _: AdminDep,
              session: SessionDep) -> ItemPublic:
     """Add an item (201) or retitle one (200). Samples already built keep the titles they were built with
     (their prompts are frozen in the run folder and the ledger); ``/recommend`` and new samples use the
