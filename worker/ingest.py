@@ -118,7 +118,7 @@ def fill_validation(ctx: WorkerContext) -> dict[str, int]:
     with np.load(path) as data:
         stored = {name: data[name] for name in data.files}
     in_memory = {str(s) for s in stored["sample_ids"]}
-    missing = [s for s in live_valid if s not in in_memory and s in run.prompts]
+    missing = [s for s in live_valid if s not in in_memory and s in records]  # the run's are there since it began
     if missing:
         cache = embedding_cache(run_dir, base)
         full = normalise_rows(embed(base, [run.prompts[s] for s in missing], cache=cache, batch_size=cfg.batch_size,
