@@ -21,10 +21,11 @@ IngestionServiceDep = Annotated[IngestionService, Depends(get_ingestion_service)
 
 @router.post("/users/{user_id}/interactions", status_code=202, response_model=IngestAccepted,
              responses=error_responses(
-                 401, 403, 409, 413, 422, 429, 503,
+                 400, 401, 403, 409, 413, 422, 429, 503,
                  _409="The Idempotency-Key was used for another batch (another user or other interactions)",
                  _422="Unknown items (listed), a rating outside 1-5, a timestamp before 1995 or over a day "
-                      "ahead, an id off the pattern, or an empty or oversized batch"))
+                      "ahead, an id off the pattern (or user and item ids too long together for an interaction "
+                      "key of 200 characters), or an empty or oversized batch"))
 def add_interactions(
     user_id: Annotated[IdParam, Path(examples=["196"])], body: IngestRequest, session: SessionDep,
     token_hmac: IngestDep, service: IngestionServiceDep,

@@ -21,7 +21,7 @@ import numpy as np
 from redis import Redis
 from sqlalchemy.orm import Session
 
-from apa.errors import ItemsNotFound
+from apa.errors import InteractionKeyTooLong, ItemsNotFound
 from apa.partition import NEEDS_EMBEDDINGS, Incoming, assign
 from apa.samples import ingested_split, user_samples
 from jobs import queue
@@ -29,6 +29,7 @@ from ledger import catalog, common, ingest
 from service.ingest.schemas import IngestAccepted
 from service.metrics import Metrics
 from service.replica import Replica
+from service.schemas import ID_MAX_LENGTH
 from service.settings import ServiceSettings
 
 log = logging.getLogger(__name__)
@@ -54,6 +55,10 @@ class IngestionService:
         unknown = ingest.unknown_items(session=session, item_ids=[i.item_id for i in interactions])
         if unknown:
             raise ItemsNotFound(unknown)
+        longest = max(len(f"{user_id}:{i.item_id}:{i.timestamp or int(time.time())}") for i in interactions)
+        if longest > ID_MAX_LENGTH:
+            raise InteractionKeyTooLong(f"an interaction's key <user_id>:<item_id>:<timestamp> may hold at most "
+                                        f"{ID_MAX_LENGTH} characters; this batch's longest holds {longest}")
         new, duplicates = self._new(session, user_id, interactions)
         samples = self._samples(session, user_id, new)
         shards = sorted({s.shard for s in samples if s.shard is not None})

@@ -13,7 +13,7 @@ router = APIRouter(tags=["catalog"])
 
 
 @router.put("/items/{item_id}", response_model=ItemPublic, responses={
-    201: {"model": ItemPublic, "description": "Added"}, **error_responses(401, 403, 413, 422, 429, 503)})
+    201: {"model": ItemPublic, "description": "Added"}, **error_responses(400, 401, 403, 413, 422, 429, 503)})
 def put_item(item_id: Annotated[IdParam, Path(examples=["1"])], body: ItemIn, response: Response, _: AdminDep,
              session: SessionDep) -> ItemPublic:
     """Add an item (201) or retitle one (200). Samples already built keep the titles they were built with

@@ -175,3 +175,21 @@ def test_another_replica_drops_the_users_cached_history(make_env: Any) -> None:
         ingest_batch(env, "u1", [("6", 5, T + 0)])
         wait_for(lambda: "u1" not in histories, timeout_s=5.0)  # by the pub/sub event
         assert "6" not in [i["item_id"] for i in replica_b.post("/recommend", json={"user_id": "u1"}).json()["items"]]
+
+
+def test_the_reconciler_enqueues_a_shard_whose_oldest_pending_sample_is_due(make_env: Any) -> None:
+    from worker.reconciler import reconcile
+    from worker.tasks import get_context
+
+    env = make_env(ingest_valid_fraction=0.0)
+    ingest_batch(env, "u2", [("3", 4, T)])
+    work(env)  # placed, not due: one sample of 32, not an hour old
+    [sample] = samples(env, "u2")
+    settings = get_context().settings
+    assert reconcile(settings, env["redis"])["enqueued"] == []
+    settings.ingest_max_delay_s = 0.0
+    assert reconcile(settings, env["redis"])["enqueued"] == [sample.shard]
+    [job] = queue.ingest_queue(env["redis"], settings.redis_prefix).jobs
+    assert job.args == (sample.shard,), "on the ingestion queue"
+    work(env)
+    assert samples(env, "u2")[0].trained_version == 2

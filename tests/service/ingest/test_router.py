@@ -217,3 +217,11 @@ def test_random_and_user_partitions_place_new_samples_at_once(make_api: Callable
     answer = post(api, "u3", [{"item_id": "1", "rating": 2, "timestamp": NOW}]).json()
     expected = assign_random(Incoming(sample_ids=[f"u3:1:{NOW}"], user_ids=["u3"], sizes=np.zeros(2), seed=0))
     assert answer["pending_shards"] == [int(expected[0])]
+
+
+@pytest.mark.parametrize("ledger_url", ["postgresql"], indirect=True)
+def test_ids_too_long_together_for_an_interaction_key_are_422(api: TestClient) -> None:
+    before = rows(api)
+    answer = post(api, "0" * 200, [{"item_id": "1", "rating": 4, "timestamp": NOW}])
+    assert answer.status_code == 422 and "200 characters" in answer.json()["detail"]
+    assert rows(api) == before
