@@ -87,7 +87,7 @@ class Pending:
 
 def idempotency_hmac(*, key: bytes, user_id: str, interactions: Sequence[NewInteraction]) -> str:
     """What an ingestion's Idempotency-Key binds: the user and the batch (an HMAC)."""
-    batch = sorted([i.item_id, i.rating, i.timestamp] for i in interactions)
+    batch = sorted([i.item_id, i.rating, -1 if i.timestamp is None else i.timestamp] for i in interactions)
     return hmac_hex(key, "idempotency-ingest", json.dumps({"user": user_id, "batch": batch}, separators=(",", ":")))
 
 

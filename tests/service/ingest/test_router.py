@@ -112,6 +112,11 @@ def test_an_idempotency_key_returns_the_first_answer_and_refuses_another_batch(a
     by_admin = api.post("/users/u2/interactions", json={"interactions": batch},
                         headers={**AUTH, "Idempotency-Key": "k1"})
     assert by_admin.status_code == 202 and by_admin.json()["duplicates"] == 1, "keys are per token"
+    untimed = [{"item_id": "9", "rating": 3}, {"item_id": "9", "rating": 3, "timestamp": NOW - 20}]
+    replies = [api.post("/users/u2/interactions", json={"interactions": untimed},
+                        headers={**INGEST, "Idempotency-Key": "k2"}) for _ in range(2)]
+    assert [r.status_code for r in replies] == [202, 202] and replies[0].json() == replies[1].json(), \
+        "a batch without timestamps binds its key as sent (the server's time is not part of it)"
 
 
 def test_a_batch_is_all_or_nothing(api: TestClient) -> None:
