@@ -241,15 +241,11 @@ def deletions_open(*, session: Session) -> bool:
                                   DeletionRequest.status.in_([QUARANTINED, RETRAINING])).limit(1)).first() is not None
 
 
-def any_ingested(*, session: Session) -> bool:
-    return session.scalars(select(Sample.sample_id).where(Sample.ingested_at.is_not(None)).limit(1)).first() is not None
-
-
-def unprepared(*, session: Session) -> bool:
-    """Whether live ingested samples wait for the worker (a shard, or the validation memory)."""
-    return session.scalars(select(Sample.sample_id).where(
-        Sample.ingested_at.is_not(None), Sample.deleted_at.is_(None), Sample.prepared_at.is_(None))
-        .limit(1)).first() is not None
+def any_ingested(*, session: Session, live: bool = False) -> bool:
+    query = select(Sample.sample_id).where(Sample.ingested_at.is_not(None))
+    if live:
+        query = query.where(Sample.deleted_at.is_(None))
+    return session.scalars(query.limit(1)).first() is not None
 
 
 def unplaced_count(*, session: Session) -> int:

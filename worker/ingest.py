@@ -14,7 +14,9 @@ ingested samples the run folder does not hold.
    gateway's attention uses a sample only once the memory and every serving version hold it;
 3. the shards whose pending samples are due get a retrain on the ingestion queue.
 
-Steps 1 and 2 hold the run folder's ``purge`` lock: the purge rewrites the same files.
+Steps 1 and 2 hold the run folder's ``purge`` lock: the purge rewrites the same files. The job is
+enqueued after an ingestion that needs it, after every published version while ingested samples
+exist, and by each reconcile round while live ingested samples are in the ledger.
 """
 
 import logging
@@ -44,8 +46,7 @@ def prepare_ingested() -> dict[str, Any]:
     queue.clear_prepare(ctx.redis, settings.redis_prefix)
     with held_lock(ctx.redis, queue.Names(settings.redis_prefix).lock("purge"), settings.lock_ttl_s,
                    ctx.name) as held:
-        if not held:
-            queue.enqueue_prepare(ctx.redis, settings.redis_prefix)  # after the purge that holds the files
+        if not held:  # a purge rewrites the same files; the reconciler enqueues this job again
             return {"status": "busy"}
         placed = place_samples(ctx)
         memory = fill_validation(ctx)

@@ -35,7 +35,7 @@ def reconcile(settings: WorkerSettings, redis: Any) -> dict[str, Any]:
         to_purge = purges.pending_purges(session=session)
         due = ingest.due_shards(session=session, min_samples=settings.ingest_min_samples,
                                 max_delay_s=settings.ingest_max_delay_s)
-        prepare = ingest.unprepared(session=session)
+        prepare = ingest.any_ingested(session=session, live=True)  # placements, memory, new versions' predictions
     names = queue.Names(settings.redis_prefix)
     busy = [k for k in dirty if redis.exists(names.lock(k))]  # being retrained: that job re-enqueues if needed
     enqueued = [k for k in dirty if k not in busy
