@@ -62,15 +62,17 @@ def ledger(args: argparse.Namespace, work: Path, name: str) -> Iterator[str]:
 
 
 @contextmanager
-def stack(args: argparse.Namespace, source: Path, work: Path, name: str, **extra: str) -> Iterator[tuple[Client, Path]]:
-    run = work / name
+def stack(args: argparse.Namespace, source: Path, work: Path, name: str, port: int,
+          **extra: str) -> Iterator[tuple[Client, Path]]:
+    run = work / name / "run"
     shutil.copytree(source, run, ignore=shutil.ignore_patterns("*.db", "*.db-*", "logs"))
     with ledger(args, work, name) as url:
         env = {**os.environ, "APA_DATABASE_URL": url, "APA_ADMIN_TOKEN": secrets.token_urlsafe(16),
                "APA_HMAC_KEY": secrets.token_hex(32), "APA_REDIS_PREFIX": f"apa-bench-{secrets.token_hex(4)}:",
-               "APA_INGEST_RATE_PER_S": "1000", "APA_INGEST_BURST": "1000", **extra}
-        with gateway_and_worker(run, env, work, args.port):
-            client = Client(f"http://127.0.0.1:{args.port}", env["APA_ADMIN_TOKEN"])
+               "APA_INGEST_RATE_PER_S": "1000", "APA_INGEST_BURST": "1000",
+               "APA_REQUEST_TIMEOUT_S": "900", **extra}  # a busy 2-core machine: a cold first /recommend is slow
+        with gateway_and_worker(run, env, work / name, port):
+            client = Client(f"http://127.0.0.1:{port}", env["APA_ADMIN_TOKEN"])
             try:
                 client.wait_ready()
                 yield client, run
@@ -88,6 +90,8 @@ class Catalog:
             rated.setdefault(str(row.user_id), set()).update(str(i) for i in row.history_item_ids)
             rated[str(row.user_id)].add(str(row.target_item_id))
         items = sorted({i for seen in rated.values() for i in seen}, key=int)
+        counts = frame["target_item_id"].astype(str).value_counts()
+        self.popular = [str(i) for i in counts.index]
         self.users = sorted(rated, key=int)
         self.unrated = {u: [i for i in items if i not in seen] for u, seen in rated.items()}
         self.clock = T0
@@ -102,13 +106,14 @@ class Catalog:
             return out
 
 
-def recommend_p50(client: Client, users: list[str], rounds: int) -> dict[str, Any]:
+def recommend_p50(client: Client, users: list[str], rounds: int, candidates: list[str]) -> dict[str, Any]:
     times = []
     for i in range(rounds):
         started = time.perf_counter()
-        client.recommend(users[i % len(users)], top_k=5)
+        client.recommend(users[i % len(users)], candidates, top_k=5)
         times.append(time.perf_counter() - started)
-    return {"requests": rounds, "p50_s": round(statistics.median(times), 3), "max_s": round(max(times), 3)}
+    return {"requests": rounds, "candidates": len(candidates), "p50_s": round(statistics.median(times), 3),
+            "max_s": round(max(times), 3)}
 
 
 def beside(client: Client, catalog: Catalog, users: list[str], rate: float, stop: threading.Event,
@@ -126,18 +131,19 @@ def beside(client: Client, catalog: Catalog, users: list[str], rate: float, stop
 
 
 def phase_serving(args: argparse.Namespace, source: Path, work: Path) -> dict[str, Any]:
-    with stack(args, source, work, "serving", APA_INGEST_MIN_SAMPLES="1000000") as (client, run):
+    with stack(args, source, work, "serving", args.port, APA_INGEST_MIN_SAMPLES="1000000") as (client, run):
         catalog = Catalog(run)
         probes, others = catalog.users[:args.probe_users], catalog.users[args.probe_users:]
-        recommend_p50(client, probes, len(probes))  # warm: each probe user's history and prefix cached
-        alone = recommend_p50(client, probes, args.rounds)
+        candidates = catalog.popular[:args.candidates]
+        recommend_p50(client, probes, len(probes), candidates)  # warm: each probe user's history and prefix cached
+        alone = recommend_p50(client, probes, args.rounds, candidates)
         stop, sent = threading.Event(), list[float]()
         ingestion_client = Client(str(client.http.base_url), None)
         ingestion_client.http.headers.update(client.http.headers)
         thread = threading.Thread(target=beside, args=(ingestion_client, catalog, others, args.ingest_rate, stop, sent))
         thread.start()
         try:
-            busy = recommend_p50(client, probes, args.rounds)
+            busy = recommend_p50(client, probes, args.rounds, candidates)
         finally:
             stop.set()
             thread.join()
@@ -155,7 +161,7 @@ def phase_serving(args: argparse.Namespace, source: Path, work: Path) -> dict[st
         print(f"ingestion: {throughput['interactions_per_s']} interactions/s", flush=True)
 
         user = probes[0]
-        offered = client.recommend(user, top_k=5)["items"][0]["item_id"]
+        offered = client.recommend(user, top_k=5)["items"][0]["item_id"]  # the default candidates
         t0 = time.perf_counter()
         stamp = catalog.next(user)[0]["timestamp"]
         answer = client.ingest(user, [{"item_id": offered, "rating": 5, "timestamp": stamp}])
@@ -173,7 +179,7 @@ def phase_serving(args: argparse.Namespace, source: Path, work: Path) -> dict[st
 
 
 def phase_training(args: argparse.Namespace, source: Path, work: Path) -> dict[str, Any]:
-    with stack(args, source, work, "training", APA_INGEST_MIN_SAMPLES="1",
+    with stack(args, source, work, "training", args.port + 1, APA_INGEST_MIN_SAMPLES="1",
                APA_INGEST_VALID_FRACTION="0") as (client, run):
         catalog = Catalog(run)
         user = catalog.users[0]
@@ -213,6 +219,7 @@ def main() -> None:
     where.add_argument("--sqlite", action="store_true", help="a SQLite ledger instead")
     parser.add_argument("--probe-users", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=20, help="/recommend requests per measurement")
+    parser.add_argument("--candidates", type=int, default=20, help="candidates per measured /recommend")
     parser.add_argument("--ingest-rate", type=float, default=20.0, help="ingestion requests/s beside /recommend")
     parser.add_argument("--batches", type=int, default=20)
     parser.add_argument("--batch", type=int, default=100, help="interactions per throughput request")
@@ -226,7 +233,7 @@ def main() -> None:
     if source is None:
         parser.error("--run is required without --quick")
     if args.quick:
-        args.rounds, args.batches = min(args.rounds, 8), min(args.batches, 10)
+        args.rounds, args.batches, args.candidates = min(args.rounds, 8), min(args.batches, 10), 5
     try:
         report: dict[str, Any] = {"benchmark": "ingest", "ledger": "sqlite" if args.sqlite else "postgresql",
                                   **phase_serving(args, source, work), **phase_training(args, source, work)}
