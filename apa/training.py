@@ -296,16 +296,6 @@ def predict(base: BaseModel, model: Any, prompts: Sequence[str], *, batch_size: 
     return [float(p) for p in score_hidden(base, hidden, model=model)]
 
 
-def load_adapter(base: BaseModel, folder: Path) -> Any:
-    """A saved adapter version on a copy of the base model, ready for :func:`predict` (the same path that
-    wrote the version's own validation predictions)."""
-    from peft import PeftModel
-
-    model = PeftModel.from_pretrained(strip_mixture(copy.deepcopy(base.model)), str(folder))
-    model.eval()
-    return model
-
-
 def save_adapter(model: Any, folder: Path) -> None:
     """PEFT's own format (adapter_config.json + adapter_model.safetensors): PEFT and vLLM load it."""
     model.save_pretrained(str(folder))

@@ -6,7 +6,8 @@ with a fresh ledger: a new schema in the PostgreSQL that ``--postgres`` names (d
 a SQLite file with ``--sqlite``. Then:
 
 1. ``/recommend`` p50 for a few returning users, alone, then with ``--ingest-rate`` (20) ingestion
-   requests a second beside it (one interaction each, other users);
+   requests a second beside it (one interaction each, other users), then alone again (the worker may
+   still be embedding what was ingested); the machine's load average is recorded with each;
 2. ingestion throughput: ``--batches`` requests of ``--batch`` interactions, sequential (interactions/s,
    the ledger work of each request in one transaction);
 3. POST → the next ``/recommend`` using the new history (the rated item is no longer offered);
@@ -137,6 +138,7 @@ def phase_serving(args: argparse.Namespace, source: Path, work: Path) -> dict[st
         candidates = catalog.popular[:args.candidates]
         recommend_p50(client, probes, len(probes), candidates)  # warm: each probe user's history and prefix cached
         alone = recommend_p50(client, probes, args.rounds, candidates)
+        loads = [os.getloadavg()[0]]
         stop, sent = threading.Event(), list[float]()
         ingestion_client = Client(str(client.http.base_url), None)
         ingestion_client.http.headers.update(client.http.headers)
@@ -144,11 +146,15 @@ def phase_serving(args: argparse.Namespace, source: Path, work: Path) -> dict[st
         thread.start()
         try:
             busy = recommend_p50(client, probes, args.rounds, candidates)
+            loads.append(os.getloadavg()[0])
         finally:
             stop.set()
             thread.join()
             ingestion_client.close()
-        print(f"/recommend p50 alone {alone['p50_s']} s, with ingestion {busy['p50_s']} s", flush=True)
+        backlog = client.status()["ingest"]["unplaced_samples"]
+        after = recommend_p50(client, probes, args.rounds, candidates)
+        print(f"/recommend p50 alone {alone['p50_s']} s, with ingestion {busy['p50_s']} s, after it "
+              f"{after['p50_s']} s (the worker still placing {backlog} samples)", flush=True)
 
         started = time.perf_counter()
         for i in range(args.batches):
@@ -171,8 +177,10 @@ def phase_serving(args: argparse.Namespace, source: Path, work: Path) -> dict[st
         visible = {"post_s": round(post_s, 3), "post_to_recommend_s": round(used_s, 3),
                    "rated_item_no_longer_offered": offered not in [i["item_id"] for i in after["items"]],
                    "samples": answer["samples"]}
-        return {"recommend_alone": alone,
-                "recommend_with_ingestion": {**busy, "ingest_rate_per_s": args.ingest_rate,
+        return {"recommend_alone": {**alone, "load_average": loads[0]},
+                "recommend_after": {**after, "unplaced_samples_when_ingestion_stopped": backlog},
+                "recommend_with_ingestion": {**busy, "load_average": loads[1],
+                                             "ingest_rate_per_s": args.ingest_rate,
                                              "ingestions_sent": len(sent),
                                              "ingest_p50_s": round(statistics.median(sent), 4) if sent else None},
                 "throughput": throughput, "new_history": visible}

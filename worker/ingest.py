@@ -10,7 +10,8 @@ ingested samples the run folder does not hold.
    live members every time (so a deletion moves it too) and stored in the ledger with the assignment;
 2. every live validation sample missing from the validation memory is embedded into it, and every
    serving version's ``valid_predictions.json`` gains its p(yes) for each live validation sample it
-   lacks (the version's own adapter, loaded as PEFT loads it: the numbers it would have written). The
+   lacks (the version's own adapter, one-hot in the torch engine's stack: PEFT's numbers within 1e-5,
+   without a copy of the model per version). The
    gateway's attention uses a sample only once the memory and every serving version hold it;
 3. the shards whose pending samples are due get a retrain on the ingestion queue.
 
@@ -27,8 +28,10 @@ from typing import Any
 
 import numpy as np
 
-from apa import artifacts, training
+from apa import artifacts
 from apa.embeddings import embed, normalise_rows
+from apa.engines.base import AdapterRef
+from apa.engines.torch import TorchEngine
 from apa.partition import Incoming, assign, member_centres
 from apa.runs import embedding_cache, memory_path, read_run
 from jobs import queue
@@ -133,19 +136,24 @@ def fill_validation(ctx: WorkerContext) -> dict[str, int]:
                                                         hist.astype(stored["history_embeddings"].dtype)]),
                   "labels": np.concatenate([stored["labels"], labels])}
         _save_npz(path, stored)
+    files = {v.shard: v.path / "valid_predictions.json" for v in views if v.path is not None}
+    stored_predictions = {k: artifacts.read_json(f) if f.is_file() else {} for k, f in files.items()}
+    lacking = {k: [s for s in live_valid if s not in p and s in run.prompts] for k, p in stored_predictions.items()}
     added = 0
-    for view in views:
-        assert view.path is not None
-        file = view.path / "valid_predictions.json"
-        predictions: dict[str, float] = artifacts.read_json(file) if file.is_file() else {}
-        lacking = [s for s in live_valid if s not in predictions and s in run.prompts]
-        if not lacking:
-            continue
-        model = training.load_adapter(base, view.path)
-        scores = training.predict(base, model, [run.prompts[s] for s in lacking], batch_size=cfg.batch_size)
-        artifacts.write_json_atomic(file, {**predictions, **dict(zip(lacking, scores, strict=True))})
-        added += len(lacking)
-        del model
+    if any(lacking.values()):
+        # the serving versions stacked in one engine (the gateway's own scoring path: no copy of the model);
+        # a one-hot weight row gives each shard's own p(yes), equal to PEFT's within 1e-5
+        engine = TorchEngine(base)
+        engine.load([AdapterRef(shard=v.shard, version=v.version or 0, path=v.path) for v in views
+                     if v.path is not None])
+        for shard, todo in lacking.items():
+            if not todo:
+                continue
+            scores = engine.score_shared([run.prompts[s] for s in todo], np.eye(len(views))[shard],
+                                         batch_size=cfg.batch_size)
+            artifacts.write_json_atomic(files[shard], {**stored_predictions[shard],
+                                                       **{s: float(p) for s, p in zip(todo, scores, strict=True)}})
+            added += len(todo)
     with session_scope(settings.ledger_url) as session:
         ingest.mark_prepared(session=session, sample_ids=[s for s in live_valid if s in records])
     return {"memory_added": len(missing), "predictions_added": added}
