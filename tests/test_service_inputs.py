@@ -94,7 +94,7 @@ def test_openapi_shows_the_id_pattern_and_bounds(api: TestClient) -> None:
     assert get["parameters"][0]["schema"]["pattern"] == ID_PATTERN
     retrain = schema["paths"]["/admin/shards/{shard}/retrain"]["post"]
     assert retrain["parameters"][0]["schema"] | {"title": None} == {
-        "type": "integer", "minimum": 0, "maximum": 2**31 - 1, "title": None}
+        "type": "integer", "minimum": 0, "maximum": 2**31 - 1, "title": None, "examples": [0]}
     request = schema["components"]["schemas"]["RecommendRequest"]["properties"]
     assert request["user_id"]["pattern"] == ID_PATTERN
 
