@@ -23,6 +23,7 @@ import json
 import os
 import secrets
 import shutil
+import socket
 import statistics
 import sys
 import tempfile
@@ -63,9 +64,17 @@ def ledger(args: argparse.Namespace, work: Path, name: str) -> Iterator[str]:
         admin.dispose()
 
 
+def free_port() -> int:
+    """A port nothing listens on now (a fixed one may be another benchmark's on a shared machine)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
 @contextmanager
-def stack(args: argparse.Namespace, source: Path, work: Path, name: str, port: int,
+def stack(args: argparse.Namespace, source: Path, work: Path, name: str,
           **extra: str) -> Iterator[tuple[Client, Path]]:
+    port = args.port or free_port()
     run = work / name / "run"
     shutil.copytree(source, run, ignore=shutil.ignore_patterns("*.db", "*.db-*", "logs"))
     with ledger(args, work, name) as url:
@@ -144,7 +153,7 @@ def beside(client: Client, catalog: Catalog, users: list[str], rate: float, stop
 
 
 def phase_serving(args: argparse.Namespace, source: Path, work: Path) -> dict[str, Any]:
-    with stack(args, source, work, "serving", args.port, APA_INGEST_MIN_SAMPLES="1000000") as (client, run):
+    with stack(args, source, work, "serving", APA_INGEST_MIN_SAMPLES="1000000") as (client, run):
         catalog = Catalog(run)
         probes, others = catalog.users[:args.probe_users], catalog.users[args.probe_users:]
         candidates = catalog.popular[:args.candidates]
@@ -202,7 +211,7 @@ def phase_serving(args: argparse.Namespace, source: Path, work: Path) -> dict[st
 
 
 def phase_training(args: argparse.Namespace, source: Path, work: Path) -> dict[str, Any]:
-    with stack(args, source, work, "training", args.port + 1, APA_INGEST_MIN_SAMPLES="1",
+    with stack(args, source, work, "training", APA_INGEST_MIN_SAMPLES="1",
                APA_INGEST_VALID_FRACTION="0") as (client, run):
         catalog = Catalog(run)
         user = catalog.users[0]
@@ -246,7 +255,7 @@ def main() -> None:
     parser.add_argument("--ingest-rate", type=float, default=20.0, help="ingestion requests/s beside /recommend")
     parser.add_argument("--batches", type=int, default=20)
     parser.add_argument("--batch", type=int, default=100, help="interactions per throughput request")
-    parser.add_argument("--port", type=int, default=8766)
+    parser.add_argument("--port", type=int, default=0, help="the gateways' port (default: a free one each)")
     parser.add_argument("--timeout", type=float, default=3600.0)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", type=Path)
