@@ -195,10 +195,10 @@ def phase_serving(args: argparse.Namespace, source: Path, work: Path) -> dict[st
         stamp = catalog.next(user)[0]["timestamp"]
         answer = client.ingest(user, [{"item_id": offered, "rating": 5, "timestamp": stamp}])
         post_s = time.perf_counter() - t0
-        after = client.recommend(user, top_k=20)
+        answered = client.recommend(user, top_k=20)
         used_s = time.perf_counter() - t0
         visible = {"post_s": round(post_s, 3), "post_to_recommend_s": round(used_s, 3),
-                   "rated_item_no_longer_offered": offered not in [i["item_id"] for i in after["items"]],
+                   "rated_item_no_longer_offered": offered not in [i["item_id"] for i in answered["items"]],
                    "samples": answer["samples"]}
         return {"recommend_alone": {**alone, "load_average": loads[0]},
                 "recommend_after": {**after, "unplaced_samples_when_ingestion_stopped": backlog},
