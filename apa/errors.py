@@ -67,3 +67,7 @@ class IdempotencyConflict(APAError):
 
 class EngineUnavailable(APAError):
     """The scoring engine cannot answer (the vLLM server is unreachable or refused a request)."""
+
+
+class InteractionKeyTooLong(APAError):
+    """An interaction's key (``<user_id>:<item_id>:<timestamp>``) would not fit the ledger's id columns."""

@@ -11,6 +11,7 @@ the HMACs of the deleted interactions in ``forgotten.json``, so importing it int
 """
 
 import shutil
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,7 +39,9 @@ def forgotten_hmacs(run_dir: Path) -> set[str]:
 
 
 def purge_run_files(run_dir: Path, sample_ids: set[str], superseded: list[Path],
-                    hmacs: set[str] | None = None) -> PurgeReport:
+                    hmacs: set[str] | None = None, prompts: Iterable[str] = ()) -> PurgeReport:
+    """``prompts``: texts of deleted samples the run folder does not list (ingested ones, kept in the
+    ledger), whose embedding-cache entries go too."""
     report = PurgeReport()
     if hmacs and not hmacs <= forgotten_hmacs(run_dir):
         artifacts.write_json_atomic(run_dir / FORGOTTEN, sorted(forgotten_hmacs(run_dir) | hmacs))
@@ -50,6 +53,7 @@ def purge_run_files(run_dir: Path, sample_ids: set[str], superseded: list[Path],
     cache = EmbeddingCache(run_dir / "cache" / "embeddings", str(doc["base_model"]["sha256"]))
     for column in ("prompt", "history_prompt"):
         report.cache_entries += sum(cache.discard(text) for text in frame.loc[gone, column])
+    report.cache_entries += sum(cache.discard(text) for text in prompts)
     report.samples = int(gone.sum())
     if report.samples:
         frame[~gone].to_parquet(run_dir / "samples.parquet", index=False)

@@ -15,7 +15,7 @@ only what is missing.
 
 import logging
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -91,6 +91,32 @@ class RunData:
     def own_sisa(self) -> bool:
         """Whether the run's own shards are SISA's (a random partition)."""
         return self.config.partition == "random"
+
+    def with_samples(self, extra: Sequence["ExtraSample"]) -> "RunData":
+        """The run with samples it was not trained with (online learning: their content and prompts come
+        from the ledger), appended to their splits; a sample the run holds already is not added twice."""
+        known = {s.sample_id for split in self.splits.values() for s in split}
+        new = [e for e in extra if e.sample.sample_id not in known]
+        if not new:
+            return self
+        splits = {name: [*items, *(e.sample for e in new if e.split == name)] for name, items in self.splits.items()}
+        return replace(
+            self, splits=splits,
+            shard_of={**self.shard_of, **{e.sample.sample_id: e.shard for e in new
+                                          if e.split == "train" and e.shard is not None}},
+            prompts={**self.prompts, **{e.sample.sample_id: e.prompt for e in new}},
+            history_prompts={**self.history_prompts, **{e.sample.sample_id: e.history_prompt for e in new}})
+
+
+@dataclass(frozen=True)
+class ExtraSample:
+    """A sample from outside the run folder, with its split, shard and frozen prompts."""
+
+    split: str
+    shard: int | None
+    sample: Sample
+    prompt: str
+    history_prompt: str
 
 
 def embedding_cache(run_dir: Path, base: BaseModel) -> EmbeddingCache:

@@ -5,6 +5,7 @@ threshold are "liked", the others "disliked"; the label is ``target rating > thr
 keeps the keys of all interactions it contains, so a deletion can find every sample it touches.
 """
 
+import hashlib
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 
@@ -72,21 +73,55 @@ def build_samples(
     out: list[Sample] = []
     frame = dataset.interactions
     for user_id, group in frame.groupby("user_id", sort=True):
-        items = group["item_id"].tolist()
-        liked = (group["rating"] > like_threshold).tolist()
-        keys = [interaction_key(str(user_id), i, t) for i, t in zip(items, group["timestamp"], strict=True)]
-        for position in range(min_history, len(items)):
-            start = max(0, position - max_history)
-            out.append(Sample(
-                sample_id=keys[position],
-                user_id=str(user_id),
-                target_item_id=items[position],
-                label=int(liked[position]),
-                history_item_ids=tuple(items[start:position]),
-                history_liked=tuple(liked[start:position]),
-                interaction_keys=tuple(keys[start:position + 1]),
-            ))
+        timeline = list(zip(group["item_id"], group["rating"], group["timestamp"], strict=True))
+        out.extend(user_samples(str(user_id), timeline, range(min_history, len(timeline)),
+                                max_history=max_history, like_threshold=like_threshold))
     return out
+
+
+def user_samples(
+    user_id: str, timeline: Sequence[tuple[str, float, int]], positions: Iterable[int], *, max_history: int = 10,
+    like_threshold: float = 3.0,
+) -> list[Sample]:
+    """The samples whose targets are ``timeline[position]`` for each position: ``timeline`` is the user's
+    (item_id, rating, timestamp), ordered by (timestamp, item_id); each sample's history is the up to
+    ``max_history`` interactions before its target. The one rule for a run's samples and ingested ones."""
+    items = [str(item) for item, _, _ in timeline]
+    liked = [float(rating) > like_threshold for _, rating, _ in timeline]
+    keys = [interaction_key(user_id, item, int(t)) for item, _, t in timeline]
+    out = []
+    for position in positions:
+        start = max(0, position - max_history)
+        out.append(Sample(
+            sample_id=keys[position],
+            user_id=user_id,
+            target_item_id=items[position],
+            label=int(liked[position]),
+            history_item_ids=tuple(items[start:position]),
+            history_liked=tuple(liked[start:position]),
+            interaction_keys=tuple(keys[start:position + 1]),
+        ))
+    return out
+
+
+def ingested_split(sample_id: str, *, seed: int, valid_fraction: float) -> str:
+    """``valid`` for a seeded ``valid_fraction`` of ingested samples, ``train`` for the rest: a hash of
+    (seed, sample id), so the same sample always lands in the same split."""
+    digest = hashlib.sha256(f"split:{seed}:{sample_id}".encode()).digest()
+    draw = int.from_bytes(digest[:8], "big") / 2**64  # uniform in [0, 1)
+    return "valid" if draw < valid_fraction else "train"
+
+
+def from_content(record: dict[str, object]) -> Sample:
+    """A sample back from :meth:`Sample.content` (the ledger keeps ingested samples this way)."""
+    def strings(name: str) -> tuple[str, ...]:
+        return tuple(str(v) for v in record[name])  # type: ignore[attr-defined]
+
+    return Sample(sample_id=str(record["sample_id"]), user_id=str(record["user_id"]),
+                  target_item_id=str(record["target_item_id"]), label=int(record["label"]),  # type: ignore[call-overload]
+                  history_item_ids=strings("history_item_ids"),
+                  history_liked=tuple(bool(v) for v in record["history_liked"]),  # type: ignore[attr-defined]
+                  interaction_keys=strings("interaction_keys"))
 
 
 def split_samples(

@@ -8,8 +8,9 @@ import os
 import secrets
 from functools import lru_cache
 from pathlib import Path
+from typing import Annotated
 
-from pydantic import SecretStr
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -33,6 +34,13 @@ class CoreSettings(BaseSettings):
     # A deletion must complete (its retrained shards serving) within this many seconds of its request;
     # the gateway yields and then sheds /recommend to keep it so (service/deadline.py).
     forget_deadline_s: float = 3600.0
+    # Online learning (POST /users/{id}/interactions): a seeded fraction of the new samples joins the
+    # validation memory; a shard retrains once ingest_min_samples of its samples are pending or the
+    # oldest is ingest_max_delay_s old. Semantic runs: no shard grows past ceil((N + n) / K * ingest_balance).
+    ingest_valid_fraction: Annotated[float, Field(ge=0, le=1)] = 0.1
+    ingest_min_samples: Annotated[int, Field(ge=1)] = 32
+    ingest_max_delay_s: Annotated[float, Field(ge=0)] = 3600.0
+    ingest_balance: Annotated[float, Field(ge=1)] = 1.25
 
     @property
     def assets_dir(self) -> Path:

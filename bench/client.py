@@ -64,6 +64,15 @@ class Client:
         return dict(self._json(self.http.delete(f"/users/{user_id}/interactions", params=params,
                                                 headers=headers), 202))
 
+    def ingest(self, user_id: str, interactions: list[dict[str, Any]],
+               idempotency_key: str | None = None) -> dict[str, Any]:
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
+        return dict(self._json(self.http.post(f"/users/{user_id}/interactions", json={"interactions": interactions},
+                                              headers=headers), 202))
+
+    def retrain(self, shard: int) -> dict[str, Any]:
+        return dict(self._json(self.http.post(f"/admin/shards/{shard}/retrain"), 202))
+
     def deletion(self, request_id: str) -> dict[str, Any]:
         return dict(self._json(self.http.get(f"/deletions/{request_id}")))
 

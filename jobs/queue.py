@@ -6,6 +6,11 @@ Imports no torch and neither ``service`` nor ``worker``: the gateway enqueues jo
 De-duplication: enqueueing a shard's retrain sets ``<prefix>retrain:queued:<k>`` (SET NX); the job
 clears it when it starts, before it snapshots the shard. A deletion that finds the marker set is
 covered by the queued job; one that arrives after the snapshot enqueues the next retrain.
+
+Priority: deletions' retrains go on ``<prefix>retrain``, which workers empty first; retrains for
+ingested data and the preparation of ingested samples go on ``<prefix>ingest``, with markers of their
+own, so a deletion never waits behind a queued ingestion job (whichever retrain of a shard runs first
+covers both; the other finds nothing to do).
 """
 
 import json
@@ -21,6 +26,8 @@ log = logging.getLogger(__name__)
 
 RETRAIN_TASK = "worker.tasks.retrain_shard"
 PURGE_TASK = "worker.tasks.purge_completed"
+PREPARE_TASK = "worker.ingest.prepare_ingested"
+DELETION, INGESTION = "deletion", "ingestion"  # retrain priorities
 MARKER_TTL_S = 3600  # a queued job lost without running frees its shard after this
 
 
@@ -33,11 +40,19 @@ class Names:
         return f"{self.prefix}retrain"
 
     @property
+    def ingest_queue(self) -> str:
+        return f"{self.prefix}ingest"
+
+    @property
     def events(self) -> str:
         return f"{self.prefix}events"
 
-    def queued(self, shard: int) -> str:
-        return f"{self.prefix}retrain:queued:{shard}"
+    def queued(self, shard: int | str, priority: str = DELETION) -> str:
+        return f"{self.prefix}retrain:queued:{shard}" if priority == DELETION else f"{self.prefix}ingest:queued:{shard}"
+
+    def rate(self) -> str:
+        """The rate limits' key prefix (``service.limits``)."""
+        return f"{self.prefix}rate"
 
     def lock(self, shard: int | str) -> str:
         return f"{self.prefix}retrain:lock:{shard}"
@@ -55,6 +70,15 @@ def queue(redis: Redis, prefix: str) -> Queue:
     return Queue(Names(prefix).queue, connection=redis)
 
 
+def ingest_queue(redis: Redis, prefix: str) -> Queue:
+    return Queue(Names(prefix).ingest_queue, connection=redis)
+
+
+def queues(redis: Redis, prefix: str) -> list[Queue]:
+    """What a worker listens to, first things first: deletions' retrains, then ingestion's jobs."""
+    return [queue(redis, prefix), ingest_queue(redis, prefix)]
+
+
 def retry_policy(attempts: int, backoff_s: float) -> Retry | None:
     """RQ's retry of a job that raised: ``attempts`` runs in all, waiting backoff_s, 2 x backoff_s, ..."""
     if attempts <= 1:
@@ -62,26 +86,48 @@ def retry_policy(attempts: int, backoff_s: float) -> Retry | None:
     return Retry(max=attempts - 1, interval=[round(backoff_s * 2 ** i) for i in range(attempts - 1)])
 
 
-def enqueue_retrain(redis: Redis, settings: CoreSettings, shard: int) -> bool:
-    """Enqueue one retrain of ``shard`` unless one is already waiting, with the settings' job timeout and
-    RQ retry (see :func:`retry_policy`). Returns whether it enqueued."""
+def enqueue_retrain(redis: Redis, settings: CoreSettings, shard: int, priority: str = DELETION) -> bool:
+    """Enqueue one retrain of ``shard`` unless one of this priority is already waiting, with the settings'
+    job timeout and RQ retry (see :func:`retry_policy`). Returns whether it enqueued."""
     prefix = settings.redis_prefix
     names = Names(prefix)
-    if not redis.set(names.queued(shard), "1", nx=True, ex=MARKER_TTL_S):
+    marker = names.queued(shard, priority)
+    if not redis.set(marker, "1", nx=True, ex=MARKER_TTL_S):
         return False
+    target = queue(redis, prefix) if priority == DELETION else ingest_queue(redis, prefix)
     try:
-        queue(redis, prefix).enqueue(RETRAIN_TASK, shard, job_timeout=settings.retrain_timeout_s, result_ttl=3600,
-                                     failure_ttl=7 * 86400, description=f"retrain shard {shard}",
-                                     retry=retry_policy(settings.max_attempts, settings.backoff_s))
+        target.enqueue(RETRAIN_TASK, shard, job_timeout=settings.retrain_timeout_s, result_ttl=3600,
+                       failure_ttl=7 * 86400, description=f"retrain shard {shard} ({priority})",
+                       retry=retry_policy(settings.max_attempts, settings.backoff_s))
     except Exception:
-        redis.delete(names.queued(shard))
+        redis.delete(marker)
         raise
-    log.info("enqueued retrain of shard %d", shard)
+    log.info("enqueued retrain of shard %d (%s)", shard, priority)
     return True
 
 
 def clear_queued(redis: Redis, prefix: str, shard: int) -> None:
-    redis.delete(Names(prefix).queued(shard))
+    """A retrain of ``shard`` starts: the queued ones of either priority are covered by it."""
+    names = Names(prefix)
+    redis.delete(names.queued(shard), names.queued(shard, INGESTION))
+
+
+def enqueue_prepare(redis: Redis, prefix: str) -> bool:
+    """Enqueue the preparation of ingested samples (``worker.ingest``) unless one is waiting."""
+    marker = Names(prefix).queued("prepare", INGESTION)
+    if not redis.set(marker, "1", nx=True, ex=MARKER_TTL_S):
+        return False
+    try:
+        ingest_queue(redis, prefix).enqueue(PREPARE_TASK, job_timeout=3600, result_ttl=3600,
+                                            description="prepare ingested samples")
+    except Exception:
+        redis.delete(marker)
+        raise
+    return True
+
+
+def clear_prepare(redis: Redis, prefix: str) -> None:
+    redis.delete(Names(prefix).queued("prepare", INGESTION))
 
 
 def enqueue_purge(redis: Redis, prefix: str) -> None:
@@ -101,4 +147,4 @@ def live_workers(redis: Redis, prefix: str) -> set[str]:
 
 
 def queue_status(redis: Redis, prefix: str) -> dict[str, int]:
-    return {"depth": queue(redis, prefix).count, "workers": len(live_workers(redis, prefix))}
+    return {"depth": sum(q.count for q in queues(redis, prefix)), "workers": len(live_workers(redis, prefix))}

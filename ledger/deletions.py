@@ -16,13 +16,13 @@ from sqlalchemy.orm import Session
 
 from apa.errors import (
     DeletionNotFound,
-    IdempotencyConflict,
     LedgerError,
     UserNotFound,
 )
 from apa.hashing import hmac_hex
+from ledger import common
 from ledger.catalog import shard_views
-from ledger.common import IDEMPOTENCY_WINDOW, chunks, record_event, version_row, write_audit
+from ledger.common import chunks, record_event, version_row, write_audit
 from ledger.models import (
     COMPLETED,
     FAILED,
@@ -63,24 +63,12 @@ def idempotency_hmac(*, key: bytes, user_id: str, item_ids: Sequence[str] | None
 
 
 def find_idempotent(*, session: Session, token_hmac: str, idempotency_key: str, binding: str) -> DeletionRequest | None:
-    """The request this token made under this key in the last 24 h, if any.
-
-    A key names one request: reused for another user or other items it is refused
-    (:class:`IdempotencyConflict`), never matched. An expired key is released for reuse.
-    """
-    earlier = session.scalars(select(DeletionRequest).where(
-        DeletionRequest.token_hmac == token_hmac, DeletionRequest.idempotency_key == idempotency_key)).first()
-    if earlier is None:
-        return None
-    created = as_utc(earlier.created_at)
-    if created is not None and created < utcnow() - IDEMPOTENCY_WINDOW:
-        earlier.idempotency_key = None
-        session.flush()
-        return None
-    if earlier.idempotency_hmac != binding:
-        raise IdempotencyConflict("this Idempotency-Key was used for another deletion request (another user "
+    """The deletion request this token made under this key in the last 24 h, if any (see
+    :func:`ledger.common.find_idempotent`)."""
+    return common.find_idempotent(
+        session=session, model=DeletionRequest, token_hmac=token_hmac, idempotency_key=idempotency_key,
+        binding=binding, conflict="this Idempotency-Key was used for another deletion request (another user "
                                   "or other items); use a new key for a new request")
-    return earlier
 
 
 def request_deletion(
@@ -91,6 +79,7 @@ def request_deletion(
 
     The request's first status is ``quarantined``, or ``completed`` when no shard is affected.
     """
+    common.lock_user(session=session, user_id=user_id)  # no ingestion builds samples on what this tombstones
     binding: str | None = None
     if idempotency_key and token_hmac:
         binding = idempotency_hmac(key=key, user_id=user_id, item_ids=item_ids)
@@ -135,7 +124,9 @@ def request_deletion(
         samples.update((s.sample_id, s) for s in found)
     for sample in samples.values():
         sample.deleted_at, sample.deletion_id = now, request.id
-    affected = sorted({s.shard for s in samples.values() if s.split == "train" and s.shard is not None})
+    # an ingested sample no version has trained on (nor a retrain claimed) leaves without a retrain
+    affected = sorted({s.shard for s in samples.values()
+                       if s.split == "train" and s.shard is not None and not untrained(s)})
     for k in affected:
         shard = session.get(Shard, k, with_for_update=True)
         if shard is None:
@@ -162,6 +153,11 @@ def request_deletion(
     return DeletionOutcome(request=request, created=True, valid_sample_ids=valid)
 
 
+def untrained(sample: Sample) -> bool:
+    """An ingested sample that no version trained on and no retrain has claimed."""
+    return sample.ingested_at is not None and sample.trained_version is None and sample.claimed_at is None
+
+
 def _deleted_keys(*, session: Session, request_id: str) -> set[str]:
     return set(session.scalars(select(Interaction.key).where(Interaction.deletion_id == request_id)))
 
@@ -186,6 +182,8 @@ def complete(*, session: Session, request: DeletionRequest, key: bytes) -> None:
         "request_id": request.id,
         "interactions_removed": request.interactions_removed,
         "samples_removed": request.samples_removed,
+        "untrained_samples_removed": sum(1 for s in session.scalars(select(Sample).where(
+            Sample.deletion_id == request.id, Sample.split == "train")) if untrained(s)),
         "shards": [{"shard": d.shard, "old_version": d.old_version, "new_version": d.new_version,
                     "old_manifest_sha256": d.old_manifest_sha256, "new_manifest_sha256": d.new_manifest_sha256}
                    for d in shards],

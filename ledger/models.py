@@ -8,6 +8,11 @@ purged; what remains afterwards is HMACs (``forgotten``) and the deletion reques
 Shard freshness is two counters: each deletion that touches a shard bumps ``dirty_seq``; a retrain
 snapshots it and, once live, sets ``clean_seq`` to the snapshot. The shard is dirty while
 ``dirty_seq > clean_seq``, so deletions that arrive during a retrain cost one more retrain, not N.
+
+Ingested samples (``POST /users/{id}/interactions``) carry their prompt texts and content in their row
+(``ingested_at`` set): the run folder knows nothing of them. A training one is *pending* until a
+version of its shard trained on it (``trained_version``); a retrain claims the pending samples it
+snapshots (``claimed_at``), so a deletion of a claimed sample quarantines the shard like any trained one.
 """
 
 from datetime import UTC, datetime
@@ -87,10 +92,18 @@ class Sample(Base):
     sample_id: Mapped[str] = mapped_column(ID, primary_key=True)  # its target interaction's key
     user_id: Mapped[str] = mapped_column(ID, index=True)
     split: Mapped[str] = mapped_column(String(8))
-    shard: Mapped[int | None] = mapped_column(index=True)  # training samples only
+    shard: Mapped[int | None] = mapped_column(index=True)  # training samples only (None: not assigned yet)
     label: Mapped[int]
     deleted_at: Mapped[datetime | None]
     deletion_id: Mapped[str | None] = mapped_column(ForeignKey("deletion_requests.id"), index=True)
+    # Ingested samples only (run samples keep theirs in the run folder): frozen at ingestion.
+    ingested_at: Mapped[datetime | None] = mapped_column(index=True)
+    content: Mapped[dict[str, Any] | None] = mapped_column(JSON)  # apa.samples.Sample.content()
+    prompt: Mapped[str | None] = mapped_column(Text)
+    history_prompt: Mapped[str | None] = mapped_column(Text)
+    prepared_at: Mapped[datetime | None]  # train: shard assigned; valid: in the validation memory
+    claimed_at: Mapped[datetime | None]  # a retrain snapshot took it
+    trained_version: Mapped[int | None]  # the first version of its shard that trained on it
 
 
 class SampleInteraction(Base):
@@ -112,6 +125,10 @@ class Shard(Base):
     serving_version: Mapped[int | None]
     dirty_seq: Mapped[int] = mapped_column(default=0)
     clean_seq: Mapped[int] = mapped_column(default=0)
+    # Semantic runs: the unit mean of the live members' embeddings, as the last assignment used it.
+    centre: Mapped[list[Any] | None] = mapped_column(JSON)
+    # The last retrain for ingested data alone failed: its triggers wait for an admin's retry.
+    ingest_error: Mapped[str | None] = mapped_column(Text)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
 
     @property
@@ -158,6 +175,21 @@ class DeletionRequest(Base):
     purged_at: Mapped[datetime | None]
     certificate: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     error: Mapped[str | None] = mapped_column(Text)
+
+
+class IngestionRequest(Base):
+    """One accepted ``POST /users/{id}/interactions``: its answer (counts and shards only), for idempotency."""
+
+    __tablename__ = "ingestion_requests"
+    __table_args__ = (UniqueConstraint("token_hmac", "idempotency_key", name="uq_ingestion_requests_idempotency"),)
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    subject_hmac: Mapped[str] = mapped_column(DIGEST)  # HMAC of the user id: replicas drop that user's caches
+    idempotency_key: Mapped[str | None] = mapped_column(String(256))
+    token_hmac: Mapped[str | None] = mapped_column(DIGEST)
+    idempotency_hmac: Mapped[str | None] = mapped_column(DIGEST)  # HMAC of the user and the batch
+    answer: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
 
 
 class DeletionShard(Base):

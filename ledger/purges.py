@@ -3,7 +3,7 @@
 Each function works inside the caller's session (one transaction); none commits. Imports no torch.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from sqlalchemy import delete, or_, select, update
@@ -31,6 +31,7 @@ class PurgePlan:
     superseded: list[Path]  # version folders trained on the deleted data
     run_path: Path
     interaction_hmacs: list[str]
+    prompts: list[str] = field(default_factory=list)  # ingested samples' texts: their embedding-cache entries go
 
 
 def pending_purges(*, session: Session) -> list[str]:
@@ -49,14 +50,17 @@ def purge_plan(*, session: Session, request_id: str) -> PurgePlan:
             AdapterVersion.shard == part.shard, AdapterVersion.purged_at.is_(None),
             or_(AdapterVersion.version < (part.new_version or 0), AdapterVersion.covers_seq < part.seq)))
         superseded.extend(Path(v.path) for v in stale)
-    sample_ids = session.scalars(select(Sample.sample_id).where(Sample.deletion_id == request.id))
-    return PurgePlan(request_id=request.id, sample_ids=sorted(sample_ids),
+    rows = session.execute(select(Sample.sample_id, Sample.prompt, Sample.history_prompt)
+                           .where(Sample.deletion_id == request.id)).all()
+    return PurgePlan(request_id=request.id, sample_ids=sorted(str(i) for i, _, _ in rows),
                      superseded=sorted(set(superseded)), run_path=Path(get_run(session=session).path),
-                     interaction_hmacs=list(request.deleted_hmacs))
+                     interaction_hmacs=list(request.deleted_hmacs),
+                     prompts=sorted({text for _, *texts in rows for text in texts if text}))
 
 
 def finish_purge(*, session: Session, plan: PurgePlan) -> None:
-    """Delete the request's interaction and sample rows; mark superseded versions purged."""
+    """Delete the request's interaction and sample rows (ingested samples' prompt texts with them); mark
+    superseded versions purged."""
     now = utcnow()
     paths = [str(p) for p in plan.superseded]
     for chunk in chunks(paths):

@@ -3,7 +3,7 @@
 Each function works inside the caller's session (one transaction); none commits. Imports no torch.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from sqlalchemy import select
@@ -13,6 +13,7 @@ from apa.errors import (
     NothingToRetrain,
     ShardNotFound,
 )
+from ledger import ingest
 from ledger.catalog import live_sample_ids
 from ledger.common import record_event, version_row, write_audit
 from ledger.deletions import complete
@@ -39,6 +40,9 @@ class RetrainSnapshot:
     valid_ids: list[str]  # live validation samples
     old_version: int | None
     run_path: Path
+    # the ingested samples among them (train and valid): the run folder knows nothing of these
+    ingested: list[ingest.IngestedRecord] = field(default_factory=list)
+    claimed: list[str] = field(default_factory=list)  # its pending samples, trained once it publishes
 
 
 def dirty_shards(*, session: Session, include_failed: bool = False) -> list[int]:
@@ -49,22 +53,31 @@ def dirty_shards(*, session: Session, include_failed: bool = False) -> list[int]
 
 
 def begin_retrain(*, session: Session, shard: int) -> RetrainSnapshot | None:
-    """Snapshot a dirty shard's live samples and mark it (and the requests it covers) ``retraining``."""
+    """Snapshot a shard's live samples and claim its pending ones, when it is dirty (a deletion) or holds
+    samples no version has trained on (ingestion). A deletion marks the shard (and the requests it
+    covers) ``retraining``; a retrain for ingested data alone keeps the shard serving its old version,
+    and gives way while any deletion waits for a retrain (it is due again after it)."""
     row = session.get(Shard, shard, with_for_update=True)
     if row is None:
         raise ShardNotFound(f"no shard {shard}")
-    if not row.dirty or row.state == FAILED:
+    if row.state == FAILED:
         return None
-    row.state = RETRAINING
+    if not row.dirty and (shard not in ingest.pending(session=session) or ingest.deletions_open(session=session)):
+        return None
+    if row.dirty:
+        row.state = RETRAINING
     for request in pending_requests(session=session, shard=shard, up_to=row.dirty_seq):
         if request.status == QUARANTINED:
             record_event(session=session, request=request, status=RETRAINING, detail=f"shard {shard}")
+    claimed = ingest.claim(session=session, shard=shard)
     write_audit(session=session, actor="worker", action="shard.retrain.start", subject=f"shard-{shard}",
-                detail={"seq": row.dirty_seq})
-    return RetrainSnapshot(shard=shard, seq=row.dirty_seq,
-                           sample_ids=live_sample_ids(session=session, split="train", shard=shard),
-                           valid_ids=live_sample_ids(session=session, split="valid"),
-                           old_version=row.serving_version, run_path=Path(get_run(session=session).path))
+                detail={"seq": row.dirty_seq, "pending_samples": len(claimed)})
+    sample_ids = live_sample_ids(session=session, split="train", shard=shard)
+    valid_ids = live_sample_ids(session=session, split="valid")
+    return RetrainSnapshot(shard=shard, seq=row.dirty_seq, sample_ids=sample_ids, valid_ids=valid_ids,
+                           old_version=row.serving_version, run_path=Path(get_run(session=session).path),
+                           ingested=ingest.records(session=session, sample_ids=[*sample_ids, *valid_ids]),
+                           claimed=claimed)
 
 
 def pending_requests(*, session: Session, shard: int, up_to: int | None = None) -> list[DeletionRequest]:
@@ -106,6 +119,8 @@ def publish_version(
     row.serving_version = record.version
     row.clean_seq = max(row.clean_seq, snapshot.seq)
     row.state = QUARANTINED if row.dirty else SERVING
+    row.ingest_error = None
+    ingest.mark_trained(session=session, sample_ids=snapshot.claimed, version=record.version)
     session.flush()
     completed = []
     touched = session.scalars(select(DeletionShard).where(DeletionShard.shard == row.shard,
@@ -140,6 +155,14 @@ def fail_retrain(*, session: Session, shard: int, error: str) -> list[str]:
     row = session.get(Shard, shard, with_for_update=True)
     if row is None:
         raise ShardNotFound(f"no shard {shard}")
+    ingest.release_claims(session=session, shard=shard)
+    if not row.dirty:
+        # a retrain for ingested data alone: the serving version holds no deleted data and stays; the
+        # shard's ingestion triggers wait for an admin's retry
+        row.ingest_error = error[:2000]
+        write_audit(session=session, actor="worker", action="shard.ingest.failed", subject=f"shard-{shard}",
+                    detail={"error": error[:500]})
+        return []
     row.state = FAILED
     failed = []
     for request in pending_requests(session=session, shard=shard):
@@ -152,12 +175,13 @@ def fail_retrain(*, session: Session, shard: int, error: str) -> list[str]:
 
 
 def request_retrain(*, session: Session, shard: int, actor: str = "admin") -> None:
-    """Let the worker try a dirty (e.g. failed) shard again."""
+    """Let the worker try a dirty (e.g. failed) shard again, or train its pending samples now."""
     row = session.get(Shard, shard, with_for_update=True)
     if row is None:
         raise ShardNotFound(f"no shard {shard}")
-    if not row.dirty:
-        raise NothingToRetrain(f"shard {shard} holds no deleted data; nothing to retrain")
+    if not row.dirty and shard not in ingest.pending(session=session):
+        raise NothingToRetrain(f"shard {shard} holds neither deleted data nor pending samples; nothing to retrain")
+    row.ingest_error = None
     if row.state == FAILED:
         row.state = QUARANTINED
         for request in pending_requests(session=session, shard=shard):

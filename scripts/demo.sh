@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The main job, end to end on this machine's CPU: install, fetch the pinned assets, train a small APA
 # model (K=4 shards; 256 training samples, at most 2 epochs), record it in the ledger, start the gateway and the
-# retraining worker, ask /recommend, forget a user, follow the deletion to `completed`, print the
-# certificate and /admin/status, stop cleanly.
+# retraining worker, ask /recommend, ingest three new ratings of a user (the next /recommend uses them;
+# a forced retrain trains them into new versions whose manifests name them), forget that user, follow
+# the deletion to `completed`, print the certificate and /admin/status, stop cleanly.
 # Ledger: SQLite in the run folder unless APA_DATABASE_URL is set (it must point at an empty database).
 # Redis: APA_REDIS_URL (default 127.0.0.1:6379; started here if nothing answers there).
 # Size: DEMO_SHARDS, DEMO_TRAIN, DEMO_VALID, DEMO_TEST, DEMO_EPOCHS. DEMO_EVAL=1 adds `apa eval`.

@@ -1,4 +1,6 @@
-"""The demo's client half: ask /recommend, forget a user, follow the deletion to `completed`, check it.
+"""The demo's client half: ask /recommend, teach the service a few new ratings of a user (the next
+/recommend uses them, a forced retrain trains them into a new version whose manifest names them),
+then forget that user, follow the deletion to `completed`, check it.
 
 Usage: python scripts/demo_client.py --url http://127.0.0.1:8000 --run RUN_DIR  (token: APA_ADMIN_TOKEN)
 Exits non-zero if any check fails. Writes a summary to RUN_DIR/demo.json.
@@ -15,6 +17,8 @@ import pandas as pd
 
 from bench.client import APIError, Client
 
+NEW_TIMESTAMP = 900_000_000  # after MovieLens-100K's last rating
+
 
 def pick_users(run_dir: Path) -> tuple[str, str]:
     """A user whose training samples sit in exactly one shard (the others keep serving), and a probe user."""
@@ -25,6 +29,56 @@ def pick_users(run_dir: Path) -> tuple[str, str]:
     target = str(one[0])
     probe = str(next(u for u in sorted(set(frame["user_id"]), key=lambda u: (len(u), u)) if u != target))
     return target, probe
+
+
+def learn(client: Client, run_dir: Path, user: str, items: list[str], timeout_s: float,
+          problems: list[str]) -> dict[str, object]:
+    """POST three new ratings of ``user``; show the next /recommend using them; wait for the worker to place
+    the new samples, force their shards' retrain, and show the new versions' manifests naming them."""
+    rated = [{"item_id": item, "rating": rating, "timestamp": NEW_TIMESTAMP + n}
+             for n, (item, rating) in enumerate(zip(items, (5, 2, 4), strict=False))]
+    print(f"\n== POST /users/{user}/interactions {json.dumps(rated)}")
+    started = time.perf_counter()
+    accepted = client.ingest(user, rated)
+    print(json.dumps(accepted), f"({time.perf_counter() - started:.2f} s)")
+    after = client.recommend(user, top_k=20)
+    offered = [i["item_id"] for i in after["items"]]
+    print(f"next /recommend ({time.perf_counter() - started:.1f} s after the POST) no longer offers {items}: "
+          f"{not set(items) & set(offered)}")
+    if set(items) & set(offered):
+        problems.append(f"/recommend still offers the items just rated: {sorted(set(items) & set(offered))}")
+    new_ids = {f"{user}:{r['item_id']}:{r['timestamp']}" for r in rated}
+    deadline = time.monotonic() + timeout_s
+    while (status := client.status())["ingest"]["unplaced_samples"]:  # the worker embeds and places them
+        if time.monotonic() > deadline:
+            problems.append("the new samples were not placed in time")
+            return {"accepted": accepted}
+        time.sleep(0.5)
+    pending = {s["shard"]: s for s in status["shards"] if s["pending_samples"]}
+    print(f"pending samples by shard: { {k: s['pending_samples'] for k, s in pending.items()} }; "
+          f"forcing their retrain (POST /admin/shards/{{k}}/retrain)")
+    for shard in pending:
+        client.retrain(shard)
+    started = time.perf_counter()
+    while True:
+        now = {s["shard"]: s for s in client.status()["shards"]}
+        if all(now[k]["version"] > pending[k]["version"] and now[k]["state"] == "serving" for k in pending):
+            break
+        if time.monotonic() > deadline:
+            problems.append("the forced retrain did not publish in time")
+            return {"accepted": accepted}
+        time.sleep(1.0)
+    print(f"retrained and hot-swapped in {time.perf_counter() - started:.1f} s (no quarantine)")
+    named = []
+    for shard in pending:
+        version = now[shard]["version"]
+        manifest = json.loads((run_dir / "adapters" / f"shard-{shard}" / f"v{version}" / "manifest.json").read_text())
+        ids = sorted(new_ids & {s["sample_id"] for s in manifest["samples"]})
+        print(f"shard {shard} v{version} manifest ({manifest['n_samples']} samples) names {ids}")
+        named += ids
+    if not named and accepted["samples"]["train"]:
+        problems.append("no new version's manifest names the new samples")
+    return {"accepted": accepted, "retrained": {k: now[k]["version"] for k in pending}, "manifest_names": named}
 
 
 def main() -> int:
@@ -42,6 +96,10 @@ def main() -> int:
     answer = client.recommend(user, top_k=5)
     print(json.dumps(answer, indent=1), f"\n({time.perf_counter() - started:.1f} s)")
 
+    problems: list[str] = []
+    learned = learn(client, args.run, user, [item["item_id"] for item in answer["items"][:3]], args.timeout,
+                    problems)
+
     print(f"\n== DELETE /users/{user}/interactions, then follow /deletions/{{id}}")
     forget = client.forget(user, probe_user=probe, probe_item=answer["items"][0]["item_id"], timeout_s=args.timeout)
     print(f"request {forget.request_id}: first status {forget.first_status}, shards {forget.affected_shards}")
@@ -51,7 +109,6 @@ def main() -> int:
           f"{forget.seconds_to_completed:.1f} s" if forget.seconds_to_completed else "not completed")
     print("\n== certificate\n" + json.dumps(forget.deletion["certificate"], indent=1))
 
-    problems = []
     if forget.deletion["status"] != "completed" or forget.deletion["certificate"]["violations"] != 0:
         problems.append(f"deletion ended {forget.deletion['status']}: {forget.deletion.get('error')}")
     try:
@@ -81,7 +138,7 @@ def main() -> int:
     print(f"\nchecked {len(status['shards'])} serving manifests: none lists a sample of user {user}"
           if not any("manifest" in p for p in problems) else "")
     (args.run / "demo.json").write_text(json.dumps({
-        "user": user, "request_id": forget.request_id, "affected_shards": forget.affected_shards,
+        "user": user, "learned": learned, "request_id": forget.request_id, "affected_shards": forget.affected_shards,
         "seconds_to_quarantine": forget.seconds_to_quarantine, "seconds_to_completed": forget.seconds_to_completed,
         "certificate": forget.deletion["certificate"], "status": status, "problems": problems}, indent=1))
     for problem in problems:

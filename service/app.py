@@ -25,7 +25,9 @@ from service.background import EventListener, ledger_poller
 from service.deletions import router as deletions
 from service.deps import Gateway
 from service.health import router as health
-from service.limits import BodyLimit, TokenBuckets
+from service.ingest import router as ingest
+from service.items import router as items
+from service.limits import BodyLimit, RateLimiter
 from service.metrics import Metrics
 from service.recommend import router as recommend
 from service.recommend.service import Recommender
@@ -40,7 +42,9 @@ DESCRIPTION = """LLM recommendations that can be forgotten exactly (APA: Adapter
 `POST /recommend` scores items with one forward pass through the per-user mixture of K shard LoRAs.
 `DELETE /users/{id}/interactions` quarantines every shard that saw the data at once; a worker
 retrains those shards from scratch and the gateway hot-swaps them; `GET /deletions/{id}` ends with a
-certificate. `DELETE` and `/admin/*` need `Authorization: Bearer <APA_ADMIN_TOKEN>`."""
+certificate. `POST /users/{id}/interactions` adds what a user rated: the next `/recommend` uses it at
+once, and only the shard each new sample joins retrains on it (by count or age). `DELETE`, `PUT /items`
+and `/admin/*` need `Authorization: Bearer <APA_ADMIN_TOKEN>`; ingestion takes `APA_INGEST_TOKEN` too."""
 
 
 def _start(gateway: Gateway) -> None:
@@ -101,11 +105,11 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
     app = FastAPI(title="APA-Rec", version=__version__, description=DESCRIPTION, lifespan=lifespan)
     sessions = session_factory(settings.ledger_url, **settings.ledger_timeouts())
     app.state.gateway = Gateway(settings=settings, sessions=sessions, metrics=Metrics(),
-                                rate=TokenBuckets(rate=settings.admin_rate_per_s, burst=settings.admin_burst))
+                                limiter=RateLimiter(settings.redis_url, queue.Names(settings.redis_prefix).rate()))
     app.state.gateway.metrics.forget_deadline.set(settings.forget_deadline_s)
     errors.install(app)
     redaction.install()
-    for module in (recommend, deletions, admin, health):
+    for module in (recommend, ingest, items, deletions, admin, health):
         app.include_router(module.router)
 
     @app.middleware("http")

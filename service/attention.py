@@ -35,15 +35,23 @@ class Attention:
         self.grid, self.memory_file, self.shards = grid, memory_file, shards
         self.in_use: AttentionInUse | None = None  # None before the first refresh
         self._valid_ids: frozenset[str] = frozenset()
+        self._files: tuple[int, ...] = ()
+
+    def _stamps(self, refs: Sequence[AdapterRef]) -> tuple[int, ...]:
+        """When the memory and the versions' predictions last changed: the worker adds ingested validation
+        samples to them (the memory keeps a sample only once every serving version predicted it)."""
+        files = [self.memory_file, *(ref.path / "valid_predictions.json" for ref in refs)]
+        return tuple(path.stat().st_mtime_ns if path.is_file() else 0 for path in files)
 
     def refresh(self, refs: Sequence[AdapterRef], valid_ids: frozenset[str], *, versions_changed: bool) -> None:
-        """Rebuild the memory from the serving versions ``refs`` if they or the live validation samples
-        changed (or nothing is in use yet), and choose the attention on it."""
-        if versions_changed or valid_ids != self._valid_ids or self.in_use is None:
+        """Rebuild the memory from the serving versions ``refs`` if they, their predictions, the memory file
+        or the live validation samples changed (or nothing is in use yet), and choose the attention on it."""
+        files = self._stamps(refs)
+        if versions_changed or valid_ids != self._valid_ids or files != self._files or self.in_use is None:
             predictions = [artifacts.read_json(ref.path / "valid_predictions.json") for ref in refs]
             memory = ValidationMemory.load(self.memory_file, predictions)
             self.in_use = self._choose(memory.without(set(memory.sample_ids) - valid_ids))
-            self._valid_ids = valid_ids
+            self._valid_ids, self._files = valid_ids, files
 
     def drop(self, sample_ids: Sequence[str]) -> None:
         """Deleted validation samples leave the memory now, before the next ledger sync."""

@@ -11,7 +11,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session, sessionmaker
 
 from apa.hashing import hmac_hex
-from service.limits import TokenBuckets, retry_after
+from service.limits import RateLimiter, retry_after
 from service.metrics import Metrics
 from service.settings import ServiceSettings
 
@@ -32,7 +32,7 @@ class Gateway:
     recommender: "Recommender | None" = None
     redis: Any = None
     threads: "list[Periodic]" = field(default_factory=list)  # the event listener and the ledger poll
-    rate: TokenBuckets = field(default_factory=lambda: TokenBuckets(rate=1.0, burst=1))
+    limiter: RateLimiter | None = None  # per-token rate limits, shared by the replicas through Redis
     probes: ThreadPoolExecutor = field(  # /readyz's checks: never queued behind the request thread pool
         default_factory=lambda: ThreadPoolExecutor(max_workers=2, thread_name_prefix="probe"))
 
@@ -76,13 +76,40 @@ def require_admin(
     if expected is None or not hmac.compare_digest(token.encode(), expected.get_secret_value().encode()):
         raise HTTPException(403, "wrong token")
     token_hmac = hmac_hex(gateway.settings.hmac_secret(), "token", token)
-    wait_s = gateway.rate.take(token_hmac)
-    if wait_s:
-        raise HTTPException(429, "too many requests with this token; slow down", headers=retry_after(wait_s))
+    _limit(gateway, "admin", token_hmac, rate=gateway.settings.admin_rate_per_s, burst=gateway.settings.admin_burst)
     return token_hmac
 
 
+def _limit(gateway: Gateway, name: str, token_hmac: str, *, rate: float, burst: int) -> None:
+    """429 with Retry-After past the token's rate (one limit across every replica)."""
+    if gateway.limiter is None:
+        return
+    wait_s = gateway.limiter.take(name, token_hmac, rate=rate, burst=burst)
+    if wait_s:
+        raise HTTPException(429, "too many requests with this token; slow down", headers=retry_after(wait_s))
+
+
 AdminDep = Annotated[str, Depends(require_admin)]
+
+_ingest_bearer = HTTPBearer(auto_error=False, description="APA_INGEST_TOKEN or APA_ADMIN_TOKEN")
+
+
+def require_ingest(
+    gateway: GatewayDep, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_ingest_bearer)],
+) -> str:
+    """``APA_INGEST_TOKEN`` or the admin token (compared in constant time): 401 without a bearer token, 403
+    with another, 429 over the ingestion rate of that token; returns the token's HMAC."""
+    given = _presented(credentials).encode()
+    settings = gateway.settings
+    allowed = [t for t in (settings.ingest_token, settings.admin_token) if t is not None]
+    if not sum(hmac.compare_digest(given, token.get_secret_value().encode()) for token in allowed):
+        raise HTTPException(403, "wrong token")
+    token_hmac = hmac_hex(settings.hmac_secret(), "token", given.decode())
+    _limit(gateway, "ingest", token_hmac, rate=settings.ingest_rate_per_s, burst=settings.ingest_burst)
+    return token_hmac
+
+
+IngestDep = Annotated[str, Depends(require_ingest)]
 
 _client_bearer = HTTPBearer(auto_error=False, description="APA_RECOMMEND_TOKEN, when the gateway sets one")
 

@@ -13,10 +13,17 @@ import hashlib
 import threading
 from collections import OrderedDict
 from collections.abc import Collection
+from functools import lru_cache
 
 import numpy as np
 
 from apa.hashing import hmac_hex
+
+
+@lru_cache(maxsize=65536)
+def _subject(key: bytes, user_id: str) -> str:
+    """The user's HMAC, as events and the ledger name them (kept: ingestion events arrive many a second)."""
+    return hmac_hex(key, "user", user_id)
 
 
 class HistoryCache:
@@ -65,9 +72,21 @@ class HistoryCache:
             self._epoch += 1
             self._entries.pop(user_id, None)
 
+    def discard(self, user_id: str) -> None:
+        """The user's history changed (ingestion): drop the entry now. No epoch bump: an embedding of the
+        old history stored meanwhile is keyed by the old prompt and can never match the new one."""
+        with self._lock:
+            self._entries.pop(user_id, None)
+
+    def discard_subjects(self, subject_hmacs: Collection[str], key: bytes) -> None:
+        """``discard`` for users known by their HMAC (another replica's ingestion)."""
+        with self._lock:
+            for user in [u for u in self._entries if _subject(key, u) in subject_hmacs]:
+                del self._entries[user]
+
     def forget_subjects(self, subject_hmacs: Collection[str], key: bytes) -> None:
         """Drop the users whose ``hmac_hex(key, "user", id)`` is listed (completed deletions)."""
         with self._lock:
             self._epoch += 1
-            for user in [u for u in self._entries if hmac_hex(key, "user", u) in subject_hmacs]:
+            for user in [u for u in self._entries if _subject(key, u) in subject_hmacs]:
                 del self._entries[user]

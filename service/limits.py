@@ -1,18 +1,25 @@
-"""Bounded work: a request-body limit, a per-token rate limit, and admission to the model queue.
+"""Bounded work: a request-body limit, per-token rate limits (shared by the replicas), and admission to
+the model queue.
 
 Each limit answers at once (413, 429 or 503 with ``Retry-After``) instead of queueing work that
 would stall the event loop, the thread pool or the single model thread.
 """
 
+import logging
 import math
-import threading
 import time
-from collections.abc import Callable
 from typing import Any
 
+from limits import RateLimitItem, RateLimitItemPerSecond
+from limits.errors import ConfigurationError
+from limits.storage import MemoryStorage, RedisStorage
+from limits.strategies import MovingWindowRateLimiter
+from redis.exceptions import RedisError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.errors import Overloaded, error
+
+log = logging.getLogger(__name__)
 
 
 class BodyLimit:
@@ -57,25 +64,36 @@ class BodyLimit:
         await response(scope, receive, send)
 
 
-class TokenBuckets:
-    """One token bucket per key (a bearer token's HMAC): ``rate`` requests a second, bursts of ``burst``."""
+class RateLimiter:
+    """Per-token rate limits shared by every replica: a moving window of ``burst`` requests per
+    ``burst / rate`` seconds for each (limit, key), kept in Redis by the ``limits`` library, so N replicas
+    grant one token its limit once, not N times. If Redis cannot be reached the replica falls back to a
+    window of its own (in memory) rather than refusing or waving through every request."""
 
-    def __init__(self, rate: float, burst: int, clock: Callable[[], float] = time.monotonic) -> None:
-        self.rate, self.burst, self._clock = rate, burst, clock
-        self._buckets: dict[str, tuple[float, float]] = {}  # key -> (tokens, at)
-        self._lock = threading.Lock()
+    def __init__(self, redis_url: str, prefix: str) -> None:
+        storage = RedisStorage(redis_url, key_prefix=prefix, socket_connect_timeout=2, socket_timeout=2)
+        self._shared = MovingWindowRateLimiter(storage)
+        self._local = MovingWindowRateLimiter(MemoryStorage())
 
-    def take(self, key: str) -> float:
-        """0 when the request may go ahead; else the seconds until it may (nothing is taken)."""
-        now = self._clock()
-        with self._lock:
-            tokens, at = self._buckets.get(key, (float(self.burst), now))
-            tokens = min(float(self.burst), tokens + (now - at) * self.rate)
-            if tokens >= 1:
-                self._buckets[key] = (tokens - 1, now)
-                return 0.0
-            self._buckets[key] = (tokens, now)
-            return (1 - tokens) / self.rate if self.rate > 0 else math.inf
+    @staticmethod
+    def item(rate: float, burst: int) -> RateLimitItem:
+        return RateLimitItemPerSecond(burst, max(1, math.ceil(burst / rate)))
+
+    def take(self, name: str, key: str, *, rate: float, burst: int) -> float:
+        """0 when the request may go ahead (it is counted); else the seconds until it may."""
+        item = self.item(rate, burst)
+        try:
+            return self._take(self._shared, item, name, key)
+        except (RedisError, ConfigurationError, OSError):
+            log.warning("rate limits: Redis unavailable, this replica counts alone", exc_info=True)
+            return self._take(self._local, item, name, key)
+
+    @staticmethod
+    def _take(limiter: MovingWindowRateLimiter, item: RateLimitItem, name: str, key: str) -> float:
+        if limiter.hit(item, name, key):
+            return 0.0
+        reset = limiter.get_window_stats(item, name, key).reset_time
+        return max(0.001, reset - time.time())
 
 
 def retry_after(seconds: float) -> dict[str, str]:

@@ -36,5 +36,7 @@ class Metrics:
         self.completed_overdue = Counter("apa_deletions_completed_overdue_total",
                                          "Deletions this replica saw complete after APA_FORGET_DEADLINE_S",
                                          registry=self.registry)
+        self.ingested = Counter("apa_ingested_total", "Ingestion: interactions accepted and duplicates refused, "
+                                "samples by split", ["what"], registry=self.registry)
         self.batches = Counter("apa_forward_batches_total", "Micro-batches run on the model thread", ["kind"],
                                registry=self.registry)

@@ -25,7 +25,7 @@ from apa.engines.base import AdapterRef, Engine
 from apa.errors import LedgerError
 from apa.model import BaseModel
 from apa.runs import RunConfig, memory_path
-from ledger import catalog, deletions
+from ledger import catalog, deletions, ingest
 from ledger.db import session_scope
 from ledger.models import SERVING, as_utc, utcnow
 from service.attention import Attention
@@ -50,6 +50,7 @@ class Replica:
         self.deadline = Deadline(settings.forget_policy())
         self.on_completed: Callable[[list[float]], None] = lambda seconds: None  # DELETE -> completed, s
         self._completed_seen: datetime = utcnow()
+        self._ingested_seen: datetime = utcnow()
         self._sync_lock = threading.Lock()
         # A sync must never lift a quarantine it did not see: ``_epoch`` counts quarantines (a sync
         # releases nothing if one happened after its ledger read) and ``_pending`` holds the shards
@@ -70,7 +71,11 @@ class Replica:
                 completed = [(as_utc(r.created_at), as_utc(r.completed_at)) for r in finished]
                 subjects = {r.subject_hmac for r in finished}
                 open_created = deletions.open_deletions_created(session=session)
+                ingested, newest = ingest.ingested_since(session=session, since=self._ingested_seen)
             self.deadline.update(open_created)
+            if ingested:  # users whose history grew on another replica (the event may have been missed)
+                self.histories.discard_subjects(ingested, self.settings.hmac_secret())
+                self._ingested_seen = newest or self._ingested_seen
             if any(v.path is None for v in views):
                 raise LedgerError(f"shards without a serving version: {[v.shard for v in views if v.path is None]}")
             refs = [AdapterRef(shard=v.shard, version=v.version or 0, path=v.path) for v in views if v.path]
@@ -130,7 +135,12 @@ class Replica:
         self.engine.drop_cached()
 
     def on_event(self, event: dict[str, Any]) -> None:
-        """A pub/sub event: apply a quarantine at once, then sync with the ledger."""
+        """A pub/sub event: apply a quarantine at once, then sync with the ledger. An ingestion only drops
+        the user's cached history (many a second: no sync each)."""
+        if event.get("type") == "ingest":
+            if event.get("subject") is not None:
+                self.histories.discard_subjects({str(event["subject"])}, self.settings.hmac_secret())
+            return
         if event.get("type") == "quarantine":
             self.quarantine([int(s) for s in event.get("shards", [])])
             if event.get("subject") is not None:  # the user's HMAC: events carry no user ids

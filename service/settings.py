@@ -55,8 +55,13 @@ class ServiceSettings(CoreSettings):
     ledger_statement_timeout_s: Annotated[float, Field(gt=0)] = 15.0  # PostgreSQL statements; SQLite's lock wait
     # Bounded work: each limit answers at once (413, 429, 503 + Retry-After) instead of queueing.
     max_body_bytes: Annotated[int, Field(ge=1024)] = 64 * 1024
-    admin_rate_per_s: Annotated[float, Field(gt=0)] = 5.0  # DELETE and /admin/* per bearer token
+    admin_rate_per_s: Annotated[float, Field(gt=0)] = 5.0  # DELETE, PUT /items and /admin/* per bearer token
     admin_burst: Annotated[int, Field(ge=1)] = 30
+    # POST /users/{id}/interactions: APA_INGEST_TOKEN (or the admin token), each token at its own rate,
+    # shared by every replica (service/limits.py). Unset: only the admin token may ingest.
+    ingest_token: SecretStr | None = None
+    ingest_rate_per_s: Annotated[float, Field(gt=0)] = 50.0
+    ingest_burst: Annotated[int, Field(ge=1)] = 100
     max_model_waiting: Annotated[int, Field(ge=1)] = 16  # /recommend requests waiting for the model thread
     probe_timeout_s: Annotated[float, Field(gt=0)] = 2.0  # /readyz's ledger and Redis checks
     # The scoring engine (apa.engines.ENGINES): torch, in this process; or vllm, a client of a vLLM server

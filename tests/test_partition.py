@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from apa.embeddings import normalise_rows
 from apa.errors import ConfigError
 from apa.partition import PARTITIONERS, balanced_assignment, partition
 from apa.samples import Sample
@@ -120,3 +121,61 @@ def test_unknown_partitioner_and_bad_k() -> None:
         partition("random", _samples(4), np.zeros((4, 2)), k=5, seed=0)
     with pytest.raises(ConfigError):
         partition("random", _samples(4), np.zeros((4, 2)), k=0, seed=0)
+
+
+# -- new samples (online learning) ------------------------------------------------------------------
+def _unit(*rows: list[float]) -> np.ndarray:
+    return normalise_rows(np.array(rows, dtype=np.float64))
+
+
+def test_a_new_sample_joins_its_nearest_centre_and_ties_go_to_the_smaller_shard() -> None:
+    from apa.partition import Incoming, assign
+
+    centres = _unit([1, 0], [0, 1])
+    new = Incoming(sample_ids=["a", "b", "c"], user_ids=["u", "u", "u"], sizes=np.array([10, 10]), balance=2.0,
+                   unit=_unit([1, 0.1], [0.1, 1], [1, 1]), centres=centres)
+    assert assign("semantic", new).tolist() == [0, 1, 0], "a tie between equal shards: the lower number"
+    smaller = Incoming(sample_ids=["c"], user_ids=["u"], sizes=np.array([10, 9]), balance=2.0,
+                       unit=_unit([1, 1]), centres=centres)
+    assert assign("semantic", smaller).tolist() == [1], "a tie: the smaller shard"
+
+
+def test_no_shard_grows_past_the_balance_bound() -> None:
+    from apa.partition import Incoming, assign
+
+    centres = _unit([1, 0], [0, 1])
+    four = _unit([1, 0.01], [1, 0.02], [1, 0.03], [1, 0.04])  # all nearest shard 0
+    strict = Incoming(sample_ids=list("abcd"), user_ids=list("uuuu"), sizes=np.array([4, 4]), balance=1.0,
+                      unit=four, centres=centres)
+    assert assign("semantic", strict).tolist() == [0, 0, 1, 1], "cap ceil(12 / 2) = 6: two go to shard 0"
+    loose = Incoming(sample_ids=list("abcd"), user_ids=list("uuuu"), sizes=np.array([4, 4]), balance=1.5,
+                     unit=four, centres=centres)
+    assert assign("semantic", loose).tolist() == [0, 0, 0, 0], "cap ceil(6 * 1.5) = 9"
+    over = Incoming(sample_ids=["a"], user_ids=["u"], sizes=np.array([20, 2]), unit=four[:1], centres=centres)
+    assert assign("semantic", over).tolist() == [1], "a shard already over the bound takes nothing"
+
+
+def test_centres_are_the_unit_mean_of_their_live_members() -> None:
+    from apa.partition import member_centres
+
+    members = _unit([1, 0], [0, 1], [1, 0])
+    fallback = _unit([0.6, 0.8], [0.8, 0.6], [1, 1])
+    centres = member_centres(members, np.array([0, 0, 1]), 3, fallback)
+    assert centres[0] == pytest.approx(_unit([1, 1])[0])
+    assert centres[1] == pytest.approx([1.0, 0.0])
+    assert centres[2] == pytest.approx(fallback[2]), "no members: the fallback centre"
+
+
+def test_random_and_user_rules_for_new_samples() -> None:
+    from apa.partition import Incoming, assign
+
+    ids = [f"u:{i}:1" for i in range(200)]
+    first = assign("random", Incoming(sample_ids=ids, user_ids=["u"] * 200, sizes=np.zeros(4, int), seed=3))
+    again = assign("random", Incoming(sample_ids=ids, user_ids=["u"] * 200, sizes=np.array([50, 0, 0, 0]), seed=3))
+    assert first.tolist() == again.tolist(), "a seeded hash of the id: sizes play no part"
+    assert set(first.tolist()) == {0, 1, 2, 3}
+    other = assign("random", Incoming(sample_ids=ids, user_ids=["u"] * 200, sizes=np.zeros(4, int), seed=4))
+    assert other.tolist() != first.tolist()
+    users = assign("user", Incoming(sample_ids=["a", "b", "c", "d"], user_ids=["old", "new", "new", "other"],
+                                    sizes=np.array([3, 1, 1]), user_shards={"old": 0}))
+    assert users.tolist() == [0, 1, 1, 2], "known user: their shard; new users: the least loaded, lower first"

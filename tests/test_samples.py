@@ -134,3 +134,26 @@ def test_frame_round_trip(dataset: Dataset) -> None:
     assert dict(zip(frame.loc[frame["split"] == "train", "sample_id"],
                     frame.loc[frame["split"] == "train", "shard"], strict=True)) == shards
     assert from_frame(frame) == splits
+
+
+def test_a_users_samples_are_built_by_the_one_rule_and_round_trip_through_their_content(dataset) -> None:  # type: ignore[no-untyped-def]
+    from apa.samples import from_content, user_samples
+
+    built = [s for s in build_samples(dataset, max_history=3, min_history=2) if s.user_id == "u1"]
+    frame = dataset.interactions[dataset.interactions["user_id"] == "u1"]
+    timeline = list(zip(frame["item_id"], frame["rating"], frame["timestamp"], strict=True))
+    again = user_samples("u1", timeline, range(2, len(timeline)), max_history=3)
+    assert again == built
+    assert [from_content(s.content()) for s in built] == built
+
+
+def test_the_ingested_split_is_a_seeded_draw_of_the_fraction() -> None:
+    from apa.samples import ingested_split
+
+    ids = [f"u:{i}:1" for i in range(2000)]
+    draws = [ingested_split(i, seed=0, valid_fraction=0.1) for i in ids]
+    assert 150 < draws.count("valid") < 250
+    assert draws == [ingested_split(i, seed=0, valid_fraction=0.1) for i in ids], "the same sample, the same split"
+    assert draws != [ingested_split(i, seed=1, valid_fraction=0.1) for i in ids]
+    assert {ingested_split(i, seed=0, valid_fraction=0.0) for i in ids} == {"train"}
+    assert {ingested_split(i, seed=0, valid_fraction=1.0) for i in ids} == {"valid"}

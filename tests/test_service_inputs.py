@@ -94,7 +94,7 @@ def test_openapi_shows_the_id_pattern_and_bounds(api: TestClient) -> None:
     assert get["parameters"][0]["schema"]["pattern"] == ID_PATTERN
     retrain = schema["paths"]["/admin/shards/{shard}/retrain"]["post"]
     assert retrain["parameters"][0]["schema"] | {"title": None} == {
-        "type": "integer", "minimum": 0, "maximum": 2**31 - 1, "title": None}
+        "type": "integer", "minimum": 0, "maximum": 2**31 - 1, "title": None, "examples": [0]}
     request = schema["components"]["schemas"]["RecommendRequest"]["properties"]
     assert request["user_id"]["pattern"] == ID_PATTERN
 
@@ -229,17 +229,19 @@ def test_a_body_over_the_limit_is_413_before_parsing(make_api: Callable[..., Tes
     assert api.post("/recommend", json={"user_id": "u1", "candidates": ["6"]}).status_code == 200
 
 
-def test_the_token_bucket_refills_at_its_rate() -> None:
-    from service.limits import TokenBuckets
+def test_the_rate_limit_is_a_window_per_key_shared_through_redis(redis_prefix: str) -> None:
+    from service.limits import RateLimiter
+    from tests.conftest import REDIS_URL
 
-    now = [0.0]
-    buckets = TokenBuckets(rate=2.0, burst=2, clock=lambda: now[0])
-    assert [buckets.take("a"), buckets.take("a")] == [0.0, 0.0]
-    assert buckets.take("a") == pytest.approx(0.5)  # one token comes back in 1/rate s
-    assert buckets.take("b") == 0.0, "each token has its own bucket"
-    now[0] = 0.5
-    assert buckets.take("a") == 0.0
-    assert buckets.take("a") == pytest.approx(0.5)
+    first, second = RateLimiter(REDIS_URL, f"{redis_prefix}rate"), RateLimiter(REDIS_URL, f"{redis_prefix}rate")
+    assert [first.take("admin", "a", rate=1.0, burst=2), second.take("admin", "a", rate=1.0, burst=2)] == [0.0, 0.0]
+    wait = first.take("admin", "a", rate=1.0, burst=2)
+    assert 0 < wait <= 2.0, "2 requests per 2 s, counted across both limiters"
+    assert second.take("admin", "b", rate=1.0, burst=2) == 0.0, "each key has its own window"
+    assert second.take("ingest", "a", rate=1.0, burst=2) == 0.0, "each limit too"
+    unreachable = RateLimiter("redis://127.0.0.1:1/0", "x")
+    assert [unreachable.take("admin", "a", rate=1.0, burst=1) == 0.0 for _ in range(2)] == [True, False], \
+        "without Redis the replica still limits, alone"
 
 
 @pytest.mark.parametrize("ledger_url", ["sqlite"], indirect=True)
@@ -248,7 +250,7 @@ def test_admin_routes_are_rate_limited_per_token(make_api: Callable[..., TestCli
     assert [api.get("/admin/status", headers=AUTH).status_code for _ in range(2)] == [200, 200]
     limited = api.delete("/users/u1/interactions", headers=AUTH)
     assert_json_error(limited, 429)
-    assert 1 <= int(limited.headers["Retry-After"]) <= 10
+    assert 1 <= int(limited.headers["Retry-After"]) <= 20  # 2 requests per 20 s
     assert api.post("/admin/shards/0/retrain", headers=AUTH).status_code == 429
     assert api.get("/admin/status", headers={"Authorization": "Bearer wrong"}).status_code == 403
     assert api.post("/recommend", json={"user_id": "u1", "candidates": ["6"]}).status_code == 200, \

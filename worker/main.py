@@ -37,7 +37,7 @@ def run(settings: WorkerSettings, *, burst: bool = False) -> None:
         reconcile(settings, redis)
         if not burst:
             reconciling.start()
-        SimpleWorker([queue.queue(redis, settings.redis_prefix)], connection=redis, name=name).work(
+        SimpleWorker(queue.queues(redis, settings.redis_prefix), connection=redis, name=name).work(
             burst=burst, logging_level="INFO", with_scheduler=True)  # the scheduler runs rq.Retry's backoff
     finally:
         reconciling.stop()

@@ -14,7 +14,7 @@ from apa import artifacts
 from apa.errors import LedgerError
 from jobs import queue
 from jobs.periodic import Periodic
-from ledger import purges, retrains, run_import
+from ledger import ingest, purges, retrains, run_import
 from ledger.db import session_scope
 from worker.liveness import recover_orphans
 from worker.settings import WorkerSettings
@@ -33,10 +33,17 @@ def reconcile(settings: WorkerSettings, redis: Any) -> dict[str, Any]:
             run_dir = None
         dirty = retrains.dirty_shards(session=session)
         to_purge = purges.pending_purges(session=session)
+        due = ingest.due_shards(session=session, min_samples=settings.ingest_min_samples,
+                                max_delay_s=settings.ingest_max_delay_s)
+        prepare = ingest.any_ingested(session=session, live=True)  # placements, memory, new versions' predictions
     names = queue.Names(settings.redis_prefix)
     busy = [k for k in dirty if redis.exists(names.lock(k))]  # being retrained: that job re-enqueues if needed
     enqueued = [k for k in dirty if k not in busy
                 and queue.enqueue_retrain(redis, settings, k)]
+    enqueued += [k for k in due if k not in dirty and not redis.exists(names.lock(k))
+                 and queue.enqueue_retrain(redis, settings, k, queue.INGESTION)]
+    if prepare:
+        queue.enqueue_prepare(redis, settings.redis_prefix)
     if to_purge:
         queue.enqueue_purge(redis, settings.redis_prefix)
     cleaned = 0

@@ -13,9 +13,10 @@ from sqlalchemy.orm import Session
 from apa import artifacts, data
 from apa.metrics import valid_auc
 from apa.purge import forgotten_hmacs
-from apa.runs import read_run
+from apa.runs import ExtraSample, read_run
+from apa.samples import from_content
 from apa.settings import CoreSettings
-from ledger import run_import
+from ledger import ingest, run_import
 
 
 def version_record(run_dir: Path, shard: int, version: int, metrics: dict[str, Any] | None = None,
@@ -44,3 +45,9 @@ def import_run(session: Session, run_dir: Path, settings: CoreSettings) -> run_i
         base_model_sha256=run.base_model_sha256, versions=records, key=settings.hmac_secret(),
         forgotten=forgotten_hmacs(run_dir),
     )
+
+
+def extra_samples(records: list[ingest.IngestedRecord]) -> list[ExtraSample]:
+    """Ingested samples as the ledger keeps them, for ``RunData.with_samples``."""
+    return [ExtraSample(split=r.split, shard=r.shard, sample=from_content(r.content), prompt=r.prompt,
+                        history_prompt=r.history_prompt) for r in records]

@@ -27,11 +27,11 @@ from apa.purge import purge_run_files
 from apa.runs import read_run, train_version
 from jobs import queue
 from jobs.periodic import Periodic
-from ledger import purges, retrains
+from ledger import ingest, purges, retrains
 from ledger.db import session_scope
 from worker import metrics
 from worker.liveness import lock_token
-from worker.record import version_record
+from worker.record import extra_samples, version_record
 from worker.settings import WorkerSettings, get_worker_settings
 
 log = logging.getLogger(__name__)
@@ -147,7 +147,7 @@ def _retrain_once(ctx: WorkerContext, snapshot: retrains.RetrainSnapshot) -> dic
 def _retrain(ctx: WorkerContext, snapshot: retrains.RetrainSnapshot) -> dict[str, Any]:
     settings, run_dir, shard = ctx.settings, snapshot.run_path, snapshot.shard
     started = time.perf_counter()
-    run = read_run(run_dir)
+    run = read_run(run_dir).with_samples(extra_samples(snapshot.ingested))  # ingested samples: from the ledger
     keep, keep_valid = set(snapshot.sample_ids), set(snapshot.valid_ids)
     samples = [s for s in run.splits["train"] if s.sample_id in keep]
     valid = [s for s in run.splits["valid"] if s.sample_id in keep_valid]
@@ -189,8 +189,11 @@ def _enqueue_if_dirty(ctx: WorkerContext, shard: int) -> None:
     settings = ctx.settings
     with session_scope(settings.ledger_url) as session:
         dirty = shard in retrains.dirty_shards(session=session)
+        ingested = ingest.any_ingested(session=session)
     if dirty:
         queue.enqueue_retrain(ctx.redis, settings, shard)
+    if ingested:  # the new version's validation predictions, and the ingestion retrains now due
+        queue.enqueue_prepare(ctx.redis, settings.redis_prefix)
 
 
 def purge_completed() -> dict[str, Any]:
@@ -209,7 +212,7 @@ def purge_completed() -> dict[str, Any]:
                 with session_scope(settings.ledger_url) as session:
                     plan = purges.purge_plan(session=session, request_id=request_id)
                 report = purge_run_files(plan.run_path, set(plan.sample_ids), plan.superseded,
-                                         set(plan.interaction_hmacs))
+                                         set(plan.interaction_hmacs), plan.prompts)
                 with session_scope(settings.ledger_url) as session:
                     purges.finish_purge(session=session, plan=plan)
             except (APAError, OSError):

@@ -21,7 +21,7 @@ def status(_: AdminDep, session: SessionDep, gateway: GatewayDep, replica: Repli
 
 @router.post("/shards/{shard}/retrain", status_code=202, response_model=RetrainAccepted,
              responses=error_responses(404, 409, 422, _404="No such shard", _409="Nothing to retrain"))
-def retrain(shard: Annotated[int, Path(ge=0, le=SHARD_MAX)], _: AdminDep, session: SessionDep,
+def retrain(shard: Annotated[int, Path(ge=0, le=SHARD_MAX, examples=[0])], _: AdminDep, session: SessionDep,
             gateway: GatewayDep) -> RetrainAccepted:
     """Try a failed (or dirty) shard's retrain again."""
     return service.retrain(session=session, redis=gateway.redis, settings=gateway.settings, shard=shard)

@@ -15,6 +15,12 @@ class ShardStatus(BaseModel):
     n_samples: int | None
     trained_at: datetime | None
     manifest_sha256: str | None
+    pending_samples: int = Field(0, description="Ingested training samples no version of this shard has trained on")
+    next_retrain_due: datetime | None = Field(None, description="When those samples' retrain is due "
+                                                                "(APA_INGEST_MIN_SAMPLES or APA_INGEST_MAX_DELAY_S)")
+    ingest_error: str | None = Field(None, description="The last retrain for ingested data failed (the old version "
+                                                       "serves on); its triggers wait for POST "
+                                                       "/admin/shards/{k}/retrain")
 
 
 class QueueStatus(BaseModel):
@@ -53,6 +59,13 @@ class ForgetStatus(BaseModel):
         description="normal; yield: the model thread sleeps between batches; shed: /recommend answers 503")
 
 
+class IngestStatus(BaseModel):
+    min_samples: int = Field(description="APA_INGEST_MIN_SAMPLES: a shard retrains once this many wait")
+    max_delay_s: float = Field(description="APA_INGEST_MAX_DELAY_S: ... or once the oldest waited this long")
+    unplaced_samples: int = Field(description="New training samples a semantic run's worker has still to embed "
+                                              "and place")
+
+
 class AdminStatus(BaseModel):
     shards: list[ShardStatus]
     queue: QueueStatus
@@ -60,6 +73,7 @@ class AdminStatus(BaseModel):
     model: ModelInfo
     attention: AttentionStatus
     forget: ForgetStatus | None = None
+    ingest: IngestStatus | None = None
 
 
 class RetrainAccepted(BaseModel):

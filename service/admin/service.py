@@ -7,12 +7,13 @@ from redis import Redis
 from sqlalchemy.orm import Session
 
 from jobs import queue
-from ledger import catalog, retrains
+from ledger import catalog, ingest, retrains
 from service.admin.schemas import (
     AdminStatus,
     AttentionSetting,
     AttentionStatus,
     ForgetStatus,
+    IngestStatus,
     ModelInfo,
     QueueStatus,
     RetrainAccepted,
@@ -26,8 +27,14 @@ log = logging.getLogger(__name__)
 
 def status(*, session: Session, replica: Replica, redis: Redis) -> AdminStatus:
     settings = replica.settings
+    waiting = ingest.pending(session=session)
+    errors = ingest.ingest_errors(session=session)
+    due = {k: ingest.due_at(item, min_samples=settings.ingest_min_samples, max_delay_s=settings.ingest_max_delay_s)
+           for k, item in waiting.items()}
     shards = [ShardStatus(shard=v.shard, state=v.state, version=v.version,  # type: ignore[arg-type]
-                          n_samples=v.n_samples, trained_at=v.trained_at, manifest_sha256=v.manifest_sha256)
+                          n_samples=v.n_samples, trained_at=v.trained_at, manifest_sha256=v.manifest_sha256,
+                          pending_samples=waiting[v.shard].samples if v.shard in waiting else 0,
+                          next_retrain_due=due.get(v.shard), ingest_error=errors.get(v.shard))
               for v in catalog.shard_views(session=session)]
     try:
         queue_state = QueueStatus(**queue.queue_status(redis, settings.redis_prefix))
@@ -36,7 +43,10 @@ def status(*, session: Session, replica: Replica, redis: Redis) -> AdminStatus:
         queue_state = QueueStatus(depth=None, workers=None)
     return AdminStatus(shards=shards, queue=queue_state, deletions=catalog.deletion_counts(session=session),
                        model=ModelInfo(name=replica.base.name, sha256=replica.base.sha256),
-                       attention=attention_status(replica), forget=forget_status(replica))
+                       attention=attention_status(replica), forget=forget_status(replica),
+                       ingest=IngestStatus(min_samples=settings.ingest_min_samples,
+                                           max_delay_s=settings.ingest_max_delay_s,
+                                           unplaced_samples=ingest.unplaced_count(session=session)))
 
 
 def attention_status(replica: Replica) -> AttentionStatus:
@@ -58,7 +68,10 @@ def forget_status(replica: Replica) -> ForgetStatus:
 
 
 def retrain(*, session: Session, redis: Redis, settings: ServiceSettings, shard: int) -> RetrainAccepted:
-    """Mark the shard for retraining in the ledger (404 unknown, 409 nothing to do), then enqueue it."""
+    """Mark the shard for retraining in the ledger (404 unknown, 409 nothing to do), then enqueue it: with a
+    deletion's priority when it holds deleted data, else on the ingestion queue (its pending samples)."""
     retrains.request_retrain(session=session, shard=shard)
+    dirty = shard in retrains.dirty_shards(session=session, include_failed=True)
     session.commit()
-    return RetrainAccepted(shard=shard, enqueued=queue.enqueue_retrain(redis, settings, shard))
+    priority = queue.DELETION if dirty else queue.INGESTION
+    return RetrainAccepted(shard=shard, enqueued=queue.enqueue_retrain(redis, settings, shard, priority))

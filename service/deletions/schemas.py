@@ -29,6 +29,8 @@ class Certificate(BaseModel):
     request_id: str
     interactions_removed: int
     samples_removed: int
+    untrained_samples_removed: int = Field(0, description="Ingested samples removed before any version trained on "
+                                                          "them: they cost no retrain")
     shards: list[ShardCertificate]
     deleted_hmacs: list[str] = Field(description="HMAC-SHA256 of each deleted interaction key (APA_HMAC_KEY)")
     serving_manifests_checked: int

@@ -1,0 +1,1 @@
+"""The catalog: ``PUT /items/{item_id}`` (add or retitle an item)."""
