@@ -93,6 +93,12 @@ def manifest(
     return {**doc, "manifest_sha256": manifest_sha256(doc)}
 
 
+def verify_command(run_dir: Path, adapter: int | str, version: int) -> str:
+    """The command that replays one version from its manifest (``apa verify``; certificates print it)."""
+    which = f"--adapter {adapter}" if isinstance(adapter, str) else f"--shard {adapter}"
+    return f"apa verify {run_dir} {which} --version {version}"
+
+
 def manifest_sha256(doc: dict[str, Any]) -> str:
     """sha256 of the canonical JSON of the manifest's hashed fields (DESIGN.md, "Artifacts")."""
     return sha256_json({key: doc[key] for key in MANIFEST_HASHED_FIELDS})

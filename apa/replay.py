@@ -114,9 +114,3 @@ def all_versions(run_dir: Path) -> list[tuple[int | str, int]]:
     adapters: list[int | str] = [*range(run.config.shards), artifacts.SINGLE,
                                  *(artifacts.sisa_id(k) for k in range(run.config.shards))]
     return [(a, v) for a in adapters for v in artifacts.versions(artifacts.shard_dir(run_dir, a))]
-
-
-def verify_command(run_dir: Path, adapter: int | str, version: int) -> str:
-    """The command that replays one version (what certificates print)."""
-    which = f"--adapter {adapter}" if isinstance(adapter, str) else f"--shard {adapter}"
-    return f"apa verify {run_dir} {which} --version {version}"

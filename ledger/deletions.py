@@ -170,6 +170,14 @@ def _serving_manifests(*, session: Session) -> list[tuple[int, dict[str, Any]]]:
     return out
 
 
+def _replay(*, session: Session, shard: int, version: int | None) -> dict[str, str | None]:
+    """The new version's weights sha256 and the command that replays it from its manifest (recorded with
+    the version), so anyone can check that it is what training without the deleted data gives."""
+    row = version_row(session=session, shard=shard, version=version)
+    metrics = row.metrics if row is not None else {}
+    return {"new_adapter_sha256": metrics.get("adapter_sha256"), "verify": metrics.get("verify")}
+
+
 def complete(*, session: Session, request: DeletionRequest, key: bytes) -> None:
     """Issue the certificate: every serving manifest is checked for the request's deleted interactions."""
     deleted = _deleted_keys(session=session, request_id=request.id)
@@ -185,7 +193,8 @@ def complete(*, session: Session, request: DeletionRequest, key: bytes) -> None:
         "untrained_samples_removed": sum(1 for s in session.scalars(select(Sample).where(
             Sample.deletion_id == request.id, Sample.split == "train")) if untrained(s)),
         "shards": [{"shard": d.shard, "old_version": d.old_version, "new_version": d.new_version,
-                    "old_manifest_sha256": d.old_manifest_sha256, "new_manifest_sha256": d.new_manifest_sha256}
+                    "old_manifest_sha256": d.old_manifest_sha256, "new_manifest_sha256": d.new_manifest_sha256,
+                    **_replay(session=session, shard=d.shard, version=d.new_version)}
                    for d in shards],
         "deleted_hmacs": list(request.deleted_hmacs),
         "serving_manifests_checked": len(manifests),

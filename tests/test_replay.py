@@ -11,9 +11,10 @@ import pytest
 from safetensors.torch import load_file, save_file
 
 from apa import artifacts
+from apa.artifacts import verify_command
 from apa.errors import ConfigError
 from apa.hashing import sha256_file
-from apa.replay import all_versions, verify_command, verify_version
+from apa.replay import all_versions, verify_version
 from tests.conftest import load_tiny
 
 TRAIN = ["--shards", "2", "--train-samples", "8", "--valid-samples", "8", "--test-samples", "8", "--max-epochs", "2",

@@ -15,6 +15,9 @@ from fastapi.testclient import TestClient
 from rq import SimpleWorker
 
 from apa import artifacts
+from apa.hashing import sha256_file
+from apa.model import load_base_model
+from apa.replay import verify_version
 from jobs import queue
 from ledger import catalog
 from ledger.db import session_scope
@@ -92,6 +95,11 @@ def test_delete_quarantines_retrains_certifies_and_purges(env: dict) -> None:
         assert c["old_manifest_sha256"] != c["new_manifest_sha256"]
         manifest = artifacts.read_json(artifacts.version_dir(run_dir, c["shard"], 2) / "manifest.json")
         assert manifest["manifest_sha256"] == c["new_manifest_sha256"]
+        assert c["new_adapter_sha256"] == manifest["adapter_sha256"] == sha256_file(
+            artifacts.version_dir(run_dir, c["shard"], 2) / "adapter_model.safetensors")
+        assert c["verify"] == f"apa verify {run_dir} --shard {c['shard']} --version 2"
+        replay = verify_version(run_dir, load_base_model(settings.base_model_dir), c["shard"], 2)
+        assert replay.equal, replay  # the worker's retrain is what its manifest gives, byte for byte
         assert all(s["user_id"] != user for s in manifest["samples"])
         assert artifacts.versions(artifacts.shard_dir(run_dir, c["shard"])) == [2]  # v1 purged
 

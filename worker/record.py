@@ -25,7 +25,10 @@ def version_record(run_dir: Path, shard: int, version: int, metrics: dict[str, A
     doc = artifacts.read_json(path / "manifest.json")
     return run_import.VersionRecord(shard=shard, version=version, path=path,
                                     manifest_sha256=str(doc["manifest_sha256"]), n_samples=int(doc["n_samples"]),
-                                    metrics={"training": doc.get("training"), **(metrics or {})})
+                                    metrics={"training": doc.get("training"),
+                                             "adapter_sha256": doc.get("adapter_sha256"),
+                                             "verify": artifacts.verify_command(run_dir, shard, version),
+                                             **(metrics or {})})
 
 
 def import_run(session: Session, run_dir: Path, settings: CoreSettings) -> run_import.ImportSummary:

@@ -23,6 +23,9 @@ class ShardCertificate(BaseModel):
     new_version: int | None
     old_manifest_sha256: str | None
     new_manifest_sha256: str | None
+    new_adapter_sha256: str | None = Field(None, description="sha256 of the new version's adapter_model.safetensors")
+    verify: str | None = Field(None, description="The command that retrains the new version from its manifest "
+                                                 "alone and compares those bytes (exit 0: the same)")
 
 
 class Certificate(BaseModel):

@@ -87,7 +87,9 @@ def test_publish_serves_the_new_version_and_completes_the_request_with_its_certi
     assert (certificate["violations"], certificate["serving_manifests_checked"]) == (0, 2)
     assert certificate["shards"] == [{"shard": 0, "old_version": 1, "new_version": 2,
                                       "old_manifest_sha256": v1.manifest_sha256,
-                                      "new_manifest_sha256": record.manifest_sha256}]
+                                      "new_manifest_sha256": record.manifest_sha256,
+                                      "new_adapter_sha256": record.metrics.get("adapter_sha256"),
+                                      "verify": record.metrics.get("verify")}]
     assert retrains.pending_requests(session=session, shard=0) == []
     audit = session.scalars(select(AuditEntry).where(AuditEntry.action == "shard.publish")).one()
     assert (audit.subject, audit.detail["version"], audit.detail["state"]) == ("shard-0", 2, "serving")
