@@ -17,7 +17,7 @@ never-seen test samples (lower loss = member), with a 95% stratified bootstrap i
 Then ``apa verify`` replays every new version from its manifest (same bytes = the from-scratch retrain
 without the data, exactly), and no serving manifest may name a deleted sample.
 
-    python bench/forget_audit.py --run var/runs/demo --out docs/results/forget-audit.json
+    python bench/forget_audit.py --run var/runs/demo --out docs/results/forget-audit.json   (+ .png beside it)
     python bench/forget_audit.py --quick          # trains its own K=2, 64/32/64, 1-epoch run first
 """
 
@@ -48,6 +48,7 @@ from apa.settings import get_settings
 from bench.client import Client
 from bench.forget import wait_status
 from bench.machine import describe
+from bench.plots import forget_audit as plot_audit
 from bench.quick import train_quick_run
 from bench.stack import gateway_and_worker
 
@@ -181,6 +182,7 @@ def main() -> int:
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=1))
+        plot_audit(report, args.out.with_suffix(".png"))
     shutil.rmtree(work, ignore_errors=True)
     ok = all(v["equal"] for v in report["new_versions_verified"]) and not report["deleted_samples_in_serving_manifests"]
     return 0 if ok else 1

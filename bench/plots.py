@@ -1,5 +1,5 @@
 """Plots for docs/results from the benchmarks' JSON: AUC by method, cost vs K, serving with prefix
-sharing on and off.
+sharing on and off, the forgetting audit's attack AUCs.
 
     python bench/plots.py docs/results
 """
@@ -94,6 +94,34 @@ def serving(report: dict, out: Path) -> None:
     plt.close(fig)
 
 
+AUDIT_PHASES = (("before", "deleted vs never-seen,\nbefore the deletion"),
+                ("quarantine_only", "deleted vs never-seen,\nquarantine only"),
+                ("after", "deleted vs never-seen,\nafter the retrain"),
+                ("reference_never_vs_never", "never-seen vs never-seen\n(0.5 reference)"),
+                ("reference_kept_vs_never_after", "kept training vs never-seen,\nafter"))
+
+
+def forget_audit(report: dict, out: Path) -> None:
+    """``bench/forget_audit.py``: the membership-inference attack's AUC with its 95% interval, by phase."""
+    phases = [(key, label) for key, label in AUDIT_PHASES if key in report["attack"]]
+    values = [report["attack"][key]["auc"] for key, _ in phases]
+    errors = [[v - report["attack"][key]["ci95"][0] for v, (key, _) in zip(values, phases, strict=True)],
+              [report["attack"][key]["ci95"][1] - v for v, (key, _) in zip(values, phases, strict=True)]]
+    fig, ax = plt.subplots(figsize=(9, 4))
+    colours = ["tab:red", "tab:orange", "tab:green", "tab:grey", "tab:blue"][: len(phases)]
+    ax.bar(range(len(phases)), values, 0.6, yerr=errors, capsize=4, color=colours)
+    ax.set_xticks(range(len(phases)), [label for _, label in phases], fontsize=8)
+    ax.axhline(0.5, color="grey", lw=0.8, ls="--")
+    ax.set_ylim(0.0, 1.0)
+    ax.set_ylabel("attack AUC (lower loss = member)\n(bars: 95% bootstrap CI)")
+    ax.set_title(f"Loss-based membership inference, {len(report['users'])} users deleted "
+                 f"({report['n_deleted_training_samples']} training samples) — {report['machine']['cpu']}",
+                 fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("folder", type=Path)
@@ -108,6 +136,9 @@ def main() -> None:
         print(f"wrote {path.with_suffix('.png')}")
     for path in sorted(args.folder.glob("serving*.json")):
         serving(json.loads(path.read_text()), path.with_suffix(".png"))
+        print(f"wrote {path.with_suffix('.png')}")
+    for path in sorted(args.folder.glob("forget-audit*.json")):
+        forget_audit(json.loads(path.read_text()), path.with_suffix(".png"))
         print(f"wrote {path.with_suffix('.png')}")
     engine, unlearning = load("engine-cpu.json"), load("unlearning.json")
     if engine or unlearning:
