@@ -122,7 +122,7 @@ ROWS = np.array([[0.6, 0.3, 0.1], [0.6, 0.3, 0.1], [0.2, 0.2, 0.6], [0.7, 0.0, 0
 
 
 def name_of(engine: VllmEngine, row: np.ndarray, mode: Mode = "nd") -> str:
-    live = engine._live
+    live = engine._adapters.view
     assert live.shards is not None
     return adapter_name(live.shards, effective_weights(row[None, :], live.active)[0], mode)
 
