@@ -7,10 +7,11 @@ the root handler, so both write through this configuration instead of their own 
 
 import json
 import logging
-import os
 import sys
 import time
 from typing import Any
+
+from apa.settings import get_settings
 
 FORMATS = ("text", "json")
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -31,10 +32,12 @@ class JSONFormatter(UTCFormatter):
 
 
 def configure(log_format: str | None = None, level: str | None = None) -> None:
-    """Install the one handler on the root logger (replacing any); defaults from ``APA_LOG_FORMAT``
-    (``text``) and ``APA_LOG_LEVEL`` (``INFO``). An unknown value is an error, not a silent default."""
-    log_format = (log_format or os.environ.get("APA_LOG_FORMAT") or "text").lower()
-    level = (level or os.environ.get("APA_LOG_LEVEL") or "INFO").upper()
+    """Install the one handler on the root logger (replacing any); defaults from the settings
+    (``APA_LOG_FORMAT``, ``text``; ``APA_LOG_LEVEL``, ``INFO``). An unknown value is an error, not a
+    silent default."""
+    settings = get_settings() if log_format is None or level is None else None
+    log_format = (log_format or (settings and settings.log_format) or "text").lower()
+    level = (level or (settings and settings.log_level) or "INFO").upper()
     if log_format not in FORMATS:
         raise ValueError(f"APA_LOG_FORMAT must be one of {', '.join(FORMATS)}, not {log_format!r}")
     if not isinstance(logging.getLevelName(level), int):

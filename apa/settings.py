@@ -41,6 +41,12 @@ class CoreSettings(BaseSettings):
     ingest_min_samples: Annotated[int, Field(ge=1)] = 32
     ingest_max_delay_s: Annotated[float, Field(ge=0)] = 3600.0
     ingest_balance: Annotated[float, Field(ge=1)] = 1.25
+    # Logging (apa.logs): text or json lines, at this level; checked when a process configures its logs.
+    log_format: str = "text"
+    log_level: str = "INFO"
+    # The ledger's Alembic migrations; unset: the source tree's. An installed (non-editable) package, as
+    # in the Docker image, names them.
+    migrations_dir: Path | None = None
 
     @property
     def assets_dir(self) -> Path:

@@ -17,10 +17,9 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 from apa.errors import LedgerError
+from apa.settings import get_settings
 
-# The source tree's migrations; an installed (non-editable) package, as in the Docker image, names them
-# with APA_MIGRATIONS_DIR.
-MIGRATIONS_DIR = Path(os.environ.get("APA_MIGRATIONS_DIR") or Path(__file__).resolve().parents[1] / "migrations")
+SOURCE_MIGRATIONS_DIR = Path(__file__).resolve().parents[1] / "migrations"
 DEFAULT_CONNECT_TIMEOUT_S = 10
 _ENGINES: dict[tuple[str, int, float | None], Engine] = {}
 _ENGINES_LOCK = threading.Lock()
@@ -119,13 +118,19 @@ def session_scope(url: str, *, connect_timeout_s: int = DEFAULT_CONNECT_TIMEOUT_
         yield session
 
 
+def migrations_dir() -> Path:
+    """``APA_MIGRATIONS_DIR``, else the source tree's migrations."""
+    return get_settings().migrations_dir or SOURCE_MIGRATIONS_DIR
+
+
 def alembic_config(url: str) -> Any:
     from alembic.config import Config
 
-    if not (MIGRATIONS_DIR / "env.py").is_file():
-        raise LedgerError(f"migrations not found at {MIGRATIONS_DIR}")
+    folder = migrations_dir()
+    if not (folder / "env.py").is_file():
+        raise LedgerError(f"migrations not found at {folder} (APA_MIGRATIONS_DIR)")
     cfg = Config()
-    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    cfg.set_main_option("script_location", str(folder))
     cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
     return cfg
 

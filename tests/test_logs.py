@@ -55,3 +55,20 @@ def test_json_lines_parse_and_uvicorn_and_rq_write_through_the_same_handler(
 def test_an_unknown_format_or_level_is_an_error(log_format: str, level: str) -> None:
     with pytest.raises(ValueError, match="APA_LOG_"):
         logs.configure(log_format, level)
+
+
+def test_the_format_and_level_default_to_the_settings(root_logger: logging.Logger, monkeypatch: pytest.MonkeyPatch,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    from apa.settings import get_settings
+
+    monkeypatch.setenv("APA_LOG_FORMAT", "JSON")
+    monkeypatch.setenv("APA_LOG_LEVEL", "warning")
+    get_settings.cache_clear()
+    try:
+        logs.configure()
+    finally:
+        get_settings.cache_clear()
+    logging.getLogger("apa.test").info("below the level")
+    logging.getLogger("apa.test").warning("shown")
+    entries = [json.loads(line) for line in capsys.readouterr().err.splitlines()]
+    assert [e["message"] for e in entries] == ["shown"]

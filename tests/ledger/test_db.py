@@ -73,3 +73,18 @@ def test_cli_ledger_commands_and_clear_errors(tmp_path: Path, monkeypatch: pytes
         assert down.exit_code == 0 and "at migration None" in down.output
     finally:
         get_settings.cache_clear()
+
+
+def test_the_migrations_folder_comes_from_the_settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from apa.settings import get_settings
+
+    assert db.migrations_dir() == db.SOURCE_MIGRATIONS_DIR  # the source tree's by default
+    monkeypatch.setenv("APA_MIGRATIONS_DIR", str(tmp_path / "elsewhere"))
+    get_settings.cache_clear()
+    try:
+        assert db.migrations_dir() == tmp_path / "elsewhere"
+        with pytest.raises(LedgerError, match=r"migrations not found at .*elsewhere"):
+            db.alembic_config(f"sqlite:///{tmp_path / 'l.db'}")
+    finally:
+        monkeypatch.delenv("APA_MIGRATIONS_DIR")
+        get_settings.cache_clear()
