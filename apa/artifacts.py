@@ -30,13 +30,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from apa.engines.base import AdapterRef
 from apa.errors import RunNotFound
 from apa.hashing import sha256_json
 from apa.samples import Sample
 
 _VERSION = re.compile(r"^v(\d+)$")
+_GROUPED = re.compile(r"^([a-z]+)-(\d+)$")
 SINGLE = "single"
-SISA = "sisa"
 MANIFEST_HASHED_FIELDS = ("samples", "config", "seed", "base_model_sha256")
 
 
@@ -44,26 +45,14 @@ def utc_stamp() -> str:
     return datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
 
 
-def sisa_id(shard: int) -> str:
-    """The adapter id of SISA's shard ``shard`` (``sisa-<k>``)."""
-    return f"{SISA}-{shard}"
-
-
-def sisa_shard(adapter: int | str) -> int | None:
-    """``k`` for ``sisa-<k>``, else None."""
-    if isinstance(adapter, str) and adapter.startswith(f"{SISA}-"):
-        return int(adapter.removeprefix(f"{SISA}-"))
-    return None
-
-
 def shard_dir(run_dir: Path, shard: int | str) -> Path:
-    """``adapters/shard-<k>`` for a shard number, ``single`` for the baseline, ``sisa/shard-<k>`` for
-    ``sisa-<k>``."""
+    """``adapters/shard-<k>`` for a shard number, ``single`` for the baseline, ``<group>/shard-<k>`` for a
+    baseline's shard ``<group>-<k>`` (SISA's ``sisa-<k>``, ``sisa.py``)."""
     if shard == SINGLE:
         return run_dir / SINGLE
-    k = sisa_shard(shard)
-    if k is not None:
-        return run_dir / SISA / f"shard-{k}"
+    grouped = _GROUPED.match(shard) if isinstance(shard, str) else None
+    if grouped:
+        return run_dir / grouped.group(1) / f"shard-{grouped.group(2)}"
     return run_dir / "adapters" / f"shard-{shard}"
 
 
@@ -81,6 +70,17 @@ def latest_version(run_dir: Path, shard: int | str) -> int | None:
 
 def version_dir(run_dir: Path, shard: int | str, version: int) -> Path:
     return shard_dir(run_dir, shard) / f"v{version}"
+
+
+def adapter_refs(run_dir: Path, adapters: Sequence[int | str]) -> list[AdapterRef]:
+    """The newest version of each adapter id, numbered 0..K-1 in the given order (engine shards)."""
+    refs = []
+    for index, adapter in enumerate(adapters):
+        version = latest_version(run_dir, adapter)
+        if version is None:
+            raise RunNotFound(f"{run_dir}: adapter {adapter} has no version yet (resume with `apa train --out`)")
+        refs.append(AdapterRef(shard=index, version=version, path=version_dir(run_dir, adapter, version)))
+    return refs
 
 
 def manifest(

@@ -116,7 +116,7 @@ def train(
         started = time.perf_counter()
         base = _load_base(device)
         run = train_run(cfg, run_dir, base, datasets_dir=settings.datasets_dir,
-                        assets_dir=settings.assets_dir, single=single, sisa=sisa)
+                        assets_dir=settings.assets_dir, single=single, with_sisa=sisa)
         sizes = [len(run.shard_samples(k)) for k in range(shards)]
         typer.echo(f"run: {run_dir}  shard sizes {sizes}  ({time.perf_counter() - started:.0f} s)")
         if ledger:

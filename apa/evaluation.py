@@ -32,12 +32,12 @@ import numpy as np
 import pandas as pd
 import torch
 
-from apa import aggregation, artifacts
+from apa import aggregation, artifacts, sisa
 from apa.aggregation import PAPER, AttentionGrid, ValidationMemory, WeightsMode
 from apa.embeddings import embed, normalise_rows
 from apa.engines.base import AdapterRef, Mode
 from apa.engines.torch import TorchEngine
-from apa.errors import ConfigError, RunNotFound
+from apa.errors import ConfigError
 from apa.hashing import sha256_file, sha256_json, sha256_text
 from apa.metrics import BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, auc, intervals
 from apa.model import BaseModel, score_hidden
@@ -49,29 +49,9 @@ PAIRS = [("apa_nd", "single"), ("apa_nd", "sisa"), ("apa_nd", "best_shard"), ("a
          ("apa_nd", "apa_nd_paper")]
 
 
-def adapter_refs(run_dir: Path, adapters: Sequence[int | str]) -> list[AdapterRef]:
-    """The newest version of each adapter id, numbered 0..K-1 in the given order (engine shards)."""
-    refs = []
-    for index, adapter in enumerate(adapters):
-        version = artifacts.latest_version(run_dir, adapter)
-        if version is None:
-            raise RunNotFound(f"{run_dir}: adapter {adapter} has no version yet (resume with `apa train --out`)")
-        refs.append(AdapterRef(shard=index, version=version, path=artifacts.version_dir(run_dir, adapter, version)))
-    return refs
-
-
 def serving_refs(run_dir: Path, shards: int) -> list[AdapterRef]:
     """The newest version of every shard."""
-    return adapter_refs(run_dir, list(range(shards)))
-
-
-def sisa_refs(run_dir: Path, run: RunData) -> list[AdapterRef] | None:
-    """SISA's K adapters (the run's own shards when its partition is random), or None if not trained."""
-    k = run.config.shards
-    ids: list[int | str] = list(range(k)) if run.own_sisa() else [artifacts.sisa_id(s) for s in range(k)]
-    if any(artifacts.latest_version(run_dir, a) is None for a in ids):
-        return None
-    return adapter_refs(run_dir, ids)
+    return artifacts.adapter_refs(run_dir, list(range(shards)))
 
 
 def load_memory(run_dir: Path, refs: list[AdapterRef]) -> ValidationMemory:
@@ -207,9 +187,9 @@ def evaluate(
     scores["best_shard"] = shard_scores[:, best]
     for name in ("avg_semantic", "ensemble", "best_shard"):
         seconds[name] = shard_seconds
-    sisa = sisa_refs(run_dir, run)
-    if sisa is not None:
-        sisa_scores = per_shard("sisa", sisa)
+    sisa_adapters = sisa.refs(run_dir, k, own=run.own_sisa())
+    if sisa_adapters is not None:
+        sisa_scores = per_shard("sisa", sisa_adapters)
         scores["sisa"] = sisa_scores.mean(axis=1)
         seconds["sisa"] = round(sum(seconds.pop(f"sisa {s}") for s in range(k)), 3)
     scores["apa_nd"] = forward("apa_nd", refs, chosen_w, "nd")
@@ -217,7 +197,8 @@ def evaluate(
     scores["apa_nd_paper"] = forward("apa_nd_paper", refs, paper_w, "nd")
     single_version = artifacts.latest_version(run_dir, artifacts.SINGLE)
     if single_version is not None:
-        scores["single"] = forward("single", adapter_refs(run_dir, [artifacts.SINGLE]), np.ones((len(test), 1)))
+        single = artifacts.adapter_refs(run_dir, [artifacts.SINGLE])
+        scores["single"] = forward("single", single, np.ones((len(test), 1)))
 
     methods = [m for m in METHODS if m in scores]
     ci, paired = intervals(labels, {m: scores[m] for m in methods}, PAIRS, resamples=resamples, seed=seed)

@@ -10,7 +10,7 @@ Checks, for the newest version of every shard (and of the single and SISA baseli
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from apa import artifacts
+from apa import artifacts, sisa
 from apa.model import BaseModel
 from apa.runs import read_run
 
@@ -55,7 +55,7 @@ def check_run(run_dir: Path, base: BaseModel | None = None) -> CheckReport:
                                f"samples and {len(set(owner) - train_ids)} samples outside it")
     else:
         report.checked.append(f"shard manifests are disjoint and cover all {len(train_ids)} training samples")
-    for baseline in [artifacts.SINGLE, *(artifacts.sisa_id(k) for k in range(run.config.shards))]:
+    for baseline in [artifacts.SINGLE, *(sisa.adapter_id(k) for k in range(run.config.shards))]:
         version = artifacts.latest_version(run_dir, baseline)
         if version is not None:
             folders.append(artifacts.version_dir(run_dir, baseline, version))

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from apa import artifacts
+from apa import artifacts, sisa
 from apa.embeddings import EmbeddingCache
 
 
@@ -68,7 +68,7 @@ def purge_run_files(run_dir: Path, sample_ids: set[str], superseded: list[Path],
             artifacts.write_json_atomic(path, {k: v for k, v in predictions.items() if k not in sample_ids})
             report.prediction_files += 1
     folders = [p for p in superseded if p.is_dir()]
-    baselines = [artifacts.shard_dir(run_dir, artifacts.SINGLE), *sorted((run_dir / artifacts.SISA).glob("shard-*"))]
+    baselines = [artifacts.shard_dir(run_dir, artifacts.SINGLE), *sorted((run_dir / sisa.NAME).glob("shard-*"))]
     for folder in [v for b in baselines if b.is_dir() for v in sorted(b.glob("v*"))]:
         manifest = artifacts.read_json(folder / "manifest.json")
         if any(s["sample_id"] in sample_ids for s in manifest["samples"]):

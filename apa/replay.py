@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
-from apa import artifacts, training
+from apa import artifacts, sisa, training
 from apa.errors import ConfigError
 from apa.hashing import sha256_file
 from apa.model import BaseModel
@@ -112,5 +112,5 @@ def all_versions(run_dir: Path) -> list[tuple[int | str, int]]:
     """Every adapter version on disk: the shards', then the baselines'."""
     run = read_run(run_dir)
     adapters: list[int | str] = [*range(run.config.shards), artifacts.SINGLE,
-                                 *(artifacts.sisa_id(k) for k in range(run.config.shards))]
+                                 *(sisa.adapter_id(k) for k in range(run.config.shards))]
     return [(a, v) for a in adapters for v in artifacts.versions(artifacts.shard_dir(run_dir, a))]

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from apa import artifacts, data, training
+from apa import artifacts, data, sisa, training
 from apa.aggregation import ValidationMemory
 from apa.embeddings import EmbeddingCache, embed, normalise_rows
 from apa.errors import ConfigError
@@ -83,7 +83,7 @@ class RunData:
         """The training samples of a shard, of a SISA shard (``sisa-<k>``) or of ``single``."""
         if adapter == artifacts.SINGLE:
             return list(self.splits["train"])
-        k = artifacts.sisa_shard(adapter)
+        k = sisa.shard_of(adapter)
         if k is not None:
             return [s for s in self.splits["train"] if self.sisa_of[s.sample_id] == k]
         return self.shard_samples(int(adapter))
@@ -136,7 +136,7 @@ def read_run(run_dir: Path) -> RunData:
     if "sisa_shard" in frame:
         sisa_of = dict(zip(train["sample_id"].astype(str), train["sisa_shard"].astype(int), strict=True))
     else:  # runs written before the SISA baseline: its partition of the (unpurged) training split
-        sisa_of = _sisa_partition(splits["train"], config)
+        sisa_of = sisa.partition_of(splits["train"], config.shards, config.seed)
     return RunData(
         config=config,
         splits=splits,
@@ -147,11 +147,6 @@ def read_run(run_dir: Path) -> RunData:
         sisa_of=sisa_of,
         centres=None if doc.get("centres") is None else np.asarray(doc["centres"], dtype=np.float32),
     )
-
-
-def _sisa_partition(train: list[Sample], cfg: RunConfig) -> dict[str, int]:
-    parts = partition("random", train, np.zeros((len(train), 0), dtype=np.float32), k=cfg.shards, seed=cfg.seed)
-    return {s.sample_id: int(k) for s, k in zip(train, parts.assignment, strict=True)}
 
 
 def valid_clusters(run_dir: Path, run: RunData) -> dict[str, int]:
@@ -214,7 +209,7 @@ def _prepare(cfg: RunConfig, run_dir: Path, base: BaseModel, dataset: data.Datas
     ).save(memory_path(run_dir))
 
     frame = to_frame(splits, shard_of)
-    sisa_of = shard_of if cfg.partition == "random" else _sisa_partition(train, cfg)
+    sisa_of = shard_of if cfg.partition == "random" else sisa.partition_of(train, cfg.shards, cfg.seed)
     frame["sisa_shard"] = [sisa_of.get(i, -1) for i in frame["sample_id"]]
     frame["prompt"] = [prompts[i] for i in frame["sample_id"]]
     frame["history_prompt"] = [history[i] for i in frame["sample_id"]]
@@ -238,8 +233,7 @@ def _prepare(cfg: RunConfig, run_dir: Path, base: BaseModel, dataset: data.Datas
 
 def adapter_seed(run: RunData, adapter: int | str) -> int:
     """The seed an adapter trains with: (run seed, shard); SISA's shard k takes a random run's shard k's."""
-    sisa = artifacts.sisa_shard(adapter)
-    return training.derive_seed(run.config.seed, adapter if sisa is None else sisa)
+    return training.derive_seed(run.config.seed, sisa.seed_key(adapter))
 
 
 def fit_adapter(
@@ -280,8 +274,8 @@ def train_version(
     The manifest's ``replay`` names what a replay needs beyond the hashed fields (``apa.replay``).
     """
     cfg = run.config
-    sisa = artifacts.sisa_shard(shard)
-    name = {artifacts.SINGLE: "single"}.get(str(shard), f"shard {shard}" if sisa is None else f"SISA shard {sisa}")
+    k = sisa.shard_of(shard)
+    name = {artifacts.SINGLE: "single"}.get(str(shard), f"shard {shard}" if k is None else f"SISA shard {k}")
     valid = run.splits["valid"] if valid is None else valid
     select, judged_on = selection_samples(run_dir, run, shard, valid)
     doc = artifacts.manifest(shard=shard, samples=samples, config=cfg.train.as_dict(), seed=adapter_seed(run, shard),
@@ -315,7 +309,7 @@ def train_version(
 
 def train_run(
     cfg: RunConfig, run_dir: Path, base: BaseModel, *, datasets_dir: Path, assets_dir: Path,
-    single: bool = True, sisa: bool = True,
+    single: bool = True, with_sisa: bool = True,
 ) -> RunData:
     """Train (or resume) a whole run: the shards, then the baselines asked for. Returns what the run
     folder holds."""
@@ -333,8 +327,8 @@ def train_run(
     adapters: list[int | str] = list(range(cfg.shards))
     if single:
         adapters.append(artifacts.SINGLE)
-    if sisa and not run.own_sisa():
-        adapters += [artifacts.sisa_id(k) for k in range(cfg.shards)]
+    if with_sisa and not run.own_sisa():
+        adapters += sisa.adapter_ids(cfg.shards, own=False)
     for adapter in adapters:
         if artifacts.latest_version(run_dir, adapter) is None:
             train_version(run, run_dir, base, adapter, run.adapter_samples(adapter), resumable=True)

@@ -39,7 +39,7 @@ from typing import Any
 
 import pandas as pd
 
-from apa import artifacts
+from apa import artifacts, sisa
 from apa.cli import predictions_path
 from apa.evaluation import METHODS, recompute_auc
 from apa.runs import RunData, adapter_seed, read_run
@@ -108,7 +108,7 @@ def _same_validation(mine: RunData, theirs: RunData) -> bool:
 def _aliases(adapter: int | str, donor: RunData) -> list[int | str]:
     """The donor's adapter ids that could be the baseline ``adapter``: the same id, and for SISA's
     shard k also a random run's own shard k."""
-    k = artifacts.sisa_shard(adapter)
+    k = sisa.shard_of(adapter)
     return [adapter, k] if k is not None and donor.own_sisa() else [adapter]
 
 
@@ -136,7 +136,7 @@ def donor_version(run: Path, adapter: int | str, donors: list[Path]) -> Path | N
 
 def baseline_ids(run: RunData) -> list[int | str]:
     ids: list[int | str] = [artifacts.SINGLE]
-    return ids + ([] if run.own_sisa() else [artifacts.sisa_id(k) for k in range(run.config.shards)])
+    return ids + ([] if run.own_sisa() else [sisa.adapter_id(k) for k in range(run.config.shards)])
 
 
 def adapter_seconds(run: Path, data: RunData) -> dict[str, dict[str, Any]]:

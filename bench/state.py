@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from apa import artifacts
+from apa import artifacts, sisa
 from apa.errors import APAError
 from apa.hashing import sha256_file
 
@@ -139,7 +139,7 @@ class RunState:
         return True
 
     def _finished_folders(self) -> Iterator[tuple[Path, str]]:
-        for parent in ("adapters", artifacts.SINGLE, artifacts.SISA):
+        for parent in ("adapters", artifacts.SINGLE, sisa.NAME):
             for manifest in sorted((self.run_dir / parent).glob("**/v*/manifest.json")):
                 yield manifest.parent, "adapter"
         for folder in sorted((self.run_dir / "cache" / "train").glob("*")):

@@ -3,7 +3,7 @@
 from dataclasses import replace
 from pathlib import Path
 
-from apa import artifacts
+from apa import artifacts, sisa
 from apa.runs import read_run, train_run
 from bench.quality import adapter_seconds, donor_version
 from bench.same_keys import key_paths
@@ -19,20 +19,20 @@ def test_a_donor_baseline_is_found_only_when_it_is_the_same_adapter(tiny_run_tem
     train_run(replace(TINY_RUN, partition="random"), other, base, single=False, **dirs)
     # another partition trains the same single adapter, and a random run's shard k is SISA's shard k
     assert donor_version(other, artifacts.SINGLE, [donor]) == artifacts.version_dir(donor, artifacts.SINGLE, 1)
-    assert donor_version(donor, artifacts.sisa_id(1), [other]) == artifacts.version_dir(other, 1, 1)
+    assert donor_version(donor, sisa.adapter_id(1), [other]) == artifacts.version_dir(other, 1, 1)
     # the claim behind sharing: trained again, it is byte for byte the donor's adapter
     train_run(replace(TINY_RUN, partition="random"), other, base, **dirs)
     weights = "v1/adapter_model.safetensors"
     assert ((artifacts.shard_dir(other, artifacts.SINGLE) / weights).read_bytes()
             == (artifacts.shard_dir(donor, artifacts.SINGLE) / weights).read_bytes())
     assert ((artifacts.shard_dir(other, 1) / weights).read_bytes()
-            == (artifacts.shard_dir(donor, artifacts.sisa_id(1)) / weights).read_bytes())
+            == (artifacts.shard_dir(donor, sisa.adapter_id(1)) / weights).read_bytes())
 
     longer = tmp_path / "longer"
     train_run(replace(TINY_RUN, train=replace(TINY_RUN.train, max_epochs=2)), longer, base, single=False,
-              sisa=False, **dirs)
+              with_sisa=False, **dirs)
     assert donor_version(longer, artifacts.SINGLE, [donor]) is None, "another training config"
-    assert donor_version(longer, artifacts.sisa_id(0), [donor, other]) is None
+    assert donor_version(longer, sisa.adapter_id(0), [donor, other]) is None
     assert donor_version(donor, artifacts.SINGLE, [longer]) is None, "a run without a single adapter is no donor"
 
 

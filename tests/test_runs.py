@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner, Result
 
-from apa import artifacts, data, training
+from apa import artifacts, data, sisa, training
 from apa.aggregation import PAPER, AttentionGrid, choose_attention
 from apa.cli import app
 from apa.errors import ConfigError
@@ -53,7 +53,7 @@ def _manifest(run_dir: Path, shard: int | str, version: int = 1) -> dict:
     return artifacts.read_json(artifacts.version_dir(run_dir, shard, version) / "manifest.json")
 
 
-ADAPTERS: list[int | str] = [*range(K), artifacts.SINGLE, *(artifacts.sisa_id(k) for k in range(K))]
+ADAPTERS: list[int | str] = [*range(K), artifacts.SINGLE, *(sisa.adapter_id(k) for k in range(K))]
 ONE_EACH = {str(a): [1] for a in ADAPTERS}
 
 
@@ -128,7 +128,7 @@ def test_sisa_shards_are_a_random_partition_of_the_same_samples(trained: Trained
     semantic = [run.shard_of[s.sample_id] for s in train]
     seen: set[str] = set()
     for k in range(K):
-        doc = _manifest(trained.run_dir, artifacts.sisa_id(k))
+        doc = _manifest(trained.run_dir, sisa.adapter_id(k))
         ids = {s["sample_id"] for s in doc["samples"]}
         assert ids == {s.sample_id for s, shard in zip(train, expected, strict=True) if shard == k}
         assert ids.isdisjoint(seen)
@@ -143,10 +143,10 @@ def test_a_random_partition_run_is_its_own_sisa(trained: TrainedRun, tmp_path: P
     run = train_run(cfg, tmp_path / "run", trained.base, datasets_dir=trained.datasets_dir,
                     assets_dir=trained.assets_dir, single=False)
     assert run.own_sisa()
-    assert not (tmp_path / "run" / artifacts.SISA).exists()
+    assert not (tmp_path / "run" / sisa.NAME).exists()
     for k in range(K):  # the same samples, config and seed as the semantic run's SISA shard k
         assert _manifest(tmp_path / "run", k)["manifest_sha256"] == \
-            _manifest(trained.run_dir, artifacts.sisa_id(k))["manifest_sha256"]
+            _manifest(trained.run_dir, sisa.adapter_id(k))["manifest_sha256"]
     report, _ = evaluate(tmp_path / "run", trained.base, batch_size=4)
     assert report["auc"]["sisa"] == report["auc"]["avg_semantic"]  # the same K passes, averaged
 

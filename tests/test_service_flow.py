@@ -14,7 +14,7 @@ import pytest
 from fastapi.testclient import TestClient
 from rq import SimpleWorker
 
-from apa import artifacts
+from apa import artifacts, sisa
 from apa.hashing import sha256_file
 from apa.model import load_base_model
 from apa.replay import verify_version
@@ -117,7 +117,7 @@ def test_delete_quarantines_retrains_certifies_and_purges(env: dict) -> None:
         assert session.query(Sample).filter(Sample.user_id == user).count() == 0
     frame = pd.read_parquet(run_dir / "samples.parquet")
     assert user not in set(frame["user_id"])
-    for baseline in [artifacts.SINGLE, *(artifacts.sisa_id(k) for k in range(2))]:
+    for baseline in [artifacts.SINGLE, *(sisa.adapter_id(k) for k in range(2))]:
         for version in artifacts.versions(artifacts.shard_dir(run_dir, baseline)):
             manifest = artifacts.read_json(artifacts.version_dir(run_dir, baseline, version) / "manifest.json")
             assert all(s["user_id"] != user for s in manifest["samples"])
