@@ -25,6 +25,7 @@ the weights, are returned as a table (``apa eval`` writes it beside the report).
 import hashlib
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +34,7 @@ import pandas as pd
 import torch
 
 from apa import aggregation, artifacts, sisa
-from apa.aggregation import PAPER, AttentionGrid, ValidationMemory, WeightsMode
+from apa.aggregation import PAPER, AttentionChoice, AttentionGrid, ValidationMemory, WeightsMode
 from apa.embeddings import embed, normalise_rows
 from apa.engines.base import AdapterRef, Mode
 from apa.engines.torch import TorchEngine
@@ -42,6 +43,7 @@ from apa.hashing import sha256_file, sha256_json, sha256_text
 from apa.metrics import BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, auc, intervals
 from apa.model import BaseModel, score_hidden
 from apa.runs import RunData, embedding_cache, memory_path, read_run
+from apa.samples import Sample
 
 METHODS = ("apa_nd", "apa_nd_paper", "apa_d", "single", "sisa", "avg_semantic", "ensemble", "best_shard",
            "item_mean", "base")
@@ -127,6 +129,25 @@ def _routing(w: np.ndarray, clusters: np.ndarray | None) -> dict[str, Any]:
     return out
 
 
+@dataclass
+class _Scored:
+    """Every method's test scores and what they came from (``evaluate``'s first step)."""
+
+    test: list[Sample]
+    labels: np.ndarray  # [n]
+    test_hidden: np.ndarray  # [n, hidden]
+    refs: list[AdapterRef]  # the serving shards
+    memory: ValidationMemory
+    choice: AttentionChoice  # chosen on validation
+    paper: AttentionChoice  # the paper's (mae, 20, 1000)
+    chosen_w: np.ndarray  # [n, K]
+    paper_w: np.ndarray  # [n, K]
+    shard_scores: np.ndarray  # [n, K]
+    valid_auc: list[float]  # [K]
+    scores: dict[str, np.ndarray] = field(default_factory=dict)  # method -> [n]
+    seconds: dict[str, float] = field(default_factory=dict)  # method -> seconds of its passes
+
+
 def evaluate(
     run_dir: Path, base: BaseModel, *, weights_mode: WeightsMode = "per-sample", grid: AttentionGrid | None = None,
     batch_size: int = 8, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_SEED,
@@ -135,11 +156,22 @@ def evaluate(
     run = read_run(run_dir)
     if run.base_model_sha256 != base.sha256:
         raise ConfigError("the loaded base model is not the one this run was trained on")
+    scored = _score_methods(run_dir, run, base, weights_mode, grid, batch_size)
+    clusters = None if run.centres is None else np.argmax(normalise_rows(scored.test_hidden) @ run.centres.T, axis=1)
+    config = {"run": str(run_dir), "weights": weights_mode, "batch_size": batch_size, "n_test": len(scored.test),
+              "test_positive_rate": round(float(scored.labels.mean()), 4), **run.config.as_dict()}
+    report = _report(run, scored, clusters, config=config, grid=grid or AttentionGrid(), resamples=resamples,
+                     seed=seed)
+    return report, _table(run, scored, clusters)
+
+
+def _score_methods(run_dir: Path, run: RunData, base: BaseModel, weights_mode: WeightsMode,
+                   grid: AttentionGrid | None, batch_size: int) -> _Scored:
+    """Score the test split with every method (each pass cached under ``cache/eval``)."""
     k = run.config.shards
     test = run.splits["test"]
     ids = [s.sample_id for s in test]
     prompts = [run.prompts[i] for i in ids]
-    labels = np.array([s.label for s in test])
     cache = embedding_cache(run_dir, base)
     passes = PassCache(run_dir / "cache" / "eval", ids, prompts, batch_size)
     seconds: dict[str, float] = {}
@@ -183,60 +215,70 @@ def evaluate(
     scores["avg_semantic"] = shard_scores.mean(axis=1)
     scores["ensemble"] = (shard_scores * chosen_w).sum(axis=1)
     valid_auc = [auc(memory.labels, memory.predictions[:, s]) for s in range(k)]
-    best = int(np.argmax(valid_auc))
-    scores["best_shard"] = shard_scores[:, best]
+    scores["best_shard"] = shard_scores[:, int(np.argmax(valid_auc))]
     for name in ("avg_semantic", "ensemble", "best_shard"):
         seconds[name] = shard_seconds
     sisa_adapters = sisa.refs(run_dir, k, own=run.own_sisa())
     if sisa_adapters is not None:
-        sisa_scores = per_shard("sisa", sisa_adapters)
-        scores["sisa"] = sisa_scores.mean(axis=1)
+        scores["sisa"] = per_shard("sisa", sisa_adapters).mean(axis=1)
         seconds["sisa"] = round(sum(seconds.pop(f"sisa {s}") for s in range(k)), 3)
     scores["apa_nd"] = forward("apa_nd", refs, chosen_w, "nd")
     scores["apa_d"] = forward("apa_d", refs, chosen_w, "d")
     scores["apa_nd_paper"] = forward("apa_nd_paper", refs, paper_w, "nd")
-    single_version = artifacts.latest_version(run_dir, artifacts.SINGLE)
-    if single_version is not None:
+    if artifacts.latest_version(run_dir, artifacts.SINGLE) is not None:
         single = artifacts.adapter_refs(run_dir, [artifacts.SINGLE])
         scores["single"] = forward("single", single, np.ones((len(test), 1)))
+    return _Scored(test=test, labels=np.array([s.label for s in test]), test_hidden=test_hidden, refs=refs,
+                   memory=memory, choice=choice, paper=paper, chosen_w=chosen_w, paper_w=paper_w,
+                   shard_scores=shard_scores, valid_auc=valid_auc, scores=scores, seconds=seconds)
 
+
+def _report(run: RunData, scored: _Scored, clusters: np.ndarray | None, *, config: dict[str, Any],
+            grid: AttentionGrid, resamples: int, seed: int) -> dict[str, Any]:
+    """AUCs with intervals and paired differences, seconds, the attention, the shards and the routing."""
+    k, labels, scores = run.config.shards, scored.labels, scored.scores
     methods = [m for m in METHODS if m in scores]
     ci, paired = intervals(labels, {m: scores[m] for m in methods}, PAIRS, resamples=resamples, seed=seed)
-    clusters = None if run.centres is None else np.argmax(normalise_rows(test_hidden) @ run.centres.T, axis=1)
     shards: dict[str, Any] = {
-        "versions": [ref.version for ref in refs],
-        "test_auc": [round(auc(labels, shard_scores[:, s]), 4) for s in range(k)],
-        "valid_auc": [round(v, 4) for v in valid_auc],
-        "best_shard": best,
-        "epoch_kept": [_training(ref).get("epoch_kept") for ref in refs],
-        "selection": [_training(ref).get("selection") for ref in refs],
+        "versions": [ref.version for ref in scored.refs],
+        "test_auc": [round(auc(labels, scored.shard_scores[:, s]), 4) for s in range(k)],
+        "valid_auc": [round(v, 4) for v in scored.valid_auc],
+        "best_shard": int(np.argmax(scored.valid_auc)),
+        "epoch_kept": [_training(ref).get("epoch_kept") for ref in scored.refs],
+        "selection": [_training(ref).get("selection") for ref in scored.refs],
     }
     if clusters is not None:
         shards["test_cluster_sizes"] = np.bincount(clusters, minlength=k).tolist()
-        shards["cluster_test_auc"] = _cluster_auc(labels, shard_scores, clusters, k)
-    report = {
+        shards["cluster_test_auc"] = _cluster_auc(labels, scored.shard_scores, clusters, k)
+    return {
         "auc": {m: round(auc(labels, scores[m]), 4) for m in methods},
         "ci95": ci,
         "paired": paired,
-        "seconds": {m: seconds[m] for m in methods},
-        "config": {"run": str(run_dir), "weights": weights_mode, "batch_size": batch_size, "n_test": len(test),
-                   "test_positive_rate": round(float(labels.mean()), 4), **run.config.as_dict()},
+        "seconds": {m: scored.seconds[m] for m in methods},
+        "config": config,
         "bootstrap": {"resamples": resamples, "seed": seed, "level": 0.95, "stratified": True},
-        "attention": {"chosen": choice.as_dict(), "paper": paper.as_dict(),
-                      "grid": (grid or AttentionGrid()).as_dict(), "loo_valid_auc": choice.table},
+        "attention": {"chosen": scored.choice.as_dict(), "paper": scored.paper.as_dict(), "grid": grid.as_dict(),
+                      "loo_valid_auc": scored.choice.table},
         "shards": shards,
-        "routing": {"chosen": _routing(chosen_w, clusters), "paper": _routing(paper_w, clusters)},
+        "routing": {"chosen": _routing(scored.chosen_w, clusters), "paper": _routing(scored.paper_w, clusters)},
     }
-    table = pd.DataFrame({"sample_id": ids, "user_id": [s.user_id for s in test], "label": labels})
-    for m in methods:
-        table[m] = scores[m]
+
+
+def _table(run: RunData, scored: _Scored, clusters: np.ndarray | None) -> pd.DataFrame:
+    """One row per test sample: its label, every method's score, the chosen and the paper's weights."""
+    k = run.config.shards
+    table = pd.DataFrame({"sample_id": [s.sample_id for s in scored.test],
+                          "user_id": [s.user_id for s in scored.test], "label": scored.labels})
+    for m in METHODS:
+        if m in scored.scores:
+            table[m] = scored.scores[m]
     for s in range(k):
-        table[f"w_{s}"] = chosen_w[:, s]
+        table[f"w_{s}"] = scored.chosen_w[:, s]
     for s in range(k):
-        table[f"w_paper_{s}"] = paper_w[:, s]
+        table[f"w_paper_{s}"] = scored.paper_w[:, s]
     if clusters is not None:
         table["cluster"] = clusters
-    return report, table
+    return table
 
 
 def _training(ref: AdapterRef) -> dict[str, Any]:
