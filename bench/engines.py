@@ -37,6 +37,7 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, contextmanager, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +47,7 @@ import torch
 
 from apa import prompts
 from apa.data import movielens_100k
+from apa.engines.base import Mode
 from apa.engines.merge import snap_weights
 from apa.engines.torch import TorchEngine
 from apa.engines.vllm import VllmEngine
@@ -170,7 +172,7 @@ def summarise(latencies: list[float], wall: float, n: int) -> dict[str, float]:
             "throughput_cps": round(n * CANDIDATES / wall, 2), "wall_s": round(wall, 2)}
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shards", type=int, default=4)
     parser.add_argument("--requests", type=int, default=12, help="requests per concurrency level")
@@ -185,14 +187,109 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.requests, args.concurrency = 4, "1,4"
+    return args
+
+
+@dataclass(frozen=True)
+class Load:
+    """The requests every engine answers: a fresh set of ``per_level`` per concurrency level after one
+    warm-up request, each with its own per-user weights."""
+
+    requests: list[list[str]]  # candidate prompts per request
+    weights: np.ndarray  # [requests, K]
+    levels: list[int]
+    per_level: int
+    mode: Mode
+
+    def first(self, level_index: int) -> int:
+        return 1 + level_index * self.per_level
+
+
+def measure_torch(engine: TorchEngine, load: Load) -> tuple[dict[str, Any], dict[int, np.ndarray]]:
+    """The torch engine in this process (one model thread): latency per level, and its p(yes) per request."""
+    model_lock = threading.Lock()
+
+    def torch_score(i: int) -> np.ndarray:
+        with model_lock:
+            return engine.score_shared(load.requests[i], load.weights[i], mode=load.mode)
+
+    torch_p: dict[int, np.ndarray] = {}
+    started = time.perf_counter()
+    torch_p[0] = torch_score(0)
+    entry: dict[str, Any] = {"warmup_first_request_s": round(time.perf_counter() - started, 2), "levels": {}}
+    for level_index, c in enumerate(load.levels):
+        first = load.first(level_index)
+        engine.drop_cached()
+
+        def level_score(i: int, first: int = first) -> np.ndarray:
+            return torch_score(first + i)
+
+        lat, wall, p = run_load(level_score, load.per_level, c)
+        torch_p.update({first + i: x for i, x in p.items()})
+        entry["levels"][str(c)] = summarise(lat, wall, load.per_level)
+        print(f"torch c={c}: {entry['levels'][str(c)]}", flush=True)
+    entry["memory_mb"] = resident_mb([os.getpid()])
+    entry.update(entry["levels"][str(load.levels[0])])
+    return entry, torch_p
+
+
+def measure_weight_grid(engine: TorchEngine, load: Load, torch_p: dict[int, np.ndarray],
+                        steps: list[float]) -> dict[str, Any]:
+    """What snapping the weights to a grid does to p(yes) (torch engine, exact otherwise)."""
+    grid: dict[str, Any] = {}
+    for step in steps:
+        diffs = []
+        for i in sorted(torch_p)[:load.per_level]:
+            snapped = snap_weights(load.weights[i], step)
+            diffs.append(float(np.abs(torch_p[i] - engine.score_shared(load.requests[i], snapped,
+                                                                       mode=load.mode)).max()))
+        grid[str(step)] = {"max_weight_move": step, "max_abs_diff_p_yes": round(max(diffs), 5),
+                           "median_of_max_abs_diff": round(statistics.median(diffs), 5), "requests": len(diffs)}
+        print(f"weight step {step}: {grid[str(step)]}", flush=True)
+    shards = load.weights.shape[1]
+    spread = []  # for scale: how far p(yes) moves between one shard alone and the request's mixture
+    for i in sorted(torch_p)[:4]:
+        spread += [float(np.abs(torch_p[i] - engine.score_shared(load.requests[i], np.eye(shards)[k],
+                                                                  mode=load.mode)).max())
+                   for k in range(shards)]
+    grid["one_shard_vs_mixture_max_abs_diff_p_yes"] = round(max(spread), 5)
+    return grid
+
+
+def measure_vllm(vllm: VllmEngine, load: Load, torch_p: dict[int, np.ndarray]) -> dict[str, Any]:
+    """The vLLM engine on the same requests: latency per level, one adapter for all, and the largest
+    difference from the torch engine's p(yes)."""
+    started = time.perf_counter()
+    diffs = [float(np.abs(vllm.score_shared(load.requests[0], load.weights[0], mode=load.mode) - torch_p[0]).max())]
+    entry: dict[str, Any] = {"warmup_first_request_s": round(time.perf_counter() - started, 2), "levels": {}}
+    for level_index, c in enumerate(load.levels):
+        first = load.first(level_index)
+
+        def vllm_score(i: int, first: int = first) -> np.ndarray:
+            return vllm.score_shared(load.requests[first + i], load.weights[first + i], mode=load.mode)
+
+        lat, wall, p = run_load(vllm_score, load.per_level, c)
+        diffs += [float(np.abs(x - torch_p[first + i]).max()) for i, x in p.items()]
+        entry["levels"][str(c)] = summarise(lat, wall, load.per_level)
+        print(f"vllm c={c}: {entry['levels'][str(c)]}", flush=True)
+    fixed, wall, _ = run_load(lambda i: vllm.score_shared(load.requests[1 + i], load.weights[0], mode=load.mode),
+                              load.per_level, 1)  # one weight vector for all: its adapter is loaded
+    entry["same_weights_c1"] = summarise(fixed, wall, load.per_level)
+    print(f"vllm, one adapter for all requests, c=1: {entry['same_weights_c1']}", flush=True)
+    entry["max_abs_diff_vs_torch"] = float(f"{max(diffs):.3g}")
+    entry.update(entry["levels"][str(load.levels[0])])
+    return entry
+
+
+def main() -> None:
+    args = parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
     steps = [float(s) for s in args.weight_steps.split(",") if s]
-    settings = get_settings()
-    model_dir = settings.base_model_dir
+    model_dir = get_settings().base_model_dir
     torch.manual_seed(0)
     requests = user_requests(args.requests * (len(levels) + 1))  # a fresh set per level, one for warm-up
-    rng = np.random.default_rng(1)
-    weights = rng.dirichlet(np.ones(args.shards), len(requests))  # [requests, K]: per-user weights
+    weights = np.random.default_rng(1).dirichlet(np.ones(args.shards), len(requests))  # [requests, K]: per user
+    load = Load(requests=requests, weights=weights, levels=levels, per_level=args.requests, mode=args.mode)
 
     report: dict[str, Any] = {"benchmark": "engines", "machine": describe(args.device),
                               "command": "python bench/engines.py " + " ".join(sys.argv[1:]),
@@ -204,85 +301,22 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         base = load_base_model(model_dir)
         refs, _ = random_adapters(base, args.shards, Path(tmp) / "shards")
-        torch_p: dict[int, np.ndarray] = {}
-
-        # -- torch engine, in this process (one model thread) ---------------------------------------
         engine = TorchEngine(load_base_model(model_dir, device=args.device), prefix_cache_bytes=256 * 2**20)
         engine.load(refs)
-        model_lock = threading.Lock()
-
-        def torch_score(i: int) -> np.ndarray:
-            with model_lock:
-                return engine.score_shared(requests[i], weights[i], mode=args.mode)
-
-        started = time.perf_counter()
-        torch_p[0] = torch_score(0)
-        entry: dict[str, Any] = {"warmup_first_request_s": round(time.perf_counter() - started, 2), "levels": {}}
-        for level_index, c in enumerate(levels):
-            first = 1 + level_index * args.requests
-            engine.drop_cached()
-
-            def level_score(i: int, first: int = first) -> np.ndarray:
-                return torch_score(first + i)
-
-            lat, wall, p = run_load(level_score, args.requests, c)
-            torch_p.update({first + i: x for i, x in p.items()})
-            entry["levels"][str(c)] = summarise(lat, wall, args.requests)
-            print(f"torch c={c}: {entry['levels'][str(c)]}", flush=True)
-        entry["memory_mb"] = resident_mb([os.getpid()])
-        entry.update(entry["levels"][str(levels[0])])
-        report["torch"] = entry
-
-        # -- weight grids: what snapping does to p(yes) (torch engine, exact otherwise) -----------
-        grid: dict[str, Any] = {}
-        for step in steps:
-            diffs = []
-            for i in sorted(torch_p)[:args.requests]:
-                snapped = snap_weights(weights[i], step)
-                diffs.append(float(np.abs(torch_p[i] - engine.score_shared(requests[i], snapped,
-                                                                           mode=args.mode)).max()))
-            grid[str(step)] = {"max_weight_move": step, "max_abs_diff_p_yes": round(max(diffs), 5),
-                               "median_of_max_abs_diff": round(statistics.median(diffs), 5), "requests": len(diffs)}
-            print(f"weight step {step}: {grid[str(step)]}", flush=True)
-        spread = []  # for scale: how far p(yes) moves between one shard alone and the request's mixture
-        for i in sorted(torch_p)[:4]:
-            spread += [float(np.abs(torch_p[i] - engine.score_shared(requests[i], np.eye(args.shards)[k],
-                                                                      mode=args.mode)).max())
-                       for k in range(args.shards)]
-        grid["one_shard_vs_mixture_max_abs_diff_p_yes"] = round(max(spread), 5)
-        report["weight_grid"] = grid
+        report["torch"], torch_p = measure_torch(engine, load)
+        report["weight_grid"] = measure_weight_grid(engine, load, torch_p, steps)
         engine.drop_cached()
 
-        # -- vLLM engine, against a server of its own ---------------------------------------------
-        started = time.perf_counter()
+        started = time.perf_counter()  # the vLLM engine, against a server of its own
         server: AbstractContextManager[tuple[str, subprocess.Popen[bytes] | None]] = (
             nullcontext((args.vllm_url, None)) if args.vllm_url else vllm_server(model_dir, Path(tmp) / "vllm.log"))
         with server as (url, process):
-            server_start = time.perf_counter() - started
+            server_start = round(time.perf_counter() - started, 1)
             vllm = VllmEngine(base, url=url, adapter_dir=args.adapter_dir or Path(tmp) / "merged", max_adapters=8)
             vllm.load(refs)
-            started = time.perf_counter()
-            diffs = [float(np.abs(vllm.score_shared(requests[0], weights[0], mode=args.mode) - torch_p[0]).max())]
-            entry = {"server_start_s": round(server_start, 1),
-                     "warmup_first_request_s": round(time.perf_counter() - started, 2), "levels": {}}
-            for level_index, c in enumerate(levels):
-                first = 1 + level_index * args.requests
-
-                def vllm_score(i: int, first: int = first) -> np.ndarray:
-                    return vllm.score_shared(requests[first + i], weights[first + i], mode=args.mode)
-
-                lat, wall, p = run_load(vllm_score, args.requests, c)
-                diffs += [float(np.abs(x - torch_p[first + i]).max()) for i, x in p.items()]
-                entry["levels"][str(c)] = summarise(lat, wall, args.requests)
-                print(f"vllm c={c}: {entry['levels'][str(c)]}", flush=True)
-            fixed, wall, _ = run_load(lambda i: vllm.score_shared(requests[1 + i], weights[0], mode=args.mode),
-                                      args.requests, 1)  # one weight vector for all: its adapter is loaded
-            entry["same_weights_c1"] = summarise(fixed, wall, args.requests)
-            print(f"vllm, one adapter for all requests, c=1: {entry['same_weights_c1']}", flush=True)
+            entry = {"server_start_s": server_start, **measure_vllm(vllm, load, torch_p)}
             if process is not None:  # a server of our own: its processes' resident memory
                 entry["memory_mb"] = resident_mb(process_tree(process.pid))
-            entry["max_abs_diff_vs_torch"] = float(f"{max(diffs):.3g}")
-            entry.update(entry["levels"][str(levels[0])])
             vllm.close()
         report["vllm"] = entry
     print(json.dumps({k: report[k] for k in ("torch", "vllm")}, indent=1))
