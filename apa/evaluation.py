@@ -286,6 +286,11 @@ def _training(ref: AdapterRef) -> dict[str, Any]:
     return training
 
 
+def predictions_path(report: Path) -> Path:
+    """``<name>-predictions.csv.gz`` beside ``<name>.json``."""
+    return report.with_name(f"{report.stem}-predictions.csv.gz")
+
+
 def recompute_auc(table: pd.DataFrame, methods: Sequence[str]) -> dict[str, float]:
     """The AUCs a per-sample table gives (what a reader checks the report against)."""
     return {m: round(auc(table["label"].to_numpy(), table[m].to_numpy()), 4) for m in methods}

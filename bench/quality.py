@@ -40,8 +40,7 @@ from typing import Any
 import pandas as pd
 
 from apa import artifacts, sisa
-from apa.cli import predictions_path
-from apa.evaluation import METHODS, recompute_auc
+from apa.evaluation import METHODS, predictions_path, recompute_auc
 from apa.runs import RunData, adapter_seed, read_run
 from apa.settings import get_settings
 from bench import quick
@@ -95,7 +94,7 @@ STATE_ROOT = Path("docs/results/runs")
 
 
 def apa(*args: str) -> None:
-    subprocess.run([sys.executable, "-m", "apa.cli", *args], check=True)
+    subprocess.run([sys.executable, "-m", "cli", *args], check=True)
 
 
 def _same_validation(mine: RunData, theirs: RunData) -> bool:

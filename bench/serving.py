@@ -84,7 +84,7 @@ def load(client: Client, users: list[str], concurrency: int, timeout_s: float) -
 
 def gateway(env: dict[str, str], port: int, sharing: bool, log: Path) -> tuple[subprocess.Popen[bytes], Any]:
     handle = open(log, "w")  # noqa: SIM115 (closed by the caller with the process)
-    proc = subprocess.Popen([sys.executable, "-m", "apa.cli", "serve", "--port", str(port)],
+    proc = subprocess.Popen([sys.executable, "-m", "cli", "serve", "--port", str(port)],
                             env={**env, "APA_PREFIX_SHARING": str(sharing).lower()},
                             stdout=handle, stderr=subprocess.STDOUT)
     return proc, handle
@@ -182,7 +182,7 @@ def main() -> None:
            "APA_REDIS_PREFIX": f"apa-bench-{secrets.token_hex(4)}:",
            # throughput, not the overload policy: neither the request timeout nor admission sheds here
            "APA_REQUEST_TIMEOUT_S": str(args.timeout), "APA_MAX_MODEL_WAITING": "1024"}
-    subprocess.run([sys.executable, "-m", "apa.cli", "ledger", "import", str(run)], env=env, check=True)
+    subprocess.run([sys.executable, "-m", "cli", "ledger", "import", str(run)], env=env, check=True)
     frame = pd.read_parquet(run / "samples.parquet")
     users = sorted({str(u) for u in frame["user_id"]}, key=lambda u: (len(u), u))
     try:

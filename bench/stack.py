@@ -17,11 +17,11 @@ def gateway_and_worker(run: Path, env: dict[str, str], work: Path, port: int) ->
     with socket.socket() as probe:
         if probe.connect_ex(("127.0.0.1", port)) == 0:
             raise RuntimeError(f"port {port} is in use by another server; pass another --port")
-    subprocess.run([sys.executable, "-m", "apa.cli", "ledger", "import", str(run)], env=env, check=True)
+    subprocess.run([sys.executable, "-m", "cli", "ledger", "import", str(run)], env=env, check=True)
     with open(work / "gateway.log", "w") as gateway_log, open(work / "worker.log", "w") as worker_log:
-        procs = [subprocess.Popen([sys.executable, "-m", "apa.cli", "serve", "--port", str(port)], env=env,
+        procs = [subprocess.Popen([sys.executable, "-m", "cli", "serve", "--port", str(port)], env=env,
                                   stdout=gateway_log, stderr=subprocess.STDOUT),
-                 subprocess.Popen([sys.executable, "-m", "apa.cli", "worker"], env=env, stdout=worker_log,
+                 subprocess.Popen([sys.executable, "-m", "cli", "worker"], env=env, stdout=worker_log,
                                   stderr=subprocess.STDOUT)]
         try:
             yield

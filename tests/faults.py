@@ -200,7 +200,7 @@ class Stack:
                                 stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
 
     def start_gateway(self, ready: bool = True) -> None:
-        self.gateway = self._spawn(["-m", "apa.cli", "serve", "--port", str(self.port)], "gateway")
+        self.gateway = self._spawn(["-m", "cli", "serve", "--port", str(self.port)], "gateway")
         if ready:
             self.wait_ready()
 
@@ -215,7 +215,7 @@ class Stack:
 
     def start_worker(self, slow_marker: Path | None = None) -> subprocess.Popen[bytes]:
         if slow_marker is None:
-            proc = self._spawn(["-m", "apa.cli", "worker"], "worker")
+            proc = self._spawn(["-m", "cli", "worker"], "worker")
         else:
             proc = self._spawn(["-m", "tests.slow_worker", "worker"], "slow-worker",
                                APA_FAULT_MARKER=str(slow_marker))

@@ -8,7 +8,7 @@ import pytest
 import yaml
 from typer.main import get_command
 
-from apa.cli import app
+from cli.main import app
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = ROOT / "docker-compose.yml"

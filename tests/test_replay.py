@@ -22,7 +22,7 @@ TRAIN = ["--shards", "2", "--train-samples", "8", "--valid-samples", "8", "--tes
 
 
 def apa(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "apa.cli", *args], capture_output=True, text=True, timeout=600)
+    return subprocess.run([sys.executable, "-m", "cli", *args], capture_output=True, text=True, timeout=600)
 
 
 def weights(run: Path) -> dict[str, bytes]:

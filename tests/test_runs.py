@@ -15,13 +15,13 @@ from typer.testing import CliRunner, Result
 
 from apa import artifacts, data, sisa, training
 from apa.aggregation import PAPER, AttentionGrid, choose_attention
-from apa.cli import app
 from apa.errors import ConfigError
 from apa.evaluation import METHODS, evaluate, load_memory, recompute_auc, serving_refs
 from apa.integrity import check_run
 from apa.model import BaseModel
 from apa.runs import RunConfig, RunData, read_run, selection_samples, train_run, valid_clusters
 from apa.settings import get_settings
+from cli.main import app
 from tests.conftest import TINY_RUN, TITLES, load_tiny, raw_frames
 
 K = 2

@@ -50,8 +50,8 @@ def test_cli_audit_prints_the_report_or_a_clear_error(
 ) -> None:
     from typer.testing import CliRunner
 
-    from apa.cli import app
     from apa.settings import get_settings
+    from cli.main import app
     from ledger import db
 
     with db.session_scope(settings.ledger_url) as session:

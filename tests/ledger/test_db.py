@@ -55,8 +55,8 @@ def test_redact_hides_the_password_and_a_sqlite_ledger_is_its_owners_only(tmp_pa
 def test_cli_ledger_commands_and_clear_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from typer.testing import CliRunner
 
-    from apa.cli import app
     from apa.settings import get_settings
+    from cli.main import app
 
     monkeypatch.setenv("APA_HOME", str(tmp_path))
     monkeypatch.delenv("APA_DATABASE_URL", raising=False)
