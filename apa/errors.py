@@ -1,8 +1,28 @@
-"""What can go wrong in the core, as domain errors; the service maps each to an HTTP status."""
+"""What can go wrong in the core, as domain errors. Each error is of one *kind* (``NotFound``,
+``Conflict``, ``Invalid``, ``Unavailable``), and the service maps kinds, not errors, to HTTP statuses
+(``service/errors.py``); an error of no kind reaching a request is a bug or a misconfiguration (500).
+The ledger's errors are in ``ledger/errors.py``, the service's own in ``service/errors.py``.
+"""
 
 
 class APAError(Exception):
-    """Base class of every error the core raises on purpose."""
+    """Base class of every error the core, the ledger and the service raise on purpose."""
+
+
+class NotFound(APAError):
+    """Something named by id does not exist (404)."""
+
+
+class Conflict(APAError):
+    """The request contradicts what is recorded (409)."""
+
+
+class Invalid(APAError):
+    """The request is well-formed but names what cannot be used (422)."""
+
+
+class Unavailable(APAError):
+    """Something the answer needs cannot answer now; try again later (503 with Retry-After)."""
 
 
 class AssetError(APAError):
@@ -17,11 +37,11 @@ class ConfigError(APAError):
     """A run or command was configured with values that cannot work."""
 
 
-class RunNotFound(APAError):
+class RunNotFound(NotFound):
     """No run folder where one was expected."""
 
 
-class AllShardsQuarantined(APAError):
+class AllShardsQuarantined(Unavailable):
     """Every shard is quarantined: no model may answer (callers fall back to popularity)."""
 
 
@@ -29,45 +49,9 @@ class AdapterMismatch(APAError):
     """An adapter does not fit the engine (rank, target modules or shapes differ)."""
 
 
-class LedgerError(APAError):
-    """The ledger is missing, not migrated, or holds another run."""
-
-
-class UserNotFound(APAError):
-    """No such user, or a user with no live (non-deleted) interactions."""
-
-
-class ItemsNotFound(APAError):
-    """Some requested items are not in the catalogue."""
-
-    def __init__(self, item_ids: list[str]) -> None:
-        super().__init__(f"unknown item(s): {item_ids}")
-        self.item_ids = item_ids
-
-
-class DeletionNotFound(APAError):
-    """No deletion request with that id."""
-
-
-class ShardNotFound(APAError):
-    """No shard with that number."""
-
-
-class NothingToRetrain(APAError):
-    """A retrain was asked for a shard that holds no deleted data."""
-
-
 class GateFailed(APAError):
     """A retrained version failed its validation gate; it is not served."""
 
 
-class IdempotencyConflict(APAError):
-    """An Idempotency-Key already named another request (another user, or other items)."""
-
-
-class EngineUnavailable(APAError):
+class EngineUnavailable(Unavailable):
     """The scoring engine cannot answer (the vLLM server is unreachable or refused a request)."""
-
-
-class InteractionKeyTooLong(APAError):
-    """An interaction's key (``<user_id>:<item_id>:<timestamp>``) would not fit the ledger's id columns."""

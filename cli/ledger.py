@@ -7,9 +7,10 @@ from typing import Annotated
 
 import typer
 
-from apa.errors import APAError, LedgerError
+from apa.errors import APAError
 from apa.settings import get_settings
 from cli.common import fail, resolve_run
+from ledger.errors import LedgerError
 
 ledger = typer.Typer(help="The SQL ledger (APA_DATABASE_URL; default sqlite:///<APA_HOME>/apa.db).",
                      no_args_is_help=True)

@@ -11,10 +11,8 @@ from pathlib import Path
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from apa.errors import (
-    UserNotFound,
-)
 from ledger.common import chunks, version_row
+from ledger.errors import UserNotFound
 from ledger.models import (
     DeletionRequest,
     Interaction,

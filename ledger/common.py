@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 from sqlalchemy import select, text
 from sqlalchemy.orm import Session
 
-from apa.errors import IdempotencyConflict
+from ledger.errors import IdempotencyConflict
 from ledger.models import (
     AdapterVersion,
     AuditEntry,

@@ -16,8 +16,8 @@ from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
-from apa.errors import LedgerError
 from apa.settings import get_settings
+from ledger.errors import LedgerError
 
 SOURCE_MIGRATIONS_DIR = Path(__file__).resolve().parents[1] / "migrations"
 DEFAULT_CONNECT_TIMEOUT_S = 10

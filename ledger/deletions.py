@@ -14,15 +14,11 @@ from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from apa.errors import (
-    DeletionNotFound,
-    LedgerError,
-    UserNotFound,
-)
 from apa.hashing import hmac_hex
 from ledger import common
 from ledger.catalog import shard_views
 from ledger.common import chunks, record_event, version_row, write_audit
+from ledger.errors import DeletionNotFound, LedgerError, UserNotFound
 from ledger.models import (
     COMPLETED,
     FAILED,

@@ -9,14 +9,11 @@ from pathlib import Path
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from apa.errors import (
-    NothingToRetrain,
-    ShardNotFound,
-)
 from ledger import ingest
 from ledger.catalog import live_sample_ids
 from ledger.common import record_event, version_row, write_audit
 from ledger.deletions import complete
+from ledger.errors import NothingToRetrain, ShardNotFound
 from ledger.models import (
     COMPLETED,
     FAILED,

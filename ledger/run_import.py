@@ -11,10 +11,8 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import insert, select
 from sqlalchemy.orm import Session
 
-from apa.errors import (
-    LedgerError,
-)
 from apa.hashing import hmac_hex
+from ledger.errors import LedgerError
 from ledger.models import (
     SERVING,
     AdapterVersion,

@@ -13,12 +13,13 @@ from starlette.concurrency import run_in_threadpool
 
 from apa import __version__
 from apa.engines import create_engine
-from apa.errors import ConfigError, LedgerError
+from apa.errors import ConfigError
 from apa.model import load_base_model
 from apa.runs import RunConfig
 from jobs import queue
 from ledger import run_import
 from ledger.db import require_current, session_factory
+from ledger.errors import LedgerError
 from service import errors, redaction
 from service.admin import router as admin
 from service.background import EventListener, ledger_poller

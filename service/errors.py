@@ -1,4 +1,5 @@
-"""Domain errors (``apa.errors``) to HTTP answers: each maps to one status code and a clear message.
+"""Domain errors to HTTP answers: each *kind* of ``apa.errors`` maps to one status code (``STATUS``), each
+error's message is the answer's detail; the service's own errors are here too.
 
 Every error is a JSON ``{"detail": ...}`` (:class:`service.schemas.ErrorResponse`): a ledger that cannot
 be reached is a 503 with ``Retry-After``, an unexpected error a 500 that names nothing of the request.
@@ -15,34 +16,30 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
-from apa.errors import (
-    APAError,
-    DeletionNotFound,
-    EngineUnavailable,
-    IdempotencyConflict,
-    InteractionKeyTooLong,
-    ItemsNotFound,
-    LedgerError,
-    NothingToRetrain,
-    ShardNotFound,
-    UserNotFound,
-)
+from apa.errors import APAError, Conflict, Invalid, NotFound, Unavailable
 from service.deadline import LoadShed
 
 log = logging.getLogger(__name__)
 
-STATUS: dict[type[APAError], int] = {
-    UserNotFound: 404,
-    DeletionNotFound: 404,
-    ShardNotFound: 404,
-    ItemsNotFound: 422,
-    InteractionKeyTooLong: 422,
-    NothingToRetrain: 409,
-    IdempotencyConflict: 409,
-    LedgerError: 503,
-    EngineUnavailable: 503,  # the vLLM server is down or refused: try again
-}
+STATUS: dict[type[APAError], int] = {NotFound: 404, Conflict: 409, Invalid: 422, Unavailable: 503}  # by kind
 RETRY_AFTER_S = 5  # when the ledger is unreachable
+
+
+class ItemsNotFound(Invalid):
+    """Some requested items are not in the catalogue."""
+
+    def __init__(self, item_ids: list[str]) -> None:
+        super().__init__(f"unknown item(s): {item_ids}")
+        self.item_ids = item_ids
+
+
+class InteractionKeyTooLong(Invalid):
+    """An interaction's key (``<user_id>:<item_id>:<timestamp>``) would not fit the ledger's id columns."""
+
+
+def status_of(error: type[BaseException]) -> int | None:
+    """The status an error answers with: its kind's (None: an error of no kind, a 500)."""
+    return next((status for kind, status in STATUS.items() if issubclass(error, kind)), None)
 
 
 class Overloaded(Exception):

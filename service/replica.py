@@ -22,11 +22,11 @@ from pathlib import Path
 from typing import Any
 
 from apa.engines.base import AdapterRef, Engine
-from apa.errors import LedgerError
 from apa.model import BaseModel
 from apa.runs import RunConfig, memory_path
 from ledger import catalog, deletions, ingest
 from ledger.db import session_scope
+from ledger.errors import LedgerError
 from ledger.models import SERVING, as_utc, utcnow
 from service.attention import Attention
 from service.deadline import Deadline

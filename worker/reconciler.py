@@ -11,11 +11,11 @@ from pathlib import Path
 from typing import Any
 
 from apa import artifacts
-from apa.errors import LedgerError
 from jobs import queue
 from jobs.periodic import Periodic
 from ledger import ingest, purges, retrains, run_import
 from ledger.db import session_scope
+from ledger.errors import LedgerError
 from worker.liveness import recover_orphans
 from worker.settings import WorkerSettings
 

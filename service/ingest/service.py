@@ -21,11 +21,11 @@ import numpy as np
 from redis import Redis
 from sqlalchemy.orm import Session
 
-from apa.errors import InteractionKeyTooLong, ItemsNotFound
 from apa.partition import NEEDS_EMBEDDINGS, Incoming, assign
 from apa.samples import ingested_split, user_samples
 from jobs import queue
 from ledger import catalog, common, ingest
+from service.errors import InteractionKeyTooLong, ItemsNotFound
 from service.ingest.schemas import IngestAccepted
 from service.metrics import Metrics
 from service.replica import Replica

@@ -14,11 +14,12 @@ from starlette.concurrency import run_in_threadpool
 
 from apa import prompts
 from apa.embeddings import embed
-from apa.errors import AllShardsQuarantined, ItemsNotFound
+from apa.errors import AllShardsQuarantined
 from apa.samples import recent_history
 from ledger import catalog
 from service.batching import MicroBatcher
 from service.deadline import LoadShed
+from service.errors import ItemsNotFound
 from service.limits import Admission
 from service.metrics import Metrics
 from service.recommend.schemas import AdapterWeight, ItemScore, RecommendRequest, RecommendResponse

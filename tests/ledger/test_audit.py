@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 from sqlalchemy.orm import Session
 
-from apa.errors import DeletionNotFound
 from ledger import audit, deletions, purges, retrains
+from ledger.errors import DeletionNotFound
 from service.settings import ServiceSettings
 from tests.ledger.conftest import fake_version
 

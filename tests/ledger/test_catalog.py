@@ -8,8 +8,8 @@ import pytest
 from sqlalchemy.orm import Session
 
 from apa.artifacts import read_json
-from apa.errors import UserNotFound
 from ledger import catalog, deletions
+from ledger.errors import UserNotFound
 from tests.conftest import RATINGS, TITLES
 from tests.ledger.conftest import SHARD_SAMPLES, VALID_SAMPLES
 

@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 from sqlalchemy import inspect, select
 
-from apa.errors import LedgerError
 from ledger import db
+from ledger.errors import LedgerError
 from ledger.models import AuditEntry, Base
 
 

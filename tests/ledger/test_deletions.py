@@ -12,9 +12,9 @@ import pytest
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from apa.errors import DeletionNotFound, IdempotencyConflict, UserNotFound
 from apa.hashing import hmac_hex
 from ledger import catalog, deletions
+from ledger.errors import DeletionNotFound, IdempotencyConflict, UserNotFound
 from ledger.models import DeletionRequest, DeletionShard, Forgotten, Shard, utcnow
 
 TOKEN = "a" * 64  # a token's HMAC, as service/deps.py makes it

@@ -10,9 +10,9 @@ import pytest
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from apa.errors import DeletionNotFound
 from apa.hashing import hmac_hex
 from ledger import catalog, deletions, purges, retrains
+from ledger.errors import DeletionNotFound
 from ledger.models import (
     AdapterVersion,
     AuditEntry,

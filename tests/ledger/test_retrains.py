@@ -12,8 +12,8 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from apa.errors import NothingToRetrain, ShardNotFound
 from ledger import catalog, deletions, retrains
+from ledger.errors import NothingToRetrain, ShardNotFound
 from ledger.models import AdapterVersion, AuditEntry, Shard
 from service.settings import ServiceSettings
 from tests.ledger.conftest import SHARD_SAMPLES, VALID_SAMPLES, fake_version

@@ -7,10 +7,10 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from apa.errors import LedgerError
 from apa.hashing import hmac_hex
 from apa.purge import FORGOTTEN
 from ledger import catalog, db, deletions, run_import
+from ledger.errors import LedgerError
 from ledger.models import AuditEntry
 from service.settings import ServiceSettings
 from tests.conftest import RATINGS, service_settings
