@@ -15,10 +15,6 @@ JSON, no pickle), and a run that stopped resumes from it with the same result as
 
 import contextlib
 import copy
-import json
-import os
-import shutil
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -27,9 +23,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from apa.checkpoints import Checkpoint, load_lora_state, lora_state
 from apa.engines.mixture import strip_mixture
 from apa.errors import ConfigError
 from apa.faults import crash_point
@@ -106,6 +102,18 @@ class TrainStats:
     epoch_kept: int = 0
     best: EpochScore | None = None
 
+    def to_doc(self) -> dict[str, Any]:
+        """What a checkpoint keeps of the statistics (JSON)."""
+        return {"steps": self.steps, "seconds": self.seconds, "validation_seconds": self.validation_seconds,
+                "losses": self.losses, "curve": self.curve, "epoch_kept": self.epoch_kept,
+                "best": None if self.best is None else asdict(self.best)}
+
+    @classmethod
+    def from_doc(cls, doc: dict[str, Any]) -> "TrainStats":
+        return cls(steps=doc["steps"], seconds=doc["seconds"], validation_seconds=doc["validation_seconds"],
+                   losses=doc["losses"], curve=doc["curve"], epoch_kept=doc["epoch_kept"],
+                   best=None if doc["best"] is None else EpochScore(**doc["best"]))
+
     def summary(self) -> dict[str, Any]:
         tail = self.losses[-max(1, len(self.losses) // 4):]
         return {"steps": self.steps, "seconds": round(self.seconds, 3),
@@ -145,79 +153,6 @@ def lora_config(cfg: TrainConfig) -> Any:
 
     return LoraConfig(r=cfg.r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                       target_modules=list(cfg.target_modules), bias="none", task_type="CAUSAL_LM")
-
-
-def _lora_state(model: Any) -> dict[str, torch.Tensor]:
-    return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
-
-
-def _load_lora_state(model: Any, state: dict[str, torch.Tensor]) -> None:
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, value in state.items():
-            params[name].copy_(value)
-
-
-class _Checkpoint:
-    """The state after an epoch, in ``folder``: ``state.safetensors`` (current and best LoRA tensors,
-    AdamW moments, both random generators) and ``state.json`` (epoch, curve, stats, best predictions).
-    Written to a temporary folder and renamed over the old one, so a crash leaves one whole state."""
-
-    def __init__(self, folder: Path) -> None:
-        self.folder = folder
-
-    def save(self, *, model: Any, optimiser: torch.optim.Optimizer, generator: torch.Generator,
-             stats: TrainStats, best_state: dict[str, torch.Tensor] | None, epoch: int) -> None:
-        tensors = {f"lora.{n}": t.contiguous() for n, t in _lora_state(model).items()}
-        tensors.update({f"best.{n}": t.contiguous() for n, t in (best_state or {}).items()})
-        opt = optimiser.state_dict()
-        for index, slots in opt["state"].items():
-            tensors.update({f"adam.{index}.{slot}": value.detach().clone().reshape(value.shape)
-                            for slot, value in slots.items()})
-        tensors["rng.torch"] = torch.get_rng_state()
-        tensors["rng.batches"] = generator.get_state()
-        doc = {"epoch": epoch, "steps": stats.steps, "seconds": stats.seconds,
-               "validation_seconds": stats.validation_seconds, "losses": stats.losses, "curve": stats.curve,
-               "epoch_kept": stats.epoch_kept, "param_groups": opt["param_groups"],
-               "best": None if stats.best is None else asdict(stats.best)}
-        self.folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=self.folder.parent))
-        save_file(tensors, str(tmp / "state.safetensors"))
-        (tmp / "state.json").write_text(json.dumps(doc))
-        old = self.folder.with_name(self.folder.name + ".old")
-        if self.folder.exists():
-            os.replace(self.folder, old)
-        os.replace(tmp, self.folder)
-        shutil.rmtree(old, ignore_errors=True)
-
-    def restore(self, *, model: Any, optimiser: torch.optim.Optimizer, generator: torch.Generator,
-                stats: TrainStats) -> tuple[int, dict[str, torch.Tensor] | None]:
-        """Load the saved state into the given objects; returns (epochs done, best LoRA state)."""
-        old = self.folder.with_name(self.folder.name + ".old")
-        if not self.folder.exists() and old.exists():  # crashed between the two renames
-            os.replace(old, self.folder)
-        if not (self.folder / "state.json").is_file():
-            return 0, None
-        doc = json.loads((self.folder / "state.json").read_text())
-        tensors = load_file(str(self.folder / "state.safetensors"))
-        _load_lora_state(model, {n[len("lora."):]: t for n, t in tensors.items() if n.startswith("lora.")})
-        best = {n[len("best."):]: t for n, t in tensors.items() if n.startswith("best.")} or None
-        state: dict[int, dict[str, torch.Tensor]] = {}
-        for name, value in tensors.items():
-            if name.startswith("adam."):
-                _, index, slot = name.split(".", 2)
-                state.setdefault(int(index), {})[slot] = value
-        optimiser.load_state_dict({"state": state, "param_groups": doc["param_groups"]})
-        torch.set_rng_state(tensors["rng.torch"])
-        generator.set_state(tensors["rng.batches"])
-        stats.steps, stats.seconds, stats.losses = doc["steps"], doc["seconds"], doc["losses"]
-        stats.validation_seconds, stats.curve, stats.epoch_kept = doc["validation_seconds"], doc["curve"], \
-            doc["epoch_kept"]
-        stats.best = None if doc["best"] is None else EpochScore(**doc["best"])
-        return int(doc["epoch"]), best
-
-    def discard(self) -> None:
-        shutil.rmtree(self.folder, ignore_errors=True)
 
 
 @contextlib.contextmanager
@@ -264,10 +199,10 @@ def _train_adapter(
     lm_head = model.get_output_embeddings()
     ids = token_ids(base.tokenizer, prompts)
     cut = shared_prefix_length(ids)  # the template's head, which every prompt starts with
-    stats = TrainStats()
-    saved = _Checkpoint(checkpoint) if checkpoint is not None else None
-    done, best_state = saved.restore(model=model, optimiser=optimiser, generator=generator, stats=stats) \
-        if saved else (0, None)
+    saved = Checkpoint(checkpoint) if checkpoint is not None else None
+    doc, best_state = saved.restore(model=model, optimiser=optimiser, generator=generator) if saved else (None, None)
+    stats = TrainStats() if doc is None else TrainStats.from_doc(doc)
+    done = 0 if doc is None else int(doc["epoch"])
     steps_per_epoch = -(-len(prompts) // cfg.batch_size)
     bar = tqdm(total=cfg.max_epochs * steps_per_epoch, initial=done * steps_per_epoch, desc=desc,
                disable=desc is None, unit="step")
@@ -304,20 +239,20 @@ def _train_adapter(
             stats.validation_seconds += time.perf_counter() - started
             point["valid"] = round(score.score, 5)
             if stats.best is None or score.score > stats.best.score:
-                stats.best, stats.epoch_kept, best_state = score, epoch, _lora_state(model)
+                stats.best, stats.epoch_kept, best_state = score, epoch, lora_state(model)
             bar.set_postfix(loss=f"{losses[-1]:.3f}", valid=f"{score.score:.3f}", kept=stats.epoch_kept)
         else:
             stats.epoch_kept = epoch
         stats.curve.append(point)
         if saved:
-            saved.save(model=model, optimiser=optimiser, generator=generator, stats=stats, best_state=best_state,
-                       epoch=epoch)
+            saved.save(model=model, optimiser=optimiser, generator=generator, best_state=best_state,
+                       doc={"epoch": epoch, **stats.to_doc()})
             crash_point("training.epoch-saved")
         if patience is not None and epoch - stats.epoch_kept >= patience:
             break
     bar.close()
     if best_state is not None:
-        _load_lora_state(model, best_state)
+        load_lora_state(model, best_state)
     model.eval()
     return model, stats
 

@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from apa import prompts
+from apa.checkpoints import lora_state
 from apa.errors import ConfigError
 from apa.model import BaseModel
-from apa.training import EpochScore, TrainConfig, _lora_state, train_adapter
+from apa.training import EpochScore, TrainConfig, train_adapter
 from tests.conftest import TITLES
 
 TEXTS = [prompts.sample_prompt([a], [b], c) for a, b, c in zip(TITLES.values(), list(TITLES.values())[1:],
@@ -30,7 +31,7 @@ class Scripted:
     def __call__(self, model: Any) -> EpochScore:
         if self.fail_at is not None and len(self.states) + 1 == self.fail_at:
             raise KeyboardInterrupt("the machine went away")
-        self.states.append(_lora_state(model))
+        self.states.append(lora_state(model))
         return EpochScore(score=next(self.scores), predictions={"v": float(len(self.states))})
 
 
@@ -45,7 +46,7 @@ def test_stops_after_patience_epochs_without_gain_and_keeps_the_best(tiny_base: 
     assert [p["valid"] for p in stats.curve] == [0.5, 0.7, 0.6, 0.7]
     assert stats.epoch_kept == 2 and stats.best is not None and stats.best.predictions == {"v": 2.0}
     assert len(TEXTS) == 10 and stats.steps == 4 * 3  # 10 prompts in batches of 4: 3 steps an epoch
-    assert equal_states(_lora_state(model), validate.states[1])
+    assert equal_states(lora_state(model), validate.states[1])
     assert not equal_states(validate.states[1], validate.states[3])
     assert not model.training
     assert stats.summary()["epoch_kept"] == 2 and stats.summary()["epochs_run"] == 4
@@ -55,7 +56,7 @@ def test_runs_every_epoch_while_it_improves(tiny_base: BaseModel) -> None:
     validate = Scripted([0.1, 0.2, 0.3, 0.4, 0.5])
     model, stats = train_adapter(tiny_base, TEXTS, LABELS, CFG, seed=3, validate=validate)
     assert stats.epoch_kept == 5 and len(stats.curve) == 5
-    assert equal_states(_lora_state(model), validate.states[-1])
+    assert equal_states(lora_state(model), validate.states[-1])
 
 
 def test_the_fixed_schedule_keeps_the_last_epoch_without_validating(tiny_base: BaseModel) -> None:
@@ -95,12 +96,12 @@ def test_a_resumed_training_ends_exactly_where_an_uninterrupted_one_does(
     assert len(resumed_validate.states) == 3  # epochs 3, 4 and 5 only
     assert resumed.curve == straight.curve and resumed.epoch_kept == straight.epoch_kept == 4
     assert resumed.steps == straight.steps and resumed.losses == straight.losses
-    assert equal_states(_lora_state(resumed_model), _lora_state(straight_model))
+    assert equal_states(lora_state(resumed_model), lora_state(straight_model))
     # resumed once more after it finished: nothing left to train, the same adapter
     again_model, again = train_adapter(load_tiny(tiny_model_dir), TEXTS, LABELS, CFG, seed=5,
                                        validate=Scripted([]), checkpoint=checkpoint)
     assert again.curve == straight.curve
-    assert equal_states(_lora_state(again_model), _lora_state(straight_model))
+    assert equal_states(lora_state(again_model), lora_state(straight_model))
 
 
 def test_config_from_a_run_written_before_early_stopping() -> None:
