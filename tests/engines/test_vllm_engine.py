@@ -4,7 +4,7 @@ The stand-in loads each merged adapter folder with PEFT on the tiny Llama and an
 ``/v1/completions`` the way vLLM does with ``--logprobs-mode processed_logprobs`` and
 ``allowed_token_ids=[Yes, No]``: the two log-probabilities renormalised over the pair. So these tests
 check the engine (merging, naming, the adapter registry, quarantine, the request) against the torch
-engine in milliseconds; tests/test_vllm_server.py does the same against the real vLLM server.
+engine in milliseconds; tests/engines/test_vllm_server.py does the same against the real vLLM server.
 """
 
 import json
@@ -25,7 +25,7 @@ from apa.engines.vllm import VllmEngine
 from apa.errors import AdapterMismatch, EngineUnavailable
 from apa.model import BaseModel
 from tests.conftest import TINY_RUN, load_tiny
-from tests.test_engine import K, R, make_adapter, refs
+from tests.support.adapters import K, R, make_adapter, refs
 
 TOL = 1e-4
 

@@ -12,7 +12,7 @@ from apa.engines.merge import ShardAdapter, adapter_name, merged_tensors, purge_
 from apa.engines.torch import TorchEngine
 from apa.errors import AdapterMismatch
 from apa.model import BaseModel
-from tests.test_engine import K, R, make_adapter, peft_outputs, peft_reference, refs
+from tests.support.adapters import K, R, make_adapter, peft_outputs, peft_reference, refs
 
 TOL = 1e-4
 MIX = [0.6, 0.3, 0.1]

@@ -25,7 +25,7 @@ from bench.engines import vllm_server
 
 pytestmark = pytest.mark.vllm
 
-ROOT = Path(__file__).parents[1]
+ROOT = Path(__file__).parents[2]
 VENV = Path(os.environ.get("APA_VLLM_VENV", ROOT / ".venv-vllm"))
 K, R = 4, 8
 TOL = 2e-3

@@ -1,7 +1,7 @@
 """The CPU LoRA ops of plugins/vllm-cpu-lora against a per-token reference written out by hand.
 
 The plugin needs only torch, so it is checked here in the project's environment; the real server
-tests (tests/test_vllm_server.py) run it inside vLLM.
+tests (tests/engines/test_vllm_server.py) run it inside vLLM.
 """
 
 import importlib.util
@@ -11,7 +11,7 @@ from types import ModuleType
 import pytest
 import torch
 
-PLUGIN = Path(__file__).parents[1] / "plugins" / "vllm-cpu-lora" / "apa_vllm_cpu_lora" / "__init__.py"
+PLUGIN = Path(__file__).parents[2] / "plugins" / "vllm-cpu-lora" / "apa_vllm_cpu_lora" / "__init__.py"
 
 
 @pytest.fixture(scope="module")

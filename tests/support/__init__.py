@@ -1,0 +1,1 @@
+"""Helpers the tests share: processes, adapters, fault injection."""
