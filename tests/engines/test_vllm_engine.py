@@ -265,7 +265,7 @@ def vllm_gateway(service_home: Path, ledger_url: str, redis_prefix: str, tiny_mo
 
 
 def test_a_deletion_end_to_end_on_the_vllm_engine(vllm_gateway: dict, server: StandInServer) -> None:
-    from tests.test_service_flow import AUTH, run_worker, user_with_train_samples, wait_for
+    from tests.service.test_flow import AUTH, run_worker, user_with_train_samples, wait_for
 
     client, run_dir, settings = vllm_gateway["client"], vllm_gateway["run_dir"], vllm_gateway["settings"]
     adapter_dir = settings.home / "vllm-adapters"

@@ -179,7 +179,7 @@ def test_a_deletion_end_to_end_through_the_gateway(real_run_home: Path, model_di
     import shutil
 
     from tests.conftest import gateway_with_worker, service_settings
-    from tests.test_service_flow import AUTH, run_worker, user_with_train_samples, wait_for
+    from tests.service.test_flow import AUTH, run_worker, user_with_train_samples, wait_for
 
     home = tmp_path / "home"
     shutil.copytree(real_run_home, home)

@@ -16,7 +16,7 @@ from ledger import catalog, ingest
 from ledger.db import session_scope
 from ledger.models import Sample, Shard
 from tests.conftest import ADMIN_TOKEN, gateway_with_worker, service_settings
-from tests.test_service_flow import wait_for
+from tests.service.test_flow import wait_for
 
 AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 T = 900_000_000  # 1998: a timestamp the API takes

@@ -13,7 +13,7 @@ from ledger import catalog
 from ledger.db import session_scope
 from ledger.models import Sample
 from tests.conftest import ADMIN_TOKEN, load_tiny, record_run, service_settings
-from tests.test_service_flow import wait_for
+from tests.service.test_flow import wait_for
 from worker.reconciler import reconcile
 from worker.settings import WorkerSettings
 from worker.tasks import WorkerContext, held_lock, retrain_shard, set_context

@@ -13,7 +13,7 @@ from jobs import queue
 from service import deadline as deadline_module
 from service.deadline import Deadline, Policy
 from tests.conftest import load_tiny, record_run, service_settings
-from tests.test_service_flow import AUTH, run_worker, user_with_train_samples, wait_for
+from tests.service.test_flow import AUTH, run_worker, user_with_train_samples, wait_for
 from worker.settings import WorkerSettings
 from worker.tasks import WorkerContext, set_context
 
