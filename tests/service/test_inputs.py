@@ -13,36 +13,10 @@ from sqlalchemy import text
 from sqlalchemy.exc import OperationalError
 
 from ledger import db
-from tests.conftest import ADMIN_TOKEN, record_run, service_settings
+from tests.conftest import ADMIN_TOKEN
 
 AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 PG_ONLY = pytest.mark.parametrize("ledger_url", ["postgresql"], indirect=True)
-
-
-@pytest.fixture
-def make_api(service_home: Path, ledger_url: str, redis_prefix: str,
-             tiny_model_dir: Path) -> Iterator[Callable[..., TestClient]]:
-    from service.app import create_app
-
-    clients: list[TestClient] = []
-
-    def make(**extra: Any) -> TestClient:
-        settings = service_settings(service_home, ledger_url, redis_prefix, tiny_model_dir, **extra)
-        if not clients:
-            record_run(settings)
-        client = TestClient(create_app(settings), raise_server_exceptions=False)
-        client.__enter__()
-        clients.append(client)
-        return client
-
-    yield make
-    for client in clients:
-        client.__exit__(None, None, None)
-
-
-@pytest.fixture
-def api(make_api: Callable[..., TestClient]) -> TestClient:
-    return make_api()
 
 
 def assert_json_error(answer: Any, status: int) -> None:

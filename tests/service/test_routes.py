@@ -1,6 +1,5 @@
 """The serving contract route by route (tiny model; SQLite and PostgreSQL; the machine's Redis)."""
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pandas as pd
@@ -13,17 +12,6 @@ from ledger.models import Interaction
 from tests.conftest import ADMIN_TOKEN, record_run, service_settings
 
 AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
-
-
-@pytest.fixture
-def api(service_home: Path, ledger_url: str, redis_prefix: str, tiny_model_dir: Path) -> Iterator[TestClient]:
-    from service.app import create_app
-
-    settings = service_settings(service_home, ledger_url, redis_prefix, tiny_model_dir)
-    record_run(settings)
-    with TestClient(create_app(settings)) as client:
-        client.app_settings = settings  # type: ignore[attr-defined]
-        yield client
 
 
 def queue_depth(api: TestClient) -> int:

@@ -3,9 +3,8 @@ idempotency, all-or-nothing, bad input refused with nothing written, tokens, the
 the next ``/recommend`` using the new history at once."""
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -14,7 +13,7 @@ from sqlalchemy import func, select
 
 from ledger.db import session_scope
 from ledger.models import IngestionRequest, Interaction, Sample
-from tests.conftest import ADMIN_TOKEN, record_run, service_settings
+from tests.conftest import ADMIN_TOKEN
 
 AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 INGEST_TOKEN = "test-ingest-token"
@@ -23,30 +22,8 @@ NOW = int(time.time())
 
 
 @pytest.fixture
-def make_api(service_home: Path, ledger_url: str, redis_prefix: str,
-             tiny_model_dir: Path) -> Iterator[Callable[..., TestClient]]:
-    from service.app import create_app
-
-    clients: list[TestClient] = []
-
-    def make(**extra: Any) -> TestClient:
-        settings = service_settings(service_home, ledger_url, redis_prefix, tiny_model_dir,
-                                    ingest_token=INGEST_TOKEN, **extra)
-        if not clients:
-            record_run(settings)
-        client = TestClient(create_app(settings), raise_server_exceptions=False)
-        client.__enter__()
-        clients.append(client)
-        return client
-
-    yield make
-    for client in clients:
-        client.__exit__(None, None, None)
-
-
-@pytest.fixture
-def api(make_api: Callable[..., TestClient]) -> TestClient:
-    return make_api()
+def api_options() -> dict[str, Any]:
+    return {"ingest_token": INGEST_TOKEN}
 
 
 def use_partition(api: TestClient, name: str) -> None:

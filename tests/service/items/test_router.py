@@ -1,25 +1,13 @@
 """``PUT /items/{item_id}``: add (201) or retitle (200); trained prompts never change."""
 
-from pathlib import Path
 
-import pytest
 from fastapi.testclient import TestClient
 
 from ledger.db import session_scope
 from ledger.models import Item, Sample
-from tests.conftest import ADMIN_TOKEN, record_run, service_settings
+from tests.conftest import ADMIN_TOKEN
 
 AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
-
-
-@pytest.fixture
-def api(service_home: Path, ledger_url: str, redis_prefix: str, tiny_model_dir: Path):  # type: ignore[no-untyped-def]
-    from service.app import create_app
-
-    settings = service_settings(service_home, ledger_url, redis_prefix, tiny_model_dir)
-    record_run(settings)
-    with TestClient(create_app(settings)) as client:
-        yield client
 
 
 def test_an_item_is_added_then_retitled_and_frozen_prompts_keep_the_old_title(api: TestClient) -> None:
