@@ -29,6 +29,7 @@ from ledger.models import (
     QUARANTINED,
     RETRAINING,
     SERVING,
+    AdapterVersion,
     DeletionEvent,
     DeletionRequest,
     DeletionShard,
@@ -137,7 +138,7 @@ def request_deletion(
         old = version_row(session=session, shard=k, version=shard.serving_version)
         session.add(DeletionShard(request_id=request.id, shard=k, seq=shard.dirty_seq,
                                   old_version=shard.serving_version,
-                                  old_manifest_sha256=old.manifest_sha256 if old else None))
+                                  old_manifest_hmac=manifest_hmac(key=key, version=old)))
     request.affected_shards = affected
     request.interactions_removed = len(interactions)
     request.samples_removed = len(samples)
@@ -151,6 +152,14 @@ def request_deletion(
         complete(session=session, request=request, key=key)
     valid = sorted(s.sample_id for s in samples.values() if s.split == "valid")
     return DeletionOutcome(request=request, created=True, valid_sample_ids=valid)
+
+
+def manifest_hmac(*, key: bytes, version: AdapterVersion | None) -> str | None:
+    """How a version that held deleted data is named afterwards: HMAC-SHA256 of its manifest's sha256. The
+    plain hash would let anyone who tries each possible sample against it find the deleted one."""
+    if version is None or version.manifest_sha256 is None:
+        return None
+    return hmac_hex(key, "manifest", version.manifest_sha256)
 
 
 def untrained(sample: Sample) -> bool:
@@ -193,7 +202,8 @@ def complete(*, session: Session, request: DeletionRequest, key: bytes) -> None:
         "untrained_samples_removed": sum(1 for s in session.scalars(select(Sample).where(
             Sample.deletion_id == request.id, Sample.split == "train")) if untrained(s)),
         "shards": [{"shard": d.shard, "old_version": d.old_version, "new_version": d.new_version,
-                    "old_manifest_sha256": d.old_manifest_sha256, "new_manifest_sha256": d.new_manifest_sha256,
+                    "old_manifest_sha256": None, "old_manifest_hmac": d.old_manifest_hmac,
+                    "new_manifest_sha256": d.new_manifest_sha256,
                     **_replay(session=session, shard=d.shard, version=d.new_version)}
                    for d in shards],
         "deleted_hmacs": list(request.deleted_hmacs),

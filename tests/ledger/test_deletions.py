@@ -37,8 +37,9 @@ def test_a_deletion_tombstones_its_samples_and_quarantines_the_shards_they_train
     assert request.subject_hmac == hmac_hex(key, "user", "u1"), "the request holds an HMAC, not the user id"
     assert request.certificate is None and request.completed_at is None
     parts = session.scalars(select(DeletionShard).order_by(DeletionShard.shard)).all()
-    assert [(p.shard, p.seq, p.old_version, p.old_manifest_sha256, p.new_version) for p in parts] == \
-        [(k, 1, 1, views[k].manifest_sha256, None) for k in (0, 1)]
+    assert [(p.shard, p.seq, p.old_version, p.old_manifest_hmac, p.new_version) for p in parts] == \
+        [(k, 1, 1, hmac_hex(key, "manifest", str(views[k].manifest_sha256)), None) for k in (0, 1)], \
+        "the old version held the deleted data: an HMAC names it, never its plain hash"
     assert [(s.state, s.dirty_seq, s.clean_seq) for s in session.scalars(select(Shard).order_by(Shard.shard))] == \
         [("quarantined", 1, 0), ("quarantined", 1, 0)]
     assert deletions.get_deletion(session=session, request_id=request.id) is request

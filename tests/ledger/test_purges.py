@@ -4,6 +4,7 @@ The tombstoned rows go once the retrain that forgot them serves; the versions tr
 marked purged (apa.purge removes their folders); the HMACs in ``forgotten`` and the certificate stay.
 """
 
+import json
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ from ledger import catalog, deletions, purges, retrains
 from ledger.models import (
     AdapterVersion,
     AuditEntry,
+    Base,
     Forgotten,
     Interaction,
     Sample,
@@ -130,3 +132,45 @@ def test_a_stale_version_published_late_is_purged_whatever_its_number(
     assert purges.purge_plan(session=session, request_id=first.id).superseded == [v1]  # v4 holds no u1 data
     assert purges.purge_plan(session=session, request_id=second.id).superseded == sorted(
         [v1, _version_path(session, 0, 4)])
+
+
+def _ledger_text(session: Session) -> str:
+    """Every value of every row of every table, as text."""
+    values = []
+    for table in Base.metadata.sorted_tables:
+        for row in session.execute(select(table)):
+            values.extend(json.dumps(v, default=str) for v in row)
+    return "\n".join(values)
+
+
+def test_no_plain_hash_of_a_purged_version_remains(session: Session, key: bytes, tmp_path: Path) -> None:
+    """Two deletions on shard 0 (v1 -> v2 -> v3), both purged. v1 and v2 held deleted data: trying each
+    possible sample against a plain hash of their manifests (or weights) would find it. Only HMACs of the
+    old versions stay; the first certificate forgets the v2 it named as new once the second purges v2."""
+    v1 = {v.shard: v for v in catalog.shard_views(session=session)}[0]
+    first = deletions.request_deletion(session=session, user_id="u1", item_ids=["5"], key=key).request
+    assert _retrain(session, key, tmp_path, 0, 2) == [first.id]
+    purges.finish_purge(session=session, plan=purges.purge_plan(session=session, request_id=first.id))
+    v2 = session.scalars(select(AdapterVersion).where(AdapterVersion.shard == 0, AdapterVersion.version == 2)).one()
+    v2_hash = str(v2.manifest_sha256)
+    v2.metrics = {**v2.metrics, "adapter_sha256": "ad" * 32}
+    certificate = first.certificate
+    assert certificate is not None
+    first.certificate = {**certificate, "shards": [{**certificate["shards"][0], "new_adapter_sha256": "ad" * 32}]}
+    assert v2_hash in _ledger_text(session), "a serving version keeps its hash"
+    second = deletions.request_deletion(session=session, user_id="u2", item_ids=["2"], key=key).request
+    assert _retrain(session, key, tmp_path, 0, 3) == [second.id]
+    purges.finish_purge(session=session, plan=purges.purge_plan(session=session, request_id=second.id))
+    text = _ledger_text(session)
+    for plain in (str(v1.manifest_sha256), v2_hash, "ad" * 32):
+        assert plain not in text
+    assert hmac_hex(key, "manifest", str(v1.manifest_sha256)) in text
+    assert hmac_hex(key, "manifest", v2_hash) in text
+    entry = (first.certificate or {})["shards"][0]
+    assert (entry["old_manifest_sha256"], entry["new_manifest_sha256"], entry["new_adapter_sha256"]) == \
+        (None, None, None)
+    assert entry["old_manifest_hmac"] == hmac_hex(key, "manifest", str(v1.manifest_sha256))
+    assert (second.certificate or {})["shards"][0]["new_manifest_sha256"] in text, "v3 serves: its hash stays"
+    purged = session.scalars(select(AdapterVersion).where(AdapterVersion.purged_at.is_not(None))
+                             .order_by(AdapterVersion.version)).all()
+    assert [(v.version, v.manifest_sha256, v.metrics) for v in purged] == [(1, None, {}), (2, None, {})]
