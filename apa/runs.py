@@ -149,6 +149,18 @@ def read_run(run_dir: Path) -> RunData:
     )
 
 
+def _centres_json(centres: np.ndarray) -> list[list[float]]:
+    return np.asarray(centres).round(6).tolist()
+
+
+def write_centres(run_dir: Path, centres: np.ndarray) -> None:
+    """Replace ``run.json``'s centres ([K, hidden], atomically). After a deletion they are recomputed from
+    the live members (``worker.centres``): the K-means fit saw the deleted samples, and subtracting the
+    remaining members from a centre fitted with one rebuilds its embedding. Assignments do not change."""
+    path = artifacts.require_run(run_dir) / "run.json"
+    artifacts.write_json_atomic(path, {**artifacts.read_json(path), "centres": _centres_json(centres)})
+
+
 def _sisa_partition(train: list[Sample], cfg: RunConfig) -> dict[str, int]:
     parts = partition("random", train, np.zeros((len(train), 0), dtype=np.float32), k=cfg.shards, seed=cfg.seed)
     return {s.sample_id: int(k) for s, k in zip(train, parts.assignment, strict=True)}
@@ -230,7 +242,7 @@ def _prepare(cfg: RunConfig, run_dir: Path, base: BaseModel, dataset: data.Datas
         "shard_sizes": sizes,
         "samples": {s.sample_id: {"split": split, "shard": shard_of.get(s.sample_id, -1)}
                     for split, items in splits.items() for s in items},
-        "centres": None if parts.centres is None else parts.centres.round(6).tolist(),
+        "centres": None if parts.centres is None else _centres_json(parts.centres),
     })
     log.info("prepared run %s: shard sizes %s", run_dir, sizes)
     return read_run(run_dir)
