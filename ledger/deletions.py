@@ -14,6 +14,7 @@ from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from apa import artifacts
 from apa.errors import (
     DeletionNotFound,
     LedgerError,
@@ -127,7 +128,9 @@ def request_deletion(
         sample.deleted_at, sample.deletion_id = now, request.id
     # an ingested sample no version has trained on (nor a retrain claimed) leaves without a retrain
     affected = sorted({s.shard for s in samples.values()
-                       if s.split == "train" and s.shard is not None and not untrained(s)})
+                       if s.split == "train" and s.shard is not None and not untrained(s)}
+                      | chose_epoch_on(session=session, sample_ids={s.sample_id for s in samples.values()
+                                                                    if s.split == "valid"}))
     for k in affected:
         shard = session.get(Shard, k, with_for_update=True)
         if shard is None:
@@ -162,6 +165,15 @@ def manifest_hmac(*, key: bytes, version: AdapterVersion | None) -> str | None:
     return hmac_hex(key, "manifest", version.manifest_sha256)
 
 
+def chose_epoch_on(*, session: Session, sample_ids: set[str]) -> set[int]:
+    """The shards whose serving version chose its epoch on one of these validation samples (its manifest
+    names them, and replaying it needs them), and those retraining now (their snapshot may have)."""
+    if not sample_ids:
+        return set()
+    chosen = {k for k, doc in _serving_manifests(session=session) if artifacts.selection_ids(doc) & sample_ids}
+    return chosen | set(session.scalars(select(Shard.shard).where(Shard.state == RETRAINING)))
+
+
 def untrained(sample: Sample) -> bool:
     """An ingested sample that no version trained on and no retrain has claimed."""
     return sample.ingested_at is not None and sample.trained_version is None and sample.claimed_at is None
@@ -191,7 +203,9 @@ def complete(*, session: Session, request: DeletionRequest, key: bytes) -> None:
     """Issue the certificate: every serving manifest is checked for the request's deleted interactions."""
     deleted = _deleted_keys(session=session, request_id=request.id)
     manifests = _serving_manifests(session=session)
+    samples = set(session.scalars(select(Sample.sample_id).where(Sample.deletion_id == request.id)))
     violations = sum(1 for _, doc in manifests for s in doc["samples"] if deleted & set(s["interaction_keys"]))
+    violations += sum(1 for _, doc in manifests if artifacts.selection_ids(doc) & samples)
     now = utcnow()
     shards = session.scalars(select(DeletionShard).where(DeletionShard.request_id == request.id)
                              .order_by(DeletionShard.shard))
@@ -212,14 +226,14 @@ def complete(*, session: Session, request: DeletionRequest, key: bytes) -> None:
         "issued_at": now.isoformat(),
     }
     if violations:
-        request.error = f"{violations} serving manifest sample(s) still contain deleted interactions"
+        request.error = (f"{violations} serving manifest sample(s) or epoch selection(s) still hold deleted "
+                         "data")
         record_event(session=session, request=request, status=FAILED, detail=request.error)
         return
     request.completed_at = now
     record_event(session=session, request=request, status=COMPLETED)
-    samples = session.scalars(select(Sample.sample_id).where(Sample.deletion_id == request.id))
     known = set(session.scalars(select(Forgotten.hmac).where(Forgotten.request_id == request.id)))
-    for kind, values in (("interaction", deleted), ("sample", set(samples))):
+    for kind, values in (("interaction", deleted), ("sample", samples)):
         for value in sorted(values):
             digest = hmac_hex(key, kind, value)
             if digest not in known and session.get(Forgotten, digest) is None:

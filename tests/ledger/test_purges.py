@@ -51,7 +51,7 @@ def test_only_completed_unpurged_requests_are_pending_oldest_first(
 ) -> None:
     assert purges.pending_purges(session=session) == []
     quarantined = deletions.request_deletion(session=session, user_id="u1", item_ids=["5"], key=key).request
-    u3 = deletions.request_deletion(session=session, user_id="u3", item_ids=None, key=key).request  # no shard
+    u3 = deletions.request_deletion(session=session, user_id="u3", item_ids=["10"], key=key).request  # no shard
     assert purges.pending_purges(session=session) == [u3.id]
     assert _retrain(session, key, tmp_path, 0, 2) == [quarantined.id]
     assert purges.pending_purges(session=session) == [quarantined.id, u3.id]
@@ -60,12 +60,12 @@ def test_only_completed_unpurged_requests_are_pending_oldest_first(
 
 
 def test_plan_of_a_request_that_reached_no_shard(session: Session, key: bytes, settings: ServiceSettings) -> None:
-    request = deletions.request_deletion(session=session, user_id="u3", item_ids=None, key=key).request
+    request = deletions.request_deletion(session=session, user_id="u3", item_ids=["10"], key=key).request
     plan = purges.purge_plan(session=session, request_id=request.id)
     assert plan == purges.PurgePlan(
-        request_id=request.id, sample_ids=["u3:10:270", "u3:11:280", "u3:5:220", "u3:6:230", "u3:7:240", "u3:9:260"],
+        request_id=request.id, sample_ids=["u3:10:270", "u3:11:280"],
         superseded=[], run_path=(settings.runs_dir / "tiny").resolve(), interaction_hmacs=request.deleted_hmacs)
-    assert len(plan.interaction_hmacs) == 8
+    assert len(plan.interaction_hmacs) == 1
     with pytest.raises(DeletionNotFound):
         purges.purge_plan(session=session, request_id="no-such-id")
 
