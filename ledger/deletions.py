@@ -167,11 +167,15 @@ def manifest_hmac(*, key: bytes, version: AdapterVersion | None) -> str | None:
 
 def chose_epoch_on(*, session: Session, sample_ids: set[str]) -> set[int]:
     """The shards whose serving version chose its epoch on one of these validation samples (its manifest
-    names them, and replaying it needs them), and those retraining now (their snapshot may have)."""
+    names them, and replaying it needs them), and those retraining now, for a deletion or for ingested
+    samples (their snapshot may hold them)."""
     if not sample_ids:
         return set()
     chosen = {k for k, doc in _serving_manifests(session=session) if artifacts.selection_ids(doc) & sample_ids}
-    return chosen | set(session.scalars(select(Shard.shard).where(Shard.state == RETRAINING)))
+    retraining = set(session.scalars(select(Shard.shard).where(Shard.state == RETRAINING)))
+    claimed = set(session.scalars(select(Sample.shard).where(Sample.claimed_at.is_not(None),
+                                                             Sample.trained_version.is_(None)).distinct()))
+    return chosen | retraining | {k for k in claimed if k is not None}
 
 
 def untrained(sample: Sample) -> bool:
