@@ -1,0 +1,85 @@
+"""After a user is forgotten through the real path (gateway, Redis queue, worker retrain and purge), a
+forensic read of everything the service keeps finds nothing that names them or gives their data back:
+the ledger (every table, every column), the run folder (every file: JSON, Parquet, NumPy, safetensors
+metadata, and every file name), Redis (every key and value of the test's) and the logs. Searched: the
+user's id, their interaction keys and ids, their samples' ids and hashes (sha256 of each prompt and
+history prompt, as the embedding cache names them, and of each sample's content), and the plain hashes
+of the versions that trained on them. SQLite and PostgreSQL."""
+
+import logging
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+
+from apa import artifacts
+from apa.hashing import sha256_json, sha256_text
+from apa.runs import read_run
+from ledger import db
+from ledger.db import session_scope
+from ledger.models import Interaction
+from tests.conftest import gateway_with_worker, service_settings
+from tests.forensics import file_places, findings, ledger_places, log_places, redis_places, token
+from tests.test_service_flow import AUTH, run_worker, user_with_train_samples
+
+
+@pytest.fixture
+def env(service_home: Path, ledger_url: str, redis_prefix: str, tiny_model_dir: Path) -> Iterator[dict]:
+    with gateway_with_worker(service_settings(service_home, ledger_url, redis_prefix, tiny_model_dir),
+                             tiny_model_dir) as env:
+        yield env
+
+
+def _terms(env: dict, user: str, shards: set[int]) -> dict[str, re.Pattern[str]]:
+    """What names the user or gives their data back, read before the deletion."""
+    run_dir = env["run_dir"]
+    run = read_run(run_dir)
+    with session_scope(env["settings"].ledger_url) as session:
+        interactions = session.execute(select(Interaction.key, Interaction.id)
+                                       .where(Interaction.user_id == user)).all()
+    samples = [s for split in run.splits.values() for s in split if s.user_id == user]
+    terms = {f"user id {user!r}": token(user)}
+    terms |= {f"interaction key {k}": token(k) for k, _ in interactions}
+    terms |= {f"interaction id {i}": token(str(i)) for _, i in interactions}
+    terms |= {f"sample id {s.sample_id}": token(s.sample_id) for s in samples}
+    for s in samples:
+        for what, digest in (("prompt", sha256_text(run.prompts[s.sample_id])),
+                             ("history prompt", sha256_text(run.history_prompts[s.sample_id])),
+                             ("content", sha256_json(s.content()))):
+            terms[f"sha256 of {s.sample_id}'s {what}"] = re.compile(digest)
+    for k in shards:  # the versions trained on the user's samples
+        manifest = artifacts.read_json(artifacts.version_dir(run_dir, k, 1) / "manifest.json")
+        terms[f"manifest_sha256 of shard {k} v1"] = re.compile(manifest["manifest_sha256"])
+        terms[f"adapter_sha256 of shard {k} v1"] = re.compile(manifest["adapter_sha256"])
+    return terms
+
+
+def _everything(env: dict, records: list[logging.LogRecord]) -> list:
+    settings = env["settings"]
+    return [*ledger_places(db.get_engine(settings.ledger_url)), *file_places(env["run_dir"]),
+            *redis_places(env["redis"], settings.redis_prefix), *log_places(records)]
+
+
+def test_nothing_kept_names_a_forgotten_user_or_gives_their_data_back(
+    env: dict, caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO)
+    client, run_dir = env["client"], env["run_dir"]
+    user, shards = user_with_train_samples(run_dir)
+    terms = _terms(env, user, shards)
+    assert client.post("/recommend", json={"user_id": user, "candidates": ["1", "2"]}).status_code == 200
+    before = set(findings(_everything(env, caplog.records), terms))
+    for kind in ("user id", "interaction key", "interaction id", "sample id", "sha256 of", "manifest_sha256",
+                 "adapter_sha256"):  # the search sees each kind of trace while the data is there
+        assert any(f.startswith(kind) for f in before), f"no {kind} found before the deletion"
+
+    deleted = client.delete(f"/users/{user}/interactions", headers=AUTH)
+    assert deleted.status_code == 202, deleted.text
+    run_worker(env)  # retrain, publish, complete with the certificate, purge
+    request = client.get(f"/deletions/{deleted.json()['request_id']}").json()
+    assert request["status"] == "completed" and request["certificate"]["centres_recomputed"] is True
+
+    left = findings(_everything(env, caplog.records), terms)
+    assert not left, "\n".join(left)
