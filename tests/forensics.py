@@ -41,6 +41,14 @@ def ledger_places(engine: Engine) -> Iterator[Place]:
                     yield Place(f"ledger {table.name}.{column}", text)
 
 
+def sqlite_files(url: str) -> list[Path]:
+    """A SQLite ledger's database file and its write-ahead log and shared memory; none for other databases."""
+    if not url.startswith("sqlite"):
+        return []
+    path = Path(url.split("///", 1)[1])
+    return sorted(path.parent.glob(f"{path.name}*"))
+
+
 def _safetensors_header(data: bytes) -> str:
     (length,) = struct.unpack("<Q", data[:8])
     return data[8:8 + length].decode("utf-8")

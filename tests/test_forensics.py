@@ -4,7 +4,8 @@ the ledger (every table, every column), the run folder (every file: JSON, Parque
 metadata, and every file name), Redis (every key and value of the test's) and the logs. Searched: the
 user's id, their interaction keys and ids, their samples' ids and hashes (sha256 of each prompt and
 history prompt, as the embedding cache names them, and of each sample's content), and the plain hashes
-of the versions that trained on them. SQLite and PostgreSQL."""
+of the versions that trained on them. SQLite and PostgreSQL; on SQLite the database file and its log are
+read byte for byte too."""
 
 import logging
 import re
@@ -21,7 +22,16 @@ from ledger import db
 from ledger.db import session_scope
 from ledger.models import Interaction
 from tests.conftest import gateway_with_worker, service_settings
-from tests.forensics import file_places, findings, ledger_places, log_places, redis_places, token
+from tests.forensics import (
+    Place,
+    file_places,
+    findings,
+    ledger_places,
+    log_places,
+    redis_places,
+    sqlite_files,
+    token,
+)
 from tests.test_service_flow import AUTH, run_worker, user_with_train_samples
 
 
@@ -62,6 +72,16 @@ def _everything(env: dict, records: list[logging.LogRecord]) -> list:
             *redis_places(env["redis"], settings.redis_prefix), *log_places(records)]
 
 
+def _raw_sqlite(env: dict, terms: dict[str, re.Pattern[str]]) -> list[str]:
+    """A SQLite ledger's file and log, byte for byte: a free page or an old log frame may hold a purged row
+    (``ledger.db``: secure_delete, and a checkpoint after each purge). Terms of a few characters, or stored
+    as binary integers, would match random bytes: keys, sample ids and hashes only."""
+    long_terms = {what: pattern for what, pattern in terms.items()
+                  if what.startswith(("interaction key", "sample id", "sha256"))}
+    files = sqlite_files(env["settings"].ledger_url)
+    return findings((Place(f"raw {p.name}", p.read_bytes().decode("latin-1")) for p in files), long_terms)
+
+
 def test_nothing_kept_names_a_forgotten_user_or_gives_their_data_back(
     env: dict, caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -74,6 +94,8 @@ def test_nothing_kept_names_a_forgotten_user_or_gives_their_data_back(
     for kind in ("user id", "interaction key", "interaction id", "sample id", "sha256 of", "manifest_sha256",
                  "adapter_sha256"):  # the search sees each kind of trace while the data is there
         assert any(f.startswith(kind) for f in before), f"no {kind} found before the deletion"
+    if env["settings"].ledger_url.startswith("sqlite"):
+        assert _raw_sqlite(env, terms), "the raw read sees the rows while they are there"
 
     deleted = client.delete(f"/users/{user}/interactions", headers=AUTH)
     assert deleted.status_code == 202, deleted.text
@@ -83,3 +105,5 @@ def test_nothing_kept_names_a_forgotten_user_or_gives_their_data_back(
 
     left = findings(_everything(env, caplog.records), terms)
     assert not left, "\n".join(left)
+    raw = _raw_sqlite(env, terms)
+    assert not raw, "\n".join(raw)

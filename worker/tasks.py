@@ -27,7 +27,7 @@ from apa.purge import purge_run_files
 from apa.runs import read_run, train_version
 from jobs import queue
 from jobs.periodic import Periodic
-from ledger import ingest, purges, retrains
+from ledger import db, ingest, purges, retrains
 from ledger.db import session_scope
 from worker import centres, metrics
 from worker.liveness import lock_token
@@ -223,4 +223,6 @@ def purge_completed() -> dict[str, Any]:
             log.info("purged deletion %s: %s", request_id, report)
             metrics.PURGES.inc()
             purged.append(request_id)
+        if purged:
+            db.checkpoint(settings.ledger_url)  # the database file's old pages held the purged rows
     return {"status": "ok", "purged": purged}
