@@ -17,11 +17,12 @@ from sqlalchemy import select
 
 from apa import artifacts
 from apa.hashing import sha256_json, sha256_text
+from apa.replay import all_versions, verify_version
 from apa.runs import read_run
 from ledger import db
 from ledger.db import session_scope
 from ledger.models import Interaction
-from tests.conftest import gateway_with_worker, service_settings
+from tests.conftest import gateway_with_worker, load_tiny, service_settings
 from tests.forensics import (
     Place,
     file_places,
@@ -83,7 +84,7 @@ def _raw_sqlite(env: dict, terms: dict[str, re.Pattern[str]]) -> list[str]:
 
 
 def test_nothing_kept_names_a_forgotten_user_or_gives_their_data_back(
-    env: dict, caplog: pytest.LogCaptureFixture,
+    env: dict, caplog: pytest.LogCaptureFixture, tiny_model_dir: Path,
 ) -> None:
     caplog.set_level(logging.INFO)
     client, run_dir = env["client"], env["run_dir"]
@@ -107,3 +108,8 @@ def test_nothing_kept_names_a_forgotten_user_or_gives_their_data_back(
     assert not left, "\n".join(left)
     raw = _raw_sqlite(env, terms)
     assert not raw, "\n".join(raw)
+    # and what remains still replays: every version left on disk (`apa verify --all`), none selected on a
+    # purged validation sample
+    base = load_tiny(tiny_model_dir)
+    left_versions = all_versions(run_dir)
+    assert left_versions and all(verify_version(run_dir, base, a, v).equal for a, v in left_versions)

@@ -8,16 +8,17 @@ import json
 from pathlib import Path
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session
 
 from apa.errors import DeletionNotFound
 from apa.hashing import hmac_hex
-from ledger import catalog, deletions, purges, retrains
+from ledger import catalog, db, deletions, purges, retrains
 from ledger.models import (
     AdapterVersion,
     AuditEntry,
     Base,
+    DeletionRequest,
     Forgotten,
     Interaction,
     Sample,
@@ -174,3 +175,47 @@ def test_no_plain_hash_of_a_purged_version_remains(session: Session, key: bytes,
     purged = session.scalars(select(AdapterVersion).where(AdapterVersion.purged_at.is_not(None))
                              .order_by(AdapterVersion.version)).all()
     assert [(v.version, v.manifest_sha256, v.metrics) for v in purged] == [(1, None, {}), (2, None, {})]
+
+
+def test_migration_0004_drops_the_plain_hashes_a_ledger_of_0003_kept(settings: ServiceSettings) -> None:
+    """A 0003 ledger after a purged deletion, as it was: the purged v1's plain manifest hash in its row, in
+    deletion_shards and in the certificate (old and as another request's new version), and in the audit
+    log. The migration cannot know APA_HMAC_KEY: it drops them."""
+    url = settings.ledger_url
+    db.downgrade(url, "0003")
+    sha, adapter = "ab" * 32, "cd" * 32
+    entry = {"shard": 0, "old_version": 1, "new_version": 2, "old_manifest_sha256": sha,
+             "new_manifest_sha256": "ef" * 32, "new_adapter_sha256": "12" * 32}
+    earlier = {**entry, "old_version": None, "new_version": 1, "old_manifest_sha256": None,
+               "new_manifest_sha256": sha, "new_adapter_sha256": adapter}
+    with db.session_scope(url) as session:
+        session.execute(text("UPDATE adapter_versions SET manifest_sha256 = :sha, metrics = :metrics, "
+                             "purged_at = CURRENT_TIMESTAMP WHERE shard = 0 AND version = 1"),
+                        {"sha": sha, "metrics": json.dumps({"adapter_sha256": adapter, "valid_auc": 0.5})})
+        for request_id, part in (("r-old", earlier), ("r-new", entry)):
+            session.execute(text("INSERT INTO deletion_requests (id, subject_hmac, status, affected_shards, "
+                                 "interactions_removed, samples_removed, deleted_hmacs, created_at, certificate) "
+                                 "VALUES (:id, 'x', 'completed', '[0]', 1, 1, '[]', CURRENT_TIMESTAMP, :cert)"),
+                            {"id": request_id, "cert": json.dumps({"request_id": request_id, "shards": [part]})})
+            session.execute(text("INSERT INTO deletion_shards (request_id, shard, seq, old_version, "
+                                 "old_manifest_sha256, new_version, new_manifest_sha256) "
+                                 "VALUES (:id, 0, 1, :old, :old_sha, :new, :new_sha)"),
+                            {"id": request_id, "old": part["old_version"], "old_sha": part["old_manifest_sha256"],
+                             "new": part["new_version"], "new_sha": part["new_manifest_sha256"]})
+        session.execute(text("INSERT INTO audit_log (at, actor, action, subject, detail) VALUES "
+                             "(CURRENT_TIMESTAMP, 'worker', 'shard.publish', 'shard-0', :detail)"),
+                        {"detail": json.dumps({"version": 1, "manifest_sha256": sha, "state": "serving"})})
+    db.dispose_engines()
+    db.upgrade(url)
+    with db.session_scope(url) as session:
+        everything = _ledger_text(session)
+        assert sha not in everything and adapter not in everything
+        assert "ef" * 32 in everything, "v2 was not purged: its hash stays"
+        v1 = session.scalars(select(AdapterVersion).where(AdapterVersion.shard == 0,
+                                                          AdapterVersion.version == 1)).one()
+        assert (v1.manifest_sha256, v1.metrics) == (None, {})
+        certificate = session.get(DeletionRequest, "r-new").certificate  # type: ignore[union-attr]
+        assert certificate["shards"][0]["old_manifest_sha256"] is None
+        assert certificate["shards"][0]["old_manifest_hmac"] is None
+        audit = session.scalars(select(AuditEntry).where(AuditEntry.action == "shard.publish")).one()
+        assert audit.detail == {"version": 1, "state": "serving"}
