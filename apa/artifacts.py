@@ -28,12 +28,14 @@ import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from apa.engines.base import AdapterRef
 from apa.errors import RunNotFound
 from apa.hashing import sha256_json
-from apa.samples import Sample
+
+if TYPE_CHECKING:  # types only: the ledger reads manifests with this module and imports no ML stack
+    from apa.samples import Sample
 
 _VERSION = re.compile(r"^v(\d+)$")
 _GROUPED = re.compile(r"^([a-z]+)-(\d+)$")
@@ -84,13 +86,20 @@ def adapter_refs(run_dir: Path, adapters: Sequence[int | str]) -> list[AdapterRe
 
 
 def manifest(
-    *, shard: int | str, samples: Sequence[Sample], config: dict[str, Any], seed: int, base_model_sha256: str
+    *, shard: int | str, samples: "Sequence[Sample]", config: dict[str, Any], seed: int, base_model_sha256: str
 ) -> dict[str, Any]:
     """The training manifest of one adapter; ``manifest_sha256`` covers samples, config, seed and base."""
     content = [s.content() for s in sorted(samples, key=lambda s: s.sample_id)]
     doc = {"shard": shard, "samples": content, "config": config, "seed": seed,
            "base_model_sha256": base_model_sha256, "n_samples": len(content)}
     return {**doc, "manifest_sha256": manifest_sha256(doc)}
+
+
+def selection_ids(doc: dict[str, Any]) -> set[str]:
+    """The validation samples that chose a version's epoch (its manifest's replay record). The version's
+    bytes depend on them, and its manifest names them: deleting one makes the version one to retrain and
+    purge, like deleting a sample it trained on."""
+    return set((doc.get("replay") or {}).get("selection") or [])
 
 
 def verify_command(run_dir: Path, adapter: int | str, version: int) -> str:

@@ -71,7 +71,8 @@ def purge_run_files(run_dir: Path, sample_ids: set[str], superseded: list[Path],
     baselines = [artifacts.shard_dir(run_dir, artifacts.SINGLE), *sorted((run_dir / sisa.NAME).glob("shard-*"))]
     for folder in [v for b in baselines if b.is_dir() for v in sorted(b.glob("v*"))]:
         manifest = artifacts.read_json(folder / "manifest.json")
-        if any(s["sample_id"] in sample_ids for s in manifest["samples"]):
+        trained_on = {s["sample_id"] for s in manifest["samples"]} | artifacts.selection_ids(manifest)
+        if trained_on & sample_ids:
             folders.append(folder)
     folders += [p for p in (run_dir / "cache" / "eval", run_dir / "cache" / "train") if p.is_dir()]
     for folder in folders:

@@ -149,6 +149,18 @@ def read_run(run_dir: Path) -> RunData:
     )
 
 
+def _centres_json(centres: np.ndarray) -> list[list[float]]:
+    return np.asarray(centres).round(6).tolist()
+
+
+def write_centres(run_dir: Path, centres: np.ndarray) -> None:
+    """Replace ``run.json``'s centres ([K, hidden], atomically). After a deletion they are recomputed from
+    the live members (``worker.centres``): the K-means fit saw the deleted samples, and subtracting the
+    remaining members from a centre fitted with one rebuilds its embedding. Assignments do not change."""
+    path = artifacts.require_run(run_dir) / "run.json"
+    artifacts.write_json_atomic(path, {**artifacts.read_json(path), "centres": _centres_json(centres)})
+
+
 def valid_clusters(run_dir: Path, run: RunData) -> dict[str, int]:
     """Validation sample id -> its nearest K-means centre (cosine), for semantic runs; else empty."""
     if run.centres is None:
@@ -225,7 +237,7 @@ def _prepare(cfg: RunConfig, run_dir: Path, base: BaseModel, dataset: data.Datas
         "shard_sizes": sizes,
         "samples": {s.sample_id: {"split": split, "shard": shard_of.get(s.sample_id, -1)}
                     for split, items in splits.items() for s in items},
-        "centres": None if parts.centres is None else parts.centres.round(6).tolist(),
+        "centres": None if parts.centres is None else _centres_json(parts.centres),
     })
     log.info("prepared run %s: shard sizes %s", run_dir, sizes)
     return read_run(run_dir)

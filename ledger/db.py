@@ -30,6 +30,7 @@ def _sqlite_pragmas(busy_timeout_ms: int) -> Any:
         dbapi_connection.isolation_level = None  # SQLAlchemy's "begin" event starts the transactions
         cursor = dbapi_connection.cursor()
         cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute("PRAGMA secure_delete=ON")  # a deleted row's bytes are zeroed, not left in a free page
         cursor.execute("PRAGMA journal_mode=WAL")
         cursor.execute(f"PRAGMA busy_timeout={busy_timeout_ms}")
         cursor.close()
@@ -101,6 +102,23 @@ def _create_engine(url: str, *, connect_timeout_s: int, statement_timeout_s: flo
         connect_args["options"] = f"{existing} {timeout}".strip()
     return create_engine(url, pool_pre_ping=True, pool_timeout=connect_timeout_s, connect_args=connect_args,
                          hide_parameters=True)
+
+
+def checkpoint(url: str) -> None:
+    """After a purge: SQLite copies its write-ahead log into the database file and truncates it, so the
+    page images written before the purge, which hold the deleted rows, leave the disk (``secure_delete``
+    zeroed them in the pages that replace them). A reader still open may keep part of the log until the
+    next purge. Other databases: nothing (PostgreSQL's dead rows wait for VACUUM; its WAL is the
+    operator's)."""
+    if not url.startswith("sqlite"):
+        return
+    raw = get_engine(url).raw_connection()  # outside any transaction (the engine's begin event opens one)
+    try:
+        cursor = raw.cursor()
+        cursor.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        cursor.close()
+    finally:
+        raw.close()
 
 
 def session_factory(url: str, *, connect_timeout_s: int = DEFAULT_CONNECT_TIMEOUT_S,

@@ -14,6 +14,7 @@ from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from apa import artifacts
 from apa.hashing import hmac_hex
 from ledger import common
 from ledger.catalog import shard_views
@@ -25,6 +26,7 @@ from ledger.models import (
     QUARANTINED,
     RETRAINING,
     SERVING,
+    AdapterVersion,
     DeletionEvent,
     DeletionRequest,
     DeletionShard,
@@ -122,7 +124,9 @@ def request_deletion(
         sample.deleted_at, sample.deletion_id = now, request.id
     # an ingested sample no version has trained on (nor a retrain claimed) leaves without a retrain
     affected = sorted({s.shard for s in samples.values()
-                       if s.split == "train" and s.shard is not None and not untrained(s)})
+                       if s.split == "train" and s.shard is not None and not untrained(s)}
+                      | chose_epoch_on(session=session, sample_ids={s.sample_id for s in samples.values()
+                                                                    if s.split == "valid"}))
     for k in affected:
         shard = session.get(Shard, k, with_for_update=True)
         if shard is None:
@@ -133,7 +137,7 @@ def request_deletion(
         old = version_row(session=session, shard=k, version=shard.serving_version)
         session.add(DeletionShard(request_id=request.id, shard=k, seq=shard.dirty_seq,
                                   old_version=shard.serving_version,
-                                  old_manifest_sha256=old.manifest_sha256 if old else None))
+                                  old_manifest_hmac=manifest_hmac(key=key, version=old)))
     request.affected_shards = affected
     request.interactions_removed = len(interactions)
     request.samples_removed = len(samples)
@@ -147,6 +151,27 @@ def request_deletion(
         complete(session=session, request=request, key=key)
     valid = sorted(s.sample_id for s in samples.values() if s.split == "valid")
     return DeletionOutcome(request=request, created=True, valid_sample_ids=valid)
+
+
+def manifest_hmac(*, key: bytes, version: AdapterVersion | None) -> str | None:
+    """How a version that held deleted data is named afterwards: HMAC-SHA256 of its manifest's sha256. The
+    plain hash would let anyone who tries each possible sample against it find the deleted one."""
+    if version is None or version.manifest_sha256 is None:
+        return None
+    return hmac_hex(key, "manifest", version.manifest_sha256)
+
+
+def chose_epoch_on(*, session: Session, sample_ids: set[str]) -> set[int]:
+    """The shards whose serving version chose its epoch on one of these validation samples (its manifest
+    names them, and replaying it needs them), and those retraining now, for a deletion or for ingested
+    samples (their snapshot may hold them)."""
+    if not sample_ids:
+        return set()
+    chosen = {k for k, doc in _serving_manifests(session=session) if artifacts.selection_ids(doc) & sample_ids}
+    retraining = set(session.scalars(select(Shard.shard).where(Shard.state == RETRAINING)))
+    claimed = set(session.scalars(select(Sample.shard).where(Sample.claimed_at.is_not(None),
+                                                             Sample.trained_version.is_(None)).distinct()))
+    return chosen | retraining | {k for k in claimed if k is not None}
 
 
 def untrained(sample: Sample) -> bool:
@@ -178,7 +203,9 @@ def complete(*, session: Session, request: DeletionRequest, key: bytes) -> None:
     """Issue the certificate: every serving manifest is checked for the request's deleted interactions."""
     deleted = _deleted_keys(session=session, request_id=request.id)
     manifests = _serving_manifests(session=session)
+    samples = set(session.scalars(select(Sample.sample_id).where(Sample.deletion_id == request.id)))
     violations = sum(1 for _, doc in manifests for s in doc["samples"] if deleted & set(s["interaction_keys"]))
+    violations += sum(1 for _, doc in manifests if artifacts.selection_ids(doc) & samples)
     now = utcnow()
     shards = session.scalars(select(DeletionShard).where(DeletionShard.request_id == request.id)
                              .order_by(DeletionShard.shard))
@@ -189,7 +216,8 @@ def complete(*, session: Session, request: DeletionRequest, key: bytes) -> None:
         "untrained_samples_removed": sum(1 for s in session.scalars(select(Sample).where(
             Sample.deletion_id == request.id, Sample.split == "train")) if untrained(s)),
         "shards": [{"shard": d.shard, "old_version": d.old_version, "new_version": d.new_version,
-                    "old_manifest_sha256": d.old_manifest_sha256, "new_manifest_sha256": d.new_manifest_sha256,
+                    "old_manifest_sha256": None, "old_manifest_hmac": d.old_manifest_hmac,
+                    "new_manifest_sha256": d.new_manifest_sha256,
                     **_replay(session=session, shard=d.shard, version=d.new_version)}
                    for d in shards],
         "deleted_hmacs": list(request.deleted_hmacs),
@@ -198,14 +226,14 @@ def complete(*, session: Session, request: DeletionRequest, key: bytes) -> None:
         "issued_at": now.isoformat(),
     }
     if violations:
-        request.error = f"{violations} serving manifest sample(s) still contain deleted interactions"
+        request.error = (f"{violations} serving manifest sample(s) or epoch selection(s) still hold deleted "
+                         "data")
         record_event(session=session, request=request, status=FAILED, detail=request.error)
         return
     request.completed_at = now
     record_event(session=session, request=request, status=COMPLETED)
-    samples = session.scalars(select(Sample.sample_id).where(Sample.deletion_id == request.id))
     known = set(session.scalars(select(Forgotten.hmac).where(Forgotten.request_id == request.id)))
-    for kind, values in (("interaction", deleted), ("sample", set(samples))):
+    for kind, values in (("interaction", deleted), ("sample", samples)):
         for value in sorted(values):
             digest = hmac_hex(key, kind, value)
             if digest not in known and session.get(Forgotten, digest) is None:

@@ -297,13 +297,18 @@ def place(*, session: Session, shards: dict[str, int], centres: list[list[float]
                         .values(shard=shards[sample_id], prepared_at=now))
     placed = len(waiting)
     if centres is not None:
-        for row in session.scalars(select(Shard).order_by(Shard.shard)):
-            if row.shard < len(centres):
-                row.centre = [round(float(x), 6) for x in centres[row.shard]]
+        store_centres(session=session, centres=centres)
     if placed:
         write_audit(session=session, actor="worker", action="ingest.placed", subject="samples",
                     detail={"samples": placed, "shards": sorted(set(shards.values()))})
     return placed
+
+
+def store_centres(*, session: Session, centres: list[list[float]]) -> None:
+    """Each shard's semantic centre as last computed from its live members (placement, a deletion's purge)."""
+    for row in session.scalars(select(Shard).order_by(Shard.shard)):
+        if row.shard < len(centres):
+            row.centre = [round(float(x), 6) for x in centres[row.shard]]
 
 
 def mark_prepared(*, session: Session, sample_ids: Sequence[str]) -> None:

@@ -15,10 +15,23 @@ version of its shard trained on it (``trained_version``); a retrain claims the p
 snapshots (``claimed_at``), so a deletion of a claimed sample quarantines the shard like any trained one.
 """
 
+import secrets
 from datetime import UTC, datetime
 from typing import Any, ClassVar
 
-from sqlalchemy import JSON, BigInteger, DateTime, Float, ForeignKey, Index, MetaData, String, Text, UniqueConstraint
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 NAMING_CONVENTION = {
@@ -31,6 +44,9 @@ NAMING_CONVENTION = {
 
 ID = String(200)  # user, item and interaction ids and keys
 DIGEST = String(64)  # hex sha256 / HMAC-SHA256
+# Interaction ids: 64-bit; on SQLite the rowid itself (an INTEGER PRIMARY KEY), so no hidden rowid keeps the
+# order rows were inserted in.
+INTERACTION_ID = BigInteger().with_variant(Integer(), "sqlite")
 
 # shard states (DESIGN.md, GET /admin/status)
 SERVING, QUARANTINED, RETRAINING, FAILED = "serving", "quarantined", "retraining", "failed"
@@ -42,6 +58,12 @@ DELETION_STATES = (QUARANTINED, RETRAINING, COMPLETED, FAILED)
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+def new_interaction_id() -> int:
+    """A random 63-bit id. Ids handed out in (user, time) order would let the gap a deletion leaves between
+    its neighbours' ids name the user; random ones say nothing of whose interaction it was, or when."""
+    return secrets.randbits(63)
 
 
 class Base(DeclarativeBase):
@@ -76,7 +98,7 @@ class Item(Base):
 class Interaction(Base):
     __tablename__ = "interactions"
 
-    id: Mapped[int] = mapped_column(primary_key=True)
+    id: Mapped[int] = mapped_column(INTERACTION_ID, primary_key=True, autoincrement=False, default=new_interaction_id)
     key: Mapped[str] = mapped_column(ID, unique=True)  # <user_id>:<item_id>:<timestamp>
     user_id: Mapped[str] = mapped_column(ID, index=True)
     item_id: Mapped[str] = mapped_column(ForeignKey("items.item_id"), index=True)
@@ -113,7 +135,7 @@ class SampleInteraction(Base):
 
     sample_id: Mapped[str] = mapped_column(ForeignKey("samples.sample_id", ondelete="CASCADE"), primary_key=True)
     interaction_id: Mapped[int] = mapped_column(
-        ForeignKey("interactions.id", ondelete="CASCADE"), primary_key=True, index=True
+        INTERACTION_ID, ForeignKey("interactions.id", ondelete="CASCADE"), primary_key=True, index=True
     )
 
 
@@ -144,7 +166,9 @@ class AdapterVersion(Base):
     shard: Mapped[int] = mapped_column(ForeignKey("shards.shard"))
     version: Mapped[int]
     path: Mapped[str] = mapped_column(String(1024))
-    manifest_sha256: Mapped[str] = mapped_column(DIGEST)
+    # None once purged: a plain hash of a manifest that held deleted data would let anyone confirm a guess
+    # of that data (ledger.purges); the purge empties ``metrics`` (its adapter sha256) for the same reason.
+    manifest_sha256: Mapped[str | None] = mapped_column(DIGEST)
     n_samples: Mapped[int]
     metrics: Mapped[dict[str, Any]] = mapped_column(default=dict)
     covers_seq: Mapped[int] = mapped_column(default=0)  # the shard's dirty_seq its samples were snapshot at
@@ -193,7 +217,11 @@ class IngestionRequest(Base):
 
 
 class DeletionShard(Base):
-    """One shard a deletion request touched, and the versions before and after it was forgotten."""
+    """One shard a deletion request touched, and the versions before and after it was forgotten.
+
+    The old version held the deleted data: its manifest is named only by HMAC-SHA256 under ``APA_HMAC_KEY``,
+    never by its plain hash. The new version's plain hash goes (None) when a later deletion purges it.
+    """
 
     __tablename__ = "deletion_shards"
 
@@ -201,7 +229,7 @@ class DeletionShard(Base):
     shard: Mapped[int] = mapped_column(ForeignKey("shards.shard"), primary_key=True)
     seq: Mapped[int]  # the shard's dirty_seq this request set
     old_version: Mapped[int | None]
-    old_manifest_sha256: Mapped[str | None] = mapped_column(DIGEST)
+    old_manifest_hmac: Mapped[str | None] = mapped_column(DIGEST)
     new_version: Mapped[int | None]
     new_manifest_sha256: Mapped[str | None] = mapped_column(DIGEST)
     done_at: Mapped[datetime | None]

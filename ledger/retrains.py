@@ -131,7 +131,7 @@ def publish_version(
         if request.status == COMPLETED:
             completed.append(request.id)
     write_audit(session=session, actor="worker", action="shard.publish", subject=f"shard-{row.shard}",
-                detail={"version": record.version, "manifest_sha256": record.manifest_sha256, "state": row.state})
+                detail={"version": record.version, "state": row.state})  # its hash is in adapter_versions
     return completed
 
 

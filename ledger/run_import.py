@@ -23,6 +23,7 @@ from ledger.models import (
     Sample,
     SampleInteraction,
     Shard,
+    new_interaction_id,
     utcnow,
 )
 
@@ -82,14 +83,15 @@ def import_run(
         forgotten = set(session.scalars(select(Forgotten.hmac))) | (forgotten or set())
         session.execute(insert(Item), [{"item_id": str(r.item_id), "title": str(r.title)}
                                        for r in dataset.items.itertuples(index=False)])
-        rows = []
+        rows: list[dict[str, Any]] = []
         for r in dataset.interactions.itertuples(index=False):
             ikey = f"{r.user_id}:{r.item_id}:{int(r.timestamp)}"
             if hmac_hex(key, "interaction", ikey) in forgotten:
                 skipped += 1
                 continue
-            rows.append({"key": ikey, "user_id": str(r.user_id), "item_id": str(r.item_id),
-                         "rating": float(r.rating), "timestamp": int(r.timestamp)})
+            rows.append({"id": new_interaction_id(), "key": ikey, "user_id": str(r.user_id),
+                         "item_id": str(r.item_id), "rating": float(r.rating), "timestamp": int(r.timestamp)})
+        rows.sort(key=lambda row: int(row["id"]))  # stored in the ids' (random) order, not the dataset's (user, time)
         for chunk in chunks(rows):
             session.execute(insert(Interaction), list(chunk))
         n_interactions = len(rows)

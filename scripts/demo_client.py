@@ -78,7 +78,7 @@ def learn(client: Client, run_dir: Path, user: str, items: list[str], timeout_s:
         named += ids
     if not named and accepted["samples"]["train"]:
         problems.append("no new version's manifest names the new samples")
-    return {"accepted": accepted, "retrained": {k: now[k]["version"] for k in pending}, "manifest_names": named}
+    return {"accepted": accepted, "retrained": {k: now[k]["version"] for k in pending}, "manifest_names": len(named)}
 
 
 def main() -> int:
@@ -137,8 +137,10 @@ def main() -> int:
             problems.append(f"serving manifest of shard {shard['shard']} lists a sample of user {user}")
     print(f"\nchecked {len(status['shards'])} serving manifests: none lists a sample of user {user}"
           if not any("manifest" in p for p in problems) else "")
+    # The summary lies in the run folder, which must keep nothing that names the forgotten user: it gives
+    # counts, not their id nor their samples' (the console above shows those while they exist).
     (args.run / "demo.json").write_text(json.dumps({
-        "user": user, "learned": learned, "request_id": forget.request_id, "affected_shards": forget.affected_shards,
+        "learned": learned, "request_id": forget.request_id, "affected_shards": forget.affected_shards,
         "seconds_to_quarantine": forget.seconds_to_quarantine, "seconds_to_completed": forget.seconds_to_completed,
         "certificate": forget.deletion["certificate"], "status": status, "problems": problems}, indent=1))
     for problem in problems:

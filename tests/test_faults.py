@@ -25,9 +25,11 @@ from tests.faults import AUTH, Proxy, RedisServer, Stack, wait_until
 pytestmark = pytest.mark.slow
 PREFIX = "apa-fault:"
 DEADLINE = {"forget_deadline_s": 120, "forget_yield_at": 0.02, "forget_shed_at": 0.9}
-# Training samples' targets, each the user's latest live interaction when its turn comes (so it sits in no
-# other live sample's history): one deletion retrains exactly one shard, and both shards keep samples.
-TARGETS = [("u4", "2", 1), ("u1", "5", 0), ("u2", "2", 0), ("u4", "11", 0), ("u1", "2", 1)]
+# Training samples' targets and the shards each deletion quarantines, and both shards keep samples. The first
+# four are their user's latest live interaction when their turn comes (in no other live sample's history):
+# one shard each. u1:2:300 is in the history of u1's validation sample u1:3:400, on which both shards'
+# versions chose their epoch: both retrain.
+TARGETS = [("u4", "2", (1,)), ("u1", "5", (0,)), ("u2", "2", (0,)), ("u4", "11", (0,)), ("u1", "2", (0, 1))]
 PROBE = "u3"  # never deleted: its samples are all validation and test
 
 
@@ -50,13 +52,13 @@ def world(tiny_run_template: Path, tiny_model_dir: Path, tmp_path_factory: pytes
         redis_server.stop()
 
 
-def delete_next(world: dict[str, Any]) -> tuple[str, int]:
-    """DELETE the next target interaction; returns the request id and the one shard it quarantines."""
-    user, item, shard = world["targets"].pop(0)
+def delete_next(world: dict[str, Any]) -> tuple[str, tuple[int, ...]]:
+    """DELETE the next target interaction; returns the request id and the shards it quarantines."""
+    user, item, shards = world["targets"].pop(0)
     answer = world["stack"].http.delete(f"/users/{user}/interactions", params={"item_id": item}, headers=AUTH)
     assert answer.status_code == 202, answer.text
-    assert answer.json()["status"] == "quarantined" and answer.json()["affected_shards"] == [shard], answer.text
-    return str(answer.json()["request_id"]), shard
+    assert answer.json()["status"] == "quarantined" and answer.json()["affected_shards"] == list(shards), answer.text
+    return str(answer.json()["request_id"]), shards
 
 
 def versions(world: dict[str, Any]) -> dict[int, list[int]]:
@@ -83,7 +85,7 @@ def test_worker_sigkilled_mid_retrain_then_two_racing_workers_recover_it(world: 
     slow = stack.start_worker(slow_marker=marker)
     stack.wait_ready()
     wait_until(lambda: stack.workers_alive() == 1, 180, "slow worker alive")
-    request_id, shard = delete_next(world)
+    request_id, (shard,) = delete_next(world)
     wait_until(marker.exists, 120, "the retrain is writing its version")
     assert list(world["run"].glob("**/.tmp-*")), "killed with a temp folder on disk"
     stack.kill_worker(slow)
@@ -159,7 +161,7 @@ def test_gateway_restarted_while_quarantined(world: dict[str, Any]) -> None:
     redis = world["redis_server"].client()
     redis.flushall()  # nothing waits for a worker: the deletion below is the only dirty thing
     redis.close()
-    request_id, shard = delete_next(world)
+    request_id, (shard,) = delete_next(world)
     stack.stop_gateway(signal.SIGKILL)
     stack.start_gateway()
     assert [s["shard"] for s in stack.status()["shards"] if s["state"] != "serving"] == [shard]
@@ -195,7 +197,7 @@ def test_a_deletion_under_load_completes_within_its_deadline(world: dict[str, An
         try:
             wait_until(lambda: len(answers) >= 4, 60, "load running")
             before = versions(world)
-            request_id, shard = delete_next(world)
+            request_id, shards = delete_next(world)
             accepted = time.monotonic()
             done = stack.wait_completed(request_id, timeout_s=DEADLINE["forget_deadline_s"])
             completed = time.monotonic()
@@ -204,7 +206,7 @@ def test_a_deletion_under_load_completes_within_its_deadline(world: dict[str, An
     assert done["overdue"] is False and completed - accepted < DEADLINE["forget_deadline_s"]
     assert {status for _, status, _ in answers} <= {200, 503}, "no errors under load"
     # the retrained version may be served before the client sees `completed`; the old one never after the 202
-    quarantined = {(shard, v) for v in before[shard]}
+    quarantined = {(k, v) for k in shards for v in before[k]}
     assert not [a for a in answers if a[0] > accepted and a[1] == 200 and quarantined & a[2]]
     assert len([a for a in answers if a[0] > accepted]) > 0
     assert stack.workers_alive() == 1

@@ -6,8 +6,9 @@ ingested samples the run folder does not hold.
 
 1. a semantic run's unplaced training samples are embedded with the base model (the partition's
    embedding, cached in the run) and given to the nearest centre (``apa.partition.assign``), each
-   centre being the unit mean of its shard's live members' embeddings, recomputed from the ledger's
-   live members every time (so a deletion moves it too) and stored in the ledger with the assignment;
+   centre being the unit mean of its shard's live members' embeddings (``worker.centres``), recomputed
+   from the ledger's live members every time (so a deletion moves it too) and stored in the ledger with
+   the assignment;
 2. every live validation sample missing from the validation memory is embedded into it, and every
    serving version's ``valid_predictions.json`` gains its p(yes) for each live validation sample it
    lacks (the version's own adapter, one-hot in the torch engine's stack: PEFT's numbers within 1e-5,
@@ -32,11 +33,12 @@ from apa import artifacts
 from apa.embeddings import embed, normalise_rows
 from apa.engines.base import AdapterRef
 from apa.engines.torch import TorchEngine
-from apa.partition import Incoming, assign, member_centres
+from apa.partition import Incoming, assign
 from apa.runs import embedding_cache, memory_path, read_run
 from jobs import queue
 from ledger import catalog, ingest, run_import
 from ledger.db import session_scope
+from worker.centres import live_centres, unit_embeddings
 from worker.record import extra_samples
 from worker.tasks import WorkerContext, get_context, held_lock
 
@@ -76,33 +78,17 @@ def place_samples(ctx: WorkerContext) -> int:
         waiting = [r for r in ingest.records(session=session, unprepared=True) if r.split == "train"]
         if not waiting:
             return 0
-        run_row = run_import.get_run(session=session)
-        run_dir = Path(run_row.path)
-        members = ingest.train_members(session=session)
-        sizes = np.array(ingest.shard_sizes(session=session, shards=run_row.shards))
-        ingested = {r.sample_id: r for r in ingest.records(session=session, sample_ids=[i for i, _ in members])}
-    run = read_run(run_dir)
-    cfg = run.config
-    if run.centres is None:
+        sizes = np.array(ingest.shard_sizes(session=session, shards=run_import.get_run(session=session).shards))
+    live = live_centres(base, settings.ledger_url)
+    if live is None:
         raise ValueError(f"{len(waiting)} training sample(s) wait for a shard but the run is not semantic")
-    cache = embedding_cache(run_dir, base)
-
-    hidden = run.centres.shape[1]
-
-    def unit(prompts: list[str], desc: str) -> np.ndarray:
-        if not prompts:
-            return np.zeros((0, hidden), dtype=np.float32)
-        return normalise_rows(embed(base, prompts, cache=cache, batch_size=cfg.batch_size, desc=desc, noun=cfg.noun))
-
-    member_prompts = [ingested[i].prompt if i in ingested else run.prompts[i] for i, _ in members]
-    centres = member_centres(unit(member_prompts, "embed shard members"), np.array([k for _, k in members]),
-                             cfg.shards, run.centres)
-    new_unit = unit([r.prompt for r in waiting], "embed new samples")
+    cfg = live.run.config
+    new_unit = unit_embeddings(base, live.run_dir, live.run, [r.prompt for r in waiting], "embed new samples")
     shards = assign(cfg.partition, Incoming(sample_ids=[r.sample_id for r in waiting],
                                             user_ids=[r.user_id for r in waiting], sizes=sizes, seed=cfg.seed,
-                                            unit=new_unit, centres=centres, balance=settings.ingest_balance))
+                                            unit=new_unit, centres=live.centres, balance=settings.ingest_balance))
     with session_scope(settings.ledger_url) as session:
-        return ingest.place(session=session, centres=centres.tolist(),
+        return ingest.place(session=session, centres=live.centres.tolist(),
                             shards={r.sample_id: int(k) for r, k in zip(waiting, shards, strict=True)})
 
 

@@ -27,9 +27,9 @@ from apa.purge import purge_run_files
 from apa.runs import read_run, train_version
 from jobs import queue
 from jobs.periodic import Periodic
-from ledger import ingest, purges, retrains
+from ledger import db, ingest, purges, retrains
 from ledger.db import session_scope
-from worker import metrics
+from worker import centres, metrics
 from worker.liveness import lock_token
 from worker.record import extra_samples, version_record
 from worker.settings import WorkerSettings, get_worker_settings
@@ -197,7 +197,8 @@ def _enqueue_if_dirty(ctx: WorkerContext, shard: int) -> None:
 
 
 def purge_completed() -> dict[str, Any]:
-    """Purge the data of every completed deletion request not yet purged (files, then ledger rows)."""
+    """Purge the data of every completed deletion request not yet purged: files, the semantic centres
+    (recomputed from the live members), then ledger rows."""
     ctx = get_context()
     settings = ctx.settings
     purged = []
@@ -213,12 +214,15 @@ def purge_completed() -> dict[str, Any]:
                     plan = purges.purge_plan(session=session, request_id=request_id)
                 report = purge_run_files(plan.run_path, set(plan.sample_ids), plan.superseded,
                                          set(plan.interaction_hmacs), plan.prompts)
+                members = centres.recompute(ctx.base, settings.ledger_url)  # fitted with the deleted samples
                 with session_scope(settings.ledger_url) as session:
-                    purges.finish_purge(session=session, plan=plan)
+                    purges.finish_purge(session=session, plan=plan, centre_members=members)
             except (APAError, OSError):
                 log.exception("purge of deletion %s failed; the reconciler tries again", request_id)
                 continue
             log.info("purged deletion %s: %s", request_id, report)
             metrics.PURGES.inc()
             purged.append(request_id)
+        if purged:
+            db.checkpoint(settings.ledger_url)  # the database file's old pages held the purged rows
     return {"status": "ok", "purged": purged}

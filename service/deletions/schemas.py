@@ -21,9 +21,14 @@ class ShardCertificate(BaseModel):
     shard: int
     old_version: int | None
     new_version: int | None
-    old_manifest_sha256: str | None
-    new_manifest_sha256: str | None
-    new_adapter_sha256: str | None = Field(None, description="sha256 of the new version's adapter_model.safetensors")
+    old_manifest_sha256: str | None = Field(None, description="Always null: the old version held the deleted "
+                                                              "data, and a plain hash of its manifest would let "
+                                                              "anyone confirm a guess of it (old_manifest_hmac)")
+    old_manifest_hmac: str | None = Field(None, description="HMAC-SHA256 (APA_HMAC_KEY) of the old version's "
+                                                            "manifest_sha256")
+    new_manifest_sha256: str | None = Field(None, description="null once a later deletion purged the new version")
+    new_adapter_sha256: str | None = Field(None, description="sha256 of the new version's adapter_model.safetensors "
+                                                             "(null once a later deletion purged it)")
     verify: str | None = Field(None, description="The command that retrains the new version from its manifest "
                                                  "alone and compares those bytes (exit 0: the same)")
 
@@ -38,6 +43,13 @@ class Certificate(BaseModel):
     deleted_hmacs: list[str] = Field(description="HMAC-SHA256 of each deleted interaction key (APA_HMAC_KEY)")
     serving_manifests_checked: int
     violations: int
+    centres_recomputed: bool = Field(False, description="True once the purge that follows completion (the same "
+                                                        "worker job) recomputed the run's semantic centres from "
+                                                        "the live training samples: the K-means fit saw the "
+                                                        "deleted ones. False before, and for runs without "
+                                                        "centres (random or user partition)")
+    centre_members: int | None = Field(None, description="How many live training samples those centres are the "
+                                                         "mean of")
     issued_at: datetime
 
 

@@ -65,7 +65,7 @@ def test_cli_ledger_commands_and_clear_errors(tmp_path: Path, monkeypatch: pytes
     runner = CliRunner()
     try:
         up = runner.invoke(app, ["ledger", "upgrade"])
-        assert up.exit_code == 0 and "at migration 0003" in up.output
+        assert up.exit_code == 0 and "at migration 0004" in up.output
         assert (tmp_path / "apa.db").is_file()
         no_token = runner.invoke(app, ["serve"])  # a migrated ledger is not enough to serve
         assert no_token.exit_code == 1 and "APA_ADMIN_TOKEN" in no_token.output

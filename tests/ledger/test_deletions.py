@@ -37,8 +37,9 @@ def test_a_deletion_tombstones_its_samples_and_quarantines_the_shards_they_train
     assert request.subject_hmac == hmac_hex(key, "user", "u1"), "the request holds an HMAC, not the user id"
     assert request.certificate is None and request.completed_at is None
     parts = session.scalars(select(DeletionShard).order_by(DeletionShard.shard)).all()
-    assert [(p.shard, p.seq, p.old_version, p.old_manifest_sha256, p.new_version) for p in parts] == \
-        [(k, 1, 1, views[k].manifest_sha256, None) for k in (0, 1)]
+    assert [(p.shard, p.seq, p.old_version, p.old_manifest_hmac, p.new_version) for p in parts] == \
+        [(k, 1, 1, hmac_hex(key, "manifest", str(views[k].manifest_sha256)), None) for k in (0, 1)], \
+        "the old version held the deleted data: an HMAC names it, never its plain hash"
     assert [(s.state, s.dirty_seq, s.clean_seq) for s in session.scalars(select(Shard).order_by(Shard.shard))] == \
         [("quarantined", 1, 0), ("quarantined", 1, 0)]
     assert deletions.get_deletion(session=session, request_id=request.id) is request
@@ -53,23 +54,22 @@ def test_each_deletion_reaching_a_shard_bumps_its_dirty_seq(session: Session, ke
 
 
 def test_a_deletion_reaching_no_shard_completes_at_once_with_its_certificate(session: Session, key: bytes) -> None:
+    """u3's item 10 (t=270) is in two test samples only: u3:10:270 and u3:11:280."""
     before = utcnow() - timedelta(seconds=1)
-    outcome = deletions.request_deletion(session=session, user_id="u3", item_ids=None, key=key)
+    outcome = deletions.request_deletion(session=session, user_id="u3", item_ids=["10"], key=key)
     request = outcome.request
-    assert outcome.valid_sample_ids == ["u3:5:220", "u3:9:260"]
+    assert outcome.valid_sample_ids == []
     assert (request.status, request.affected_shards, request.interactions_removed, request.samples_removed) == \
-        ("completed", [], 8, 6)  # 8 ratings; 2 valid + 4 test samples
+        ("completed", [], 1, 2)
     certificate = request.certificate
     assert certificate is not None
     assert {k: certificate[k] for k in ("request_id", "interactions_removed", "samples_removed", "shards",
                                         "serving_manifests_checked", "violations")} == \
-        {"request_id": request.id, "interactions_removed": 8, "samples_removed": 6, "shards": [],
+        {"request_id": request.id, "interactions_removed": 1, "samples_removed": 2, "shards": [],
          "serving_manifests_checked": 2, "violations": 0}
-    assert certificate["deleted_hmacs"] == sorted(hmac_hex(key, "interaction", f"u3:{i}:{t}")
-                                                  for i, t in [("4", 210), ("5", 220), ("6", 230), ("7", 240),
-                                                               ("8", 250), ("9", 260), ("10", 270), ("11", 280)])
+    assert certificate["deleted_hmacs"] == [hmac_hex(key, "interaction", "u3:10:270")]
     kinds = session.execute(select(Forgotten.kind, func.count()).group_by(Forgotten.kind)).all()
-    assert dict(kinds) == {"interaction": 8, "sample": 6}
+    assert dict(kinds) == {"interaction": 1, "sample": 2}
     assert [e.status for e in deletions.status_history(session=session, request_id=request.id)] == \
         ["quarantined", "completed"]
     assert deletions.completed_since(session=session, since=before) == [request]
@@ -82,12 +82,24 @@ def test_complete_refuses_while_a_serving_manifest_still_holds_deleted_data(sess
     request = deletions.request_deletion(session=session, user_id="u1", item_ids=["1"], key=key).request
     deletions.complete(session=session, request=request, key=key)
     assert request.status == "failed" and request.completed_at is None
-    assert request.error == "2 serving manifest sample(s) still contain deleted interactions"
-    assert request.certificate is not None and request.certificate["violations"] == 2
+    # 2 training samples, and both versions chose their epoch on u1's deleted validation samples
+    assert request.error == "4 serving manifest sample(s) or epoch selection(s) still hold deleted data"
+    assert request.certificate is not None and request.certificate["violations"] == 4
     assert [(s["shard"], s["old_version"], s["new_version"]) for s in request.certificate["shards"]] == \
         [(0, 1, None), (1, 1, None)]
     assert session.scalar(select(func.count()).select_from(Forgotten)) == 0, "nothing is certified forgotten"
     assert deletions.open_deletions_created(session=session) == [], "failed requests wait for an admin"
+
+
+def test_deleting_validation_samples_reaches_the_shards_whose_versions_chose_their_epoch_on_them(
+    session: Session, key: bytes,
+) -> None:
+    """u3 has no training sample, but two validation samples, and both v1 versions chose their epoch on all
+    eight (their manifests name them, and replaying them needs them): both shards retrain."""
+    outcome = deletions.request_deletion(session=session, user_id="u3", item_ids=None, key=key)
+    assert outcome.valid_sample_ids == ["u3:5:220", "u3:9:260"]
+    assert (outcome.request.status, outcome.request.affected_shards) == ("quarantined", [0, 1])
+    assert [s.state for s in session.scalars(select(Shard).order_by(Shard.shard))] == ["quarantined"] * 2
 
 
 def test_bad_requests_raise_and_unknown_ids_are_not_found(session: Session, key: bytes) -> None:

@@ -21,7 +21,7 @@ def test_the_migration_upgrades_a_ledger_of_today_with_data_in_it(settings: Serv
     assert "prompt" not in columns and "ingestion_requests" not in inspect(db.get_engine(url)).get_table_names()
     db.dispose_engines()
     db.upgrade(url)
-    assert db.current_revision(url) == "0003"
+    assert db.current_revision(url) == db.head_revision(url)
     with db.session_scope(url) as session:
         assert [session.scalar(text(f"SELECT count(*) FROM {t}"))
                 for t in ("interactions", "samples", "sample_interactions", "adapter_versions", "shards")] == counts
@@ -91,3 +91,17 @@ def test_deleting_a_pending_sample_needs_no_retrain_but_a_claimed_one_does(sessi
     assert retrains.begin_retrain(session=session, shard=1) is not None  # claimed: a version may hold it now
     claimed = deletions.request_deletion(session=session, user_id="u3", item_ids=["2"], key=key)
     assert claimed.request.affected_shards == [1] and claimed.request.status == "quarantined"
+
+
+def test_a_retrain_in_flight_may_choose_its_epoch_on_any_live_validation_sample(session: Session) -> None:
+    """With no serving version naming a selection, deleting a validation sample reaches only the shards
+    retraining now: an ingestion retrain that claimed its samples, a deletion's retrain."""
+    for shard in session.scalars(select(Shard)):
+        shard.serving_version = None
+    assert deletions.chose_epoch_on(session=session, sample_ids={"u3:5:220"}) == set()
+    _ingested(session, "u3:2:1001", 1)
+    assert retrains.begin_retrain(session=session, shard=1) is not None  # claims it; the shard still serves
+    assert deletions.chose_epoch_on(session=session, sample_ids={"u3:5:220"}) == {1}
+    session.get(Shard, 0).state = "retraining"  # type: ignore[union-attr]
+    assert deletions.chose_epoch_on(session=session, sample_ids={"u3:5:220"}) == {0, 1}
+    assert deletions.chose_epoch_on(session=session, sample_ids=set()) == set(), "no validation sample deleted"

@@ -12,6 +12,7 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from apa.hashing import hmac_hex
 from ledger import catalog, deletions, retrains
 from ledger.errors import NothingToRetrain, ShardNotFound
 from ledger.models import AdapterVersion, AuditEntry, Shard
@@ -86,7 +87,8 @@ def test_publish_serves_the_new_version_and_completes_the_request_with_its_certi
     assert certificate is not None
     assert (certificate["violations"], certificate["serving_manifests_checked"]) == (0, 2)
     assert certificate["shards"] == [{"shard": 0, "old_version": 1, "new_version": 2,
-                                      "old_manifest_sha256": v1.manifest_sha256,
+                                      "old_manifest_sha256": None,
+                                      "old_manifest_hmac": hmac_hex(key, "manifest", str(v1.manifest_sha256)),
                                       "new_manifest_sha256": record.manifest_sha256,
                                       "new_adapter_sha256": record.metrics.get("adapter_sha256"),
                                       "verify": record.metrics.get("verify")}]

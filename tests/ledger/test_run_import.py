@@ -1,17 +1,18 @@
 """Recording a run in the ledger (ledger.run_import): get_run and import_run, on SQLite and PostgreSQL."""
 
+import itertools
 import json
 from pathlib import Path
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import BigInteger, insert, inspect, select
 from sqlalchemy.orm import Session
 
 from apa.hashing import hmac_hex
 from apa.purge import FORGOTTEN
 from ledger import catalog, db, deletions, run_import
 from ledger.errors import LedgerError
-from ledger.models import AuditEntry
+from ledger.models import AuditEntry, Interaction, SampleInteraction
 from service.settings import ServiceSettings
 from tests.conftest import RATINGS, service_settings
 from tests.ledger.conftest import SHARD_SAMPLES, TEST_SAMPLES, VALID_SAMPLES, fake_version
@@ -105,3 +106,65 @@ def test_a_new_version_serves_at_once_unless_its_shard_is_dirty(settings: Servic
     stray = fake_version(tmp_path / "shard-5-v1", shard=5, version=1, samples=[])
     with db.session_scope(settings.ledger_url) as session, pytest.raises(LedgerError, match="no shard 5"):
         _reimport(session, settings, [stray])
+
+
+def _ids_by_key(url: str) -> dict[str, int]:
+    with db.session_scope(url) as session:
+        return {str(k): int(i) for k, i in session.execute(select(Interaction.key, Interaction.id))}
+
+
+def _links(url: str) -> set[tuple[str, str]]:
+    """(sample id, interaction key) of every link: what the ids stand for."""
+    with db.session_scope(url) as session:
+        return {(str(s), str(k)) for s, k in session.execute(
+            select(SampleInteraction.sample_id, Interaction.key)
+            .join(Interaction, Interaction.id == SampleInteraction.interaction_id))}
+
+
+def _in_user_time_order(ids: dict[str, int]) -> bool:
+    by_user_time = sorted(ids, key=lambda k: (k.split(":")[0], int(k.split(":")[2]), k.split(":")[1]))
+    return [ids[k] for k in by_user_time] == sorted(ids.values())
+
+
+def test_interaction_ids_are_random_not_in_user_time_order(empty: ServiceSettings) -> None:
+    """The gap a deletion leaves between its neighbours' ids must not name the user: 30 ids drawn at random
+    fall in (user, time) order once in 30! tries."""
+    with db.session_scope(empty.ledger_url) as session:
+        import_run_folder(session, empty.runs_dir / "tiny", empty)
+    ids = _ids_by_key(empty.ledger_url)
+    assert len(ids) == N_INTERACTIONS and not _in_user_time_order(ids)
+    assert max(ids.values()) > 2**40, "63-bit ids, not a counter"
+
+
+def test_migration_0004_gives_an_old_ledger_random_ids_and_keeps_every_link(
+    empty: ServiceSettings, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A ledger of 0003 with ids handed out 1, 2, 3... in (user, time) order, as `apa ledger import` did."""
+    url = empty.ledger_url
+    db.downgrade(url, "0003")
+    counter = itertools.count(1)
+    monkeypatch.setattr(run_import, "new_interaction_id", lambda: next(counter))
+    with db.session_scope(url) as session:
+        import_run_folder(session, empty.runs_dir / "tiny", empty)
+    old_ids, old_links = _ids_by_key(url), _links(url)
+    assert _in_user_time_order(old_ids) and max(old_ids.values()) == N_INTERACTIONS
+    db.dispose_engines()
+    db.upgrade(url)
+    assert db.current_revision(url) == "0004"
+    new_ids = _ids_by_key(url)
+    assert set(new_ids) == set(old_ids) and not _in_user_time_order(new_ids)
+    assert not set(new_ids.values()) & set(old_ids.values())
+    assert _links(url) == old_links, "every link still joins its sample to the same interactions"
+    if url.startswith("postgresql"):
+        columns = {c["name"]: c["type"] for c in inspect(db.get_engine(url)).get_columns("interactions")}
+        assert isinstance(columns["id"], BigInteger)
+    with db.session_scope(url) as session:  # new rows get random ids; a deletion cascades as before
+        session.add(Interaction(key="u9:1:1", user_id="u9", item_id="1", rating=5.0, timestamp=1))
+        session.flush()
+        assert session.scalars(select(Interaction.id).where(Interaction.key == "u9:1:1")).one() > N_INTERACTIONS
+        deletions.request_deletion(session=session, user_id="u1", item_ids=None, key=empty.hmac_secret())
+    db.downgrade(url, "0003")  # keeps the random ids; new rows still get one
+    with db.session_scope(url) as session:
+        session.execute(insert(Interaction.__table__).values(key="u9:2:2", user_id="u9", item_id="2", rating=1.0,
+                                                             timestamp=2))
+    assert _ids_by_key(url)["u1:1:100"] == new_ids["u1:1:100"]
