@@ -104,16 +104,34 @@ def test_a_job_run_twice_retrains_once_and_a_held_lock_waits(env: dict) -> None:
     assert artifacts.versions(artifacts.shard_dir(env["run_dir"], 0))[-1] == 2, "one new version, not two"
 
 
-def test_the_reconciler_cleans_old_temp_dirs(env: dict) -> None:
+def test_the_reconciler_sweeps_what_killed_writers_left_under_their_locks(env: dict) -> None:
+    """Old temp paths and versions the ledger does not know go; recorded versions, fresh paths (a live
+    writer's) and a shard whose lock is held stay."""
     import os
+    import shutil
     import time
 
-    tmp = artifacts.shard_dir(env["run_dir"], 0) / ".tmp-crashed"
-    tmp.mkdir()
-    old = time.time() - 3600
-    os.utime(tmp, (old, old))
-    assert reconcile(env["settings"], env["redis"])["temp_dirs_removed"] == 1
-    assert not tmp.exists()
+    run, names = env["run_dir"], queue.Names(env["settings"].redis_prefix)
+    v1 = artifacts.version_dir(run, 0, 1)
+    orphans = [artifacts.version_dir(run, k, 2) for k in (0, 1)]  # renamed into place, never recorded
+    temps = [artifacts.shard_dir(run, 0) / ".tmp-crashed", run / ".tmp-a1b2.parquet", v1 / ".tmp-c3d4.json"]
+    fresh = artifacts.version_dir(run, 0, 3)
+    for folder in [*orphans, fresh]:
+        shutil.copytree(v1, folder)
+    temps[0].mkdir()
+    temps[1].write_text("half")
+    temps[2].write_text("half")
+    os.utime(fresh)  # copytree gave it v1's time
+    old = time.time() - 60
+    for path in [*orphans, *temps]:
+        os.utime(path, (old, old))
+    with held_lock(env["redis"], names.lock(1), 30) as held:  # shard 1 is being written: its folder waits
+        assert held
+        assert reconcile(env["settings"], env["redis"])["strays_removed"] == 4
+    assert [p.exists() for p in [*orphans, *temps]] == [False, True, False, False, False]
+    assert v1.is_dir() and fresh.is_dir()
+    assert reconcile(env["settings"], env["redis"])["strays_removed"] == 1
+    assert not orphans[1].exists() and artifacts.versions(artifacts.shard_dir(run, 1)) == [1]
 
 
 def test_the_shard_lock_outlives_its_ttl_while_held(env: dict) -> None:

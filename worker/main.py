@@ -32,9 +32,9 @@ def run(settings: WorkerSettings, *, burst: bool = False) -> None:
     heartbeat = Heartbeat(redis, settings.redis_prefix, name, settings.heartbeat_ttl_s)
     heartbeat.beat()  # alive before the first reconcile judges the others
     heartbeat.start()
-    reconciling = reconciler(settings, redis)
+    reconciling = reconciler(settings, redis, name)
     try:
-        reconcile(settings, redis)
+        reconcile(settings, redis, name)
         if not burst:
             reconciling.start()
         SimpleWorker(queue.queues(redis, settings.redis_prefix), connection=redis, name=name).work(
