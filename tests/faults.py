@@ -1,8 +1,10 @@
 """Real processes for fault tests: a gateway (``apa serve``) and workers (``apa worker``) on the tiny run,
-a Redis server of the test's own (so it may be flushed or killed), and a TCP proxy in front of
+started as subprocesses or forked from a zygote (``tests/zygote.py``) that paid the imports once, a
+Redis server of the test's own (so it may be flushed or killed), and a TCP proxy in front of
 PostgreSQL that can refuse or go silent. Everything on loopback, every wait bounded, every process
 killed in ``close()``."""
 
+import json
 import os
 import select
 import shutil
@@ -170,12 +172,111 @@ class Proxy(threading.Thread):
         self.join(timeout=5)
 
 
+class Forked:
+    """A process the zygote forked: the part of ``subprocess.Popen`` that a stack uses."""
+
+    def __init__(self, zygote: "Zygote", pid: int) -> None:
+        self.zygote, self.pid = zygote, pid
+
+    @property
+    def returncode(self) -> int | None:
+        return self.zygote.exit_code(self.pid)
+
+    def poll(self) -> int | None:
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        code = self.zygote.wait_exit(self.pid, timeout)
+        if code is None:
+            raise subprocess.TimeoutExpired(f"pid {self.pid}", timeout or 0)
+        return code
+
+    def send_signal(self, sig: int) -> None:
+        if self.returncode is None:  # not reaped yet: the pid is still this process's
+            os.kill(self.pid, sig)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+
+class Zygote:
+    """``python -m tests.zygote``: forks ``apa <args>`` processes on request (``spawn``), each in a
+    session of its own, and reports their exit codes."""
+
+    def __init__(self, env: dict[str, str], log: Path) -> None:
+        log.parent.mkdir(parents=True, exist_ok=True)
+        self._log = open(log, "wb")  # noqa: SIM115 - closed in close()
+        self.proc = subprocess.Popen([sys.executable, "-m", "tests.zygote"], env=env, cwd=ROOT,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log)
+        self.changed = threading.Condition()
+        self.pids: list[int] = []
+        self.exits: dict[int, int] = {}
+        self.reader = threading.Thread(target=self._read, name="zygote-reader", daemon=True)
+        self.reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for raw in self.proc.stdout:
+            kind, *values = raw.decode().split()
+            with self.changed:
+                if kind == "pid":
+                    self.pids.append(int(values[0]))
+                elif kind == "exit":
+                    self.exits[int(values[0])] = int(values[1])
+                self.changed.notify_all()
+
+    def spawn(self, args: list[str], env: dict[str, str], log: Path) -> Forked:
+        assert self.proc.stdin is not None and self.proc.poll() is None, "the zygote is gone"
+        with self.changed:
+            self.proc.stdin.write((json.dumps({"args": args, "env": env, "log": str(log)}) + "\n").encode())
+            self.proc.stdin.flush()
+            if not self.changed.wait_for(lambda: self.pids, timeout=60):
+                raise AssertionError("the zygote did not fork in 60 s")
+            return Forked(self, self.pids.pop(0))
+
+    def exit_code(self, pid: int) -> int | None:
+        with self.changed:
+            return self.exits.get(pid)
+
+    def wait_exit(self, pid: int, timeout: float | None) -> int | None:
+        with self.changed:
+            self.changed.wait_for(lambda: pid in self.exits, timeout=timeout)
+            return self.exits.get(pid)
+
+    def close(self) -> None:
+        self.proc.kill()  # its children live in sessions of their own; their stacks stop them
+        self.proc.wait(timeout=10)
+        self.reader.join(timeout=10)  # reads to the end of the pipe
+        for pipe in (self.proc.stdin, self.proc.stdout):
+            if pipe is not None:
+                pipe.close()
+        self._log.close()
+
+
+def session_processes(session_id: int) -> list[int]:
+    """Pids of the live processes in a session (``/proc``): what is left of a process started with
+    a session of its own, once it is dead, reparented children included."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # after "(comm)": state, ppid, pgrp, session
+        except OSError:
+            continue
+        if int(fields[3]) == session_id and fields[0] != "Z":
+            found.append(int(stat.parent.name))
+    return found
+
+
+Process = subprocess.Popen[bytes] | Forked
+
+
 class Stack:
-    """A gateway and workers as subprocesses sharing one ledger, one Redis and one run copy."""
+    """A gateway and workers sharing one ledger, one Redis and one run copy: subprocesses, or forked
+    from ``zygote``."""
 
     def __init__(self, home: Path, ledger_url: str, redis_url: str, model_dir: Path, logs: Path,
-                 **extra: object) -> None:
-        self.home, self.logs, self.port = home, logs, free_port()
+                 zygote: Zygote | None = None, **extra: object) -> None:
+        self.home, self.logs, self.port, self.zygote = home, logs, free_port(), zygote
         self.logs.mkdir(parents=True, exist_ok=True)
         self.env = {
             **os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
@@ -186,15 +287,18 @@ class Stack:
             "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
             **{f"APA_{k.upper()}": str(v) for k, v in extra.items()},
         }
-        self.gateway: subprocess.Popen[bytes] | None = None
-        self.workers: list[subprocess.Popen[bytes]] = []
+        self.gateway: Process | None = None
+        self.workers: list[Process] = []
         self.http = httpx.Client(base_url=f"http://127.0.0.1:{self.port}", timeout=30, trust_env=False)
         self._n = 0
         self._logs: list[Any] = []
 
-    def _spawn(self, args: list[str], name: str, **env: str) -> subprocess.Popen[bytes]:
+    def _spawn(self, args: list[str], name: str, **env: str) -> Process:
         self._n += 1
-        log = open(self.logs / f"{self._n:02d}-{name}.log", "wb")  # noqa: SIM115 - closed in close()
+        path = self.logs / f"{self._n:02d}-{name}.log"
+        if self.zygote is not None and args[:2] == ["-m", "apa.cli"]:
+            return self.zygote.spawn(args[2:], {**self.env, **env}, path)
+        log = open(path, "wb")  # noqa: SIM115 - closed in close()
         self._logs.append(log)
         return subprocess.Popen([sys.executable, *args], env={**self.env, **env}, stdout=log,
                                 stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
@@ -213,16 +317,18 @@ class Stack:
             self.gateway.wait(timeout=30)
             self.gateway = None
 
-    def start_worker(self, slow_marker: Path | None = None) -> subprocess.Popen[bytes]:
+    def start_worker(self, slow_marker: Path | None = None, fault_point: str = "") -> Process:
+        """``fault_point``: the worker dies there (``apa.faults``)."""
         if slow_marker is None:
-            proc = self._spawn(["-m", "apa.cli", "worker"], "worker")
+            proc = self._spawn(["-m", "apa.cli", "worker"], f"worker-{fault_point}" if fault_point else "worker",
+                               **({"APA_FAULT_POINT": fault_point} if fault_point else {}))
         else:
             proc = self._spawn(["-m", "tests.slow_worker", "worker"], "slow-worker",
                                APA_FAULT_MARKER=str(slow_marker))
         self.workers.append(proc)
         return proc
 
-    def kill_worker(self, proc: subprocess.Popen[bytes]) -> None:
+    def kill_worker(self, proc: Process) -> None:
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=10)
         self.workers.remove(proc)

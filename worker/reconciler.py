@@ -23,8 +23,6 @@ from worker.tasks import held_lock
 
 log = logging.getLogger(__name__)
 
-STRAY_AGE_S = 10.0  # a live writer renames its temp folder, and records its version, within seconds
-
 
 def reconcile(settings: WorkerSettings, redis: Any, owner: str = "") -> dict[str, Any]:
     """One round; ``owner`` (the worker's name) is put in the tokens of the locks the sweep takes."""
@@ -68,8 +66,8 @@ def sweep(settings: WorkerSettings, redis: Any, run_dir: Path, owner: str = "") 
     * Anywhere else: ``.tmp-*`` files and folders (a rewrite killed before its rename), under the purge
       lock, which the writers of those files hold (the purge, the preparation of ingested samples).
 
-    Only what has not changed for ``STRAY_AGE_S`` goes: a writer that lost its lock without knowing
-    (stalled past the lock's TTL) still renames and records within seconds of writing. A first look
+    Only what has not changed for ``APA_STRAY_AGE_S`` (10 s) goes: a writer that lost its lock without
+    knowing (stalled past the lock's TTL) still renames and records within seconds of writing. A first look
     without the lock finds nothing in most rounds, so the locks are taken only when there is work.
     """
     names = queue.Names(settings.redis_prefix)
@@ -79,10 +77,10 @@ def sweep(settings: WorkerSettings, redis: Any, run_dir: Path, owner: str = "") 
             with held_lock(redis, names.lock(shard), settings.lock_ttl_s, owner) as held:
                 if held:  # listed again under the lock
                     removed += artifacts.remove(_strays(settings, folder, shard))
-    if _temp_outside_shards(run_dir):
+    if _temp_outside_shards(settings, run_dir):
         with held_lock(redis, names.lock("purge"), settings.lock_ttl_s, owner) as held:
             if held:
-                removed += artifacts.remove(_temp_outside_shards(run_dir))
+                removed += artifacts.remove(_temp_outside_shards(settings, run_dir))
     return removed
 
 
@@ -98,13 +96,14 @@ def _strays(settings: WorkerSettings, folder: Path, shard: int) -> list[Path]:
     temp = [p for p in folder.iterdir() if p.name.startswith(artifacts.TEMP_PREFIX)]
     with session_scope(settings.ledger_url) as session:
         kept = catalog.kept_versions(session=session).get(shard, set())
-    return artifacts.unchanged_for([*temp, *(p for v, p in on_disk.items() if v not in kept)], STRAY_AGE_S)
+    return artifacts.unchanged_for([*temp, *(p for v, p in on_disk.items() if v not in kept)],
+                                   settings.stray_age_s)
 
 
-def _temp_outside_shards(run_dir: Path) -> list[Path]:
+def _temp_outside_shards(settings: WorkerSettings, run_dir: Path) -> list[Path]:
     adapters = run_dir / "adapters"
     return artifacts.unchanged_for([p for p in artifacts.temp_paths(run_dir) if p.parent.parent != adapters],
-                                   STRAY_AGE_S)
+                                   settings.stray_age_s)
 
 
 def reconciler(settings: WorkerSettings, redis: Any, owner: str = "") -> Periodic:
