@@ -6,7 +6,7 @@ killed in ``close()``."""
 
 import json
 import os
-import select
+import select as io_select
 import shutil
 import signal
 import socket
@@ -19,10 +19,20 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
+import pandas as pd
 from redis import Redis
 from redis.exceptions import RedisError
+from sqlalchemy import func, select
 
+from apa import artifacts
+from apa.embeddings import EmbeddingCache
+from jobs import queue
+from ledger import catalog
+from ledger.db import session_scope
+from ledger.models import AdapterVersion, DeletionRequest, Interaction, Sample, SampleInteraction, Shard
 from tests.conftest import ADMIN_TOKEN
+from worker.scheduler import lock_key
 
 AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 ROOT = Path(__file__).resolve().parents[1]
@@ -142,7 +152,7 @@ class Proxy(threading.Thread):
             if mode != "pass" or not sockets:
                 continue
             try:
-                ready, _, _ = select.select(sockets, [], [], 0.05)
+                ready, _, _ = io_select.select(sockets, [], [], 0.05)
             except (OSError, ValueError):
                 continue
             for sock in ready:
@@ -366,3 +376,98 @@ class Stack:
         self.http.close()
         for log in self._logs:
             log.close()
+
+
+# -- what must hold once a deletion completed, whatever was killed on the way (tests/test_crash_points.py,
+# bench/chaos.py) ----------
+
+def delete(stack: Stack, ledger_url: str, run: Path, user: str, item: str | None = None,
+           ) -> tuple[str, dict[str, list[str]]]:
+    """DELETE one interaction of ``user`` (all of them without ``item``); returns the request id and the
+    samples they are in, with their prompts (the run's in samples.parquet, ingested ones' in the ledger)."""
+    chosen = [Interaction.user_id == user, Interaction.deleted_at.is_(None)]
+    if item is not None:
+        chosen.append(Interaction.item_id == item)
+    with session_scope(ledger_url) as session:
+        rows = session.execute(select(Sample.sample_id, Sample.prompt, Sample.history_prompt).distinct()
+                               .join(SampleInteraction, SampleInteraction.sample_id == Sample.sample_id)
+                               .join(Interaction, Interaction.id == SampleInteraction.interaction_id)
+                               .where(*chosen)).all()
+    frame = pd.read_parquet(run / "samples.parquet").set_index("sample_id")
+    deleted = {str(i): [p for p in (prompt, history) if p] or
+               ([frame.at[i, "prompt"], frame.at[i, "history_prompt"]] if i in frame.index else [])
+               for i, prompt, history in rows}
+    assert deleted, "the interaction is in samples"
+    answer = stack.http.delete(f"/users/{user}/interactions", params={} if item is None else {"item_id": item},
+                               headers=AUTH)
+    assert answer.status_code == 202, answer.text
+    return str(answer.json()["request_id"]), deleted
+
+
+def ingested_done(ledger_url: str, sample_id: str) -> bool:
+    with session_scope(ledger_url) as session:
+        sample = session.get(Sample, sample_id)
+        return sample is not None and (sample.trained_version is not None if sample.split == "train"
+                                       else sample.prepared_at is not None)
+
+
+def purged(ledger_url: str, request_id: str) -> bool:
+    with session_scope(ledger_url) as session:
+        request = session.get(DeletionRequest, request_id)
+        return request is not None and request.purged_at is not None
+
+
+def serving_versions(ledger_url: str) -> dict[int, tuple[str, int]]:
+    """Per shard: its state and how many versions are serving (recorded served, not retired)."""
+    with session_scope(ledger_url) as session:
+        shards = session.scalars(select(Shard).order_by(Shard.shard)).all()
+        serving = dict(session.execute(select(AdapterVersion.shard, func.count()).where(
+            AdapterVersion.served_at.is_not(None), AdapterVersion.retired_at.is_(None))
+            .group_by(AdapterVersion.shard)).all())
+        return {s.shard: (s.state, int(serving.get(s.shard, 0))) for s in shards}
+
+
+def served_with(ledger_url: str, sample_ids: set[str]) -> list[str]:
+    """Serving versions whose manifest (read from disk) names one of ``sample_ids``: a deletion
+    completed on paper only."""
+    with session_scope(ledger_url) as session:
+        paths = [Path(v.path) for v in catalog.shard_views(session=session) if v.path is not None]
+    return [str(p) for p in paths
+            if sample_ids & {s["sample_id"] for s in artifacts.read_json(p / "manifest.json")["samples"]}]
+
+
+def stale_scheduler_locks(redis: Redis, prefix: str) -> dict[str, str]:
+    """The scheduler locks of the queues under ``prefix`` held by a worker without a heartbeat."""
+    alive = queue.live_workers(redis, prefix)
+    owners = {q.name: redis.get(lock_key(q.name)) for q in queue.queues(redis, prefix)}
+    return {name: owner.decode() for name, owner in owners.items() if owner is not None and owner.decode() not in alive}
+
+
+def disk_agrees(ledger_url: str, run: Path) -> bool:
+    with session_scope(ledger_url) as session:
+        kept = catalog.kept_versions(session=session)
+    on_disk = {k: set(artifacts.versions(artifacts.shard_dir(run, k))) for k in kept}
+    return on_disk == kept and not artifacts.temp_paths(run)
+
+
+def traces(run: Path, deleted: dict[str, list[str]]) -> list[str]:
+    """Files under ``run`` that name a deleted sample: its id in a JSON file, in a parquet table's
+    ``sample_id`` column or in the validation memory's ids; its prompts as embedding-cache entries."""
+    ids = set(deleted)
+    found = []
+    for path in sorted(p for p in run.rglob("*") if p.is_file()):
+        if path.suffix == ".json":
+            hit = any(json.dumps(i) in path.read_text() for i in ids)
+        elif path.suffix == ".parquet":
+            hit = bool(ids & set(pd.read_parquet(path)["sample_id"].astype(str)))
+        elif path.suffix == ".npz":
+            with np.load(path) as data:
+                hit = "sample_ids" in data.files and bool(ids & {str(s) for s in data["sample_ids"]})
+        else:
+            hit = any(i.encode() in path.read_bytes() for i in ids)
+        if hit:
+            found.append(str(path.relative_to(run)))
+    cache = EmbeddingCache(run / "cache" / "embeddings", artifacts.read_json(run / "run.json")["base_model"]["sha256"])
+    found += [str(cache.path(p).relative_to(run)) for prompts in deleted.values() for p in prompts
+              if cache.path(p).is_file()]
+    return found

@@ -17,29 +17,35 @@ as a SIGKILL leaves it); then a new worker. Once the deletion has completed and 
 Processes are forked from a zygote (``tests/zygote.py``) that imported torch once.
 """
 
-import json
 import os
 import shutil
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
-import pandas as pd
 import pytest
-from sqlalchemy import create_engine, func, select, text
+from sqlalchemy import create_engine, text
 from sqlalchemy.exc import OperationalError
 
-from apa import artifacts
-from apa.embeddings import EmbeddingCache
 from apa.faults import EXIT_CODE, POINTS
-from jobs import queue
-from ledger import catalog
-from ledger.db import dispose_engines, session_scope
-from ledger.models import AdapterVersion, DeletionRequest, Interaction, Sample, SampleInteraction, Shard
+from ledger.db import dispose_engines
 from tests.conftest import POSTGRES_URL, record_run, service_settings
-from tests.faults import AUTH, ROOT, RedisServer, Stack, Zygote, session_processes, wait_until
-from worker.scheduler import lock_key
+from tests.faults import (
+    AUTH,
+    ROOT,
+    RedisServer,
+    Stack,
+    Zygote,
+    delete,
+    disk_agrees,
+    ingested_done,
+    purged,
+    serving_versions,
+    session_processes,
+    stale_scheduler_locks,
+    traces,
+    wait_until,
+)
 
 PREFIX = "apa-crash:"
 T = 900_000_000  # 1998: a timestamp the API takes, after every hand-made rating
@@ -128,78 +134,10 @@ def test_a_worker_killed_at_a_crash_point_leaves_nothing_behind(
         assert done["certificate"]["violations"] == 0
         wait_until(lambda: purged(backend, request_id), 60, "the deletion purged", poll_s=0.25)
         wait_until(lambda: disk_agrees(backend, run), 30, "the ledger and the disk agree", poll_s=0.25)
-        with session_scope(backend) as session:
-            shards = session.scalars(select(Shard).order_by(Shard.shard)).all()
-            serving = dict(session.execute(select(AdapterVersion.shard, func.count()).where(
-                AdapterVersion.served_at.is_not(None), AdapterVersion.retired_at.is_(None))
-                .group_by(AdapterVersion.shard)).all())
-            assert [(s.state, serving.get(s.shard)) for s in shards] == [("serving", 1)] * len(shards)
+        assert set(serving_versions(backend).values()) == {("serving", 1)}, serving_versions(backend)
         assert traces(run, deleted) == [], "files naming a deleted sample"
         assert session_processes(dying.pid) == [], "a process of the dead worker outlived it"
-        alive = queue.live_workers(redis, PREFIX)
-        owners = {q.name: redis.get(lock_key(q.name)) for q in queue.queues(redis, PREFIX)}
-        assert all(o is None or o.decode() in alive for o in owners.values()), owners
+        assert stale_scheduler_locks(redis, PREFIX) == {}
     finally:
         stack.close()
         redis.close()
-
-
-def delete(stack: Stack, ledger_url: str, run: Path, user: str, item: str) -> tuple[str, dict[str, list[str]]]:
-    """DELETE one interaction; returns the request id and the samples it is in, with their prompts (the
-    run's in samples.parquet, ingested ones' in the ledger)."""
-    with session_scope(ledger_url) as session:
-        rows = session.execute(select(Sample.sample_id, Sample.prompt, Sample.history_prompt)
-                               .join(SampleInteraction, SampleInteraction.sample_id == Sample.sample_id)
-                               .join(Interaction, Interaction.id == SampleInteraction.interaction_id)
-                               .where(Interaction.user_id == user, Interaction.item_id == item)).all()
-    frame = pd.read_parquet(run / "samples.parquet").set_index("sample_id")
-    deleted = {str(i): [p for p in (prompt, history) if p] or
-               ([frame.at[i, "prompt"], frame.at[i, "history_prompt"]] if i in frame.index else [])
-               for i, prompt, history in rows}
-    assert deleted, "the interaction is in samples"
-    answer = stack.http.delete(f"/users/{user}/interactions", params={"item_id": item}, headers=AUTH)
-    assert answer.status_code == 202, answer.text
-    return str(answer.json()["request_id"]), deleted
-
-
-def ingested_done(ledger_url: str, sample_id: str) -> bool:
-    with session_scope(ledger_url) as session:
-        sample = session.get(Sample, sample_id)
-        return sample is not None and (sample.trained_version is not None if sample.split == "train"
-                                       else sample.prepared_at is not None)
-
-
-def purged(ledger_url: str, request_id: str) -> bool:
-    with session_scope(ledger_url) as session:
-        request = session.get(DeletionRequest, request_id)
-        return request is not None and request.purged_at is not None
-
-
-def disk_agrees(ledger_url: str, run: Path) -> bool:
-    with session_scope(ledger_url) as session:
-        kept = catalog.kept_versions(session=session)
-    on_disk = {k: set(artifacts.versions(artifacts.shard_dir(run, k))) for k in kept}
-    return on_disk == kept and not artifacts.temp_paths(run)
-
-
-def traces(run: Path, deleted: dict[str, list[str]]) -> list[str]:
-    """Files under ``run`` that name a deleted sample: its id in a JSON file, in a parquet table's
-    ``sample_id`` column or in the validation memory's ids; its prompts as embedding-cache entries."""
-    ids = set(deleted)
-    found = []
-    for path in sorted(p for p in run.rglob("*") if p.is_file()):
-        if path.suffix == ".json":
-            hit = any(json.dumps(i) in path.read_text() for i in ids)
-        elif path.suffix == ".parquet":
-            hit = bool(ids & set(pd.read_parquet(path)["sample_id"].astype(str)))
-        elif path.suffix == ".npz":
-            with np.load(path) as data:
-                hit = "sample_ids" in data.files and bool(ids & {str(s) for s in data["sample_ids"]})
-        else:
-            hit = any(i.encode() in path.read_bytes() for i in ids)
-        if hit:
-            found.append(str(path.relative_to(run)))
-    cache = EmbeddingCache(run / "cache" / "embeddings", artifacts.read_json(run / "run.json")["base_model"]["sha256"])
-    found += [str(cache.path(p).relative_to(run)) for prompts in deleted.values() for p in prompts
-              if cache.path(p).is_file()]
-    return found
