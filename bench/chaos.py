@@ -10,8 +10,9 @@ with training samples) is a trial:
   ``APA_FAULT_POINT`` and dies there (exit 137, as a SIGKILL leaves it); for ``ingest.memory-written``
   the user first posts two ratings (this world's ingested samples join validation), which the dying
   worker is preparing;
-* at a random moment (``--random`` of them): the running worker gets SIGKILL a delay drawn uniformly
-  in [0, ``--max-delay``] s after the DELETE's 202 (seeded by ``--seed``);
+* at a random moment (``--random`` of them): the running, idle worker gets SIGKILL a delay drawn
+  uniformly in [0, ``--max-delay``] s after the DELETE's 202 (seeded by ``--seed``; each trial records
+  the deletion's status at the kill, so kills that came after it completed are counted apart);
 
 then a new worker starts, and the deletion must complete within ``--timeout`` s. Once it has, and has
 been purged, the invariants of ``tests/test_crash_points.py`` are checked: the certificate counts no
@@ -122,13 +123,14 @@ class World:
             else:
                 stack.start_worker()
         else:
-            dying = stack.start_worker()
+            dying = stack.start_worker()  # the last trial's dead worker is no longer counted (its checks waited)
             wait_until(lambda: stack.workers_alive() == 1, self.timeout_s, "the worker up", poll_s=0.25)
             request_id, deleted, started = self._delete(user)
             time.sleep(delay_s)
             out["delay_s"] = round(delay_s, 3)
             out["status_at_kill"] = stack.deletion(request_id)["status"]
             stack.kill_worker(dying)
+            stack.start_worker()
         out["samples"] = len(deleted)
         self._finish(out, request_id, deleted, started, dying)
         return out
@@ -168,25 +170,24 @@ class World:
         out["faked"] = bool(faked) or state["certificate"]["violations"] != 0
         if out["faked"]:
             failed.append(f"faked: certificate violations {state['certificate']['violations']}, served {faked}")
-        checks = {"purged": lambda: purged(self.ledger_url, request_id),
-                  "ledger == disk": lambda: disk_agrees(self.ledger_url, self.run)}
-        for name, check in checks.items():
+        client = self.redis.client()
+        # each within a bound: the purge and the sweep are the worker's next steps; a dead worker's scheduler
+        # lock is freed by the reconciler once the worker's heartbeat has expired
+        checks = {"purged": (lambda: purged(self.ledger_url, request_id), 60),
+                  "ledger == disk": (lambda: disk_agrees(self.ledger_url, self.run), 60),
+                  "no dead worker's scheduler lock": (lambda: stale_scheduler_locks(client, PREFIX) == {}, 10)}
+        for name, (check, bound_s) in checks.items():
             try:
-                wait_until(check, 60, name, poll_s=0.25)
+                wait_until(check, bound_s, name, poll_s=0.25)
             except AssertionError:
                 failed.append(name)
+        client.close()
         if set(serving_versions(self.ledger_url).values()) != {("serving", 1)}:
             failed.append(f"serving versions: {serving_versions(self.ledger_url)}")
         if found := traces(self.run, deleted):
             failed.append(f"files naming a deleted sample: {found}")
         if left := session_processes(dead.pid):
             failed.append(f"processes of the killed worker: {left}")
-        client = self.redis.client()
-        try:
-            if stale := stale_scheduler_locks(client, PREFIX):
-                failed.append(f"scheduler locks of dead workers: {stale}")
-        finally:
-            client.close()
         self._stop_workers()
 
     def _stop_workers(self) -> None:
@@ -225,7 +226,8 @@ def main() -> None:
                        help="PostgreSQL database to make a schema in (default: the machine's)")
     where.add_argument("--sqlite", action="store_true", help="a SQLite ledger instead")
     parser.add_argument("--random", type=int, default=8, help="deletions with a SIGKILL at a random moment")
-    parser.add_argument("--max-delay", type=float, default=3.0, help="a random kill comes within this many s")
+    parser.add_argument("--max-delay", type=float, default=1.5,
+                        help="a random kill comes within this many s of the 202 (about a deletion's time, or more)")
     parser.add_argument("--points", nargs="*", default=WORKER_POINTS, choices=WORKER_POINTS, metavar="POINT",
                         help="named crash points to kill at, one deletion each (default: all the worker's)")
     parser.add_argument("--seed", type=int, default=0)
