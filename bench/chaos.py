@@ -298,7 +298,10 @@ def main() -> None:
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=1) + "\n")
-    shutil.rmtree(work, ignore_errors=True)
+    if report["totals"]["invariant_violations"] or report["totals"]["lost"]:
+        print(f"kept {work} (every process's log is in logs/, the run in home/runs/chaos)", flush=True)
+    else:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":
