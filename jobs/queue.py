@@ -29,6 +29,7 @@ PURGE_TASK = "worker.tasks.purge_completed"
 PREPARE_TASK = "worker.ingest.prepare_ingested"
 DELETION, INGESTION = "deletion", "ingestion"  # retrain priorities
 MARKER_TTL_S = 3600  # a queued job lost without running frees its shard after this
+SOCKET_TIMEOUT_S = 10  # every Redis command answers within this, or raises (a worker's BLPOP waits less)
 
 
 class Names:
@@ -63,7 +64,7 @@ class Names:
 
 
 def connect(url: str) -> Redis:
-    return Redis.from_url(url, socket_connect_timeout=2, socket_timeout=10, health_check_interval=30)
+    return Redis.from_url(url, socket_connect_timeout=2, socket_timeout=SOCKET_TIMEOUT_S, health_check_interval=30)
 
 
 def queue(redis: Redis, prefix: str) -> Queue:

@@ -217,6 +217,25 @@ def test_the_reconciler_fails_a_dead_workers_job_frees_its_lock_and_requeues_the
     assert reconcile(settings, redis)["failed_jobs"] == []
 
 
+def test_a_job_killed_before_it_cleared_its_marker_is_enqueued_again(env: dict) -> None:
+    """Killed between its dequeue and its shard lock, a retrain leaves its de-duplication marker set and
+    no lock: the reconciler fails the job and drops the marker with it, so the shard is enqueued at once
+    (the marker alone refused that for an hour; found by bench/chaos.py)."""
+    redis, prefix, settings = env["redis"], env["settings"].redis_prefix, env["settings"]
+    request = delete_user_of_shard(env, 0)
+    q = queue.queue(redis, prefix)
+    job = q.jobs[0]
+    q.remove(job)  # dequeued by a worker that died before its first step
+    dead = SimpleWorker([q], connection=redis, name="dead-worker")
+    dead.prepare_execution(job)
+    dead.prepare_job_execution(job)
+    assert redis.exists(queue.Names(prefix).queued(0)), "the marker is still set"
+    result = reconcile(settings, redis)
+    assert result["failed_jobs"] == [job.id] and result["enqueued"] == [0]
+    work(env)
+    assert env["client"].get(f"/deletions/{request['request_id']}").json()["status"] == "completed"
+
+
 def test_the_worker_counts_its_retrains_and_serves_its_metrics(env: dict) -> None:
     import socket
     import urllib.request

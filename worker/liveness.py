@@ -31,7 +31,16 @@ from rq.job_lifecycle import record_job_failure
 from rq.registry import StartedJobRegistry
 
 from jobs.periodic import Periodic
-from jobs.queue import Names, live_workers, queue, queues
+from jobs.queue import (
+    PREPARE_TASK,
+    RETRAIN_TASK,
+    Names,
+    clear_prepare,
+    clear_queued,
+    live_workers,
+    queue,
+    queues,
+)
 from worker.scheduler import lock_key
 
 log = logging.getLogger(__name__)
@@ -87,7 +96,9 @@ def recover_orphans(redis: Redis, prefix: str) -> dict[str, list[str]]:
 
     A job is judged by its own worker (``job.worker_name``); jobs of a worker without a name are left
     alone. The retrain itself is not lost: its shard is still dirty in the ledger, so the caller's
-    reconcile round enqueues it again once the lock is free.
+    reconcile round enqueues it again once the lock is free. A job killed before it cleared its
+    de-duplication marker (between its dequeue and its lock) would leave the marker refusing that
+    enqueue for the marker's hour, so the marker goes with the job (a duplicate job finds its shard clean).
     """
     alive = live_workers(redis, prefix)
     names = Names(prefix)
@@ -105,6 +116,10 @@ def recover_orphans(redis: Redis, prefix: str) -> dict[str, list[str]]:
             record_job_failure(job, f"worker {job.worker_name} died (no heartbeat)", pipeline)
             pipeline.zrem(registry.key, f"{job_id}:{execution_id}")
             pipeline.execute()
+        if job.func_name == RETRAIN_TASK:
+            clear_queued(redis, prefix, int(job.args[0]))
+        elif job.func_name == PREPARE_TASK:
+            clear_prepare(redis, prefix)
         log.warning("job %s (%s) failed: its worker %s has no heartbeat", job_id, job.description, job.worker_name)
         failed.append(job_id)
     freed: list[str] = []

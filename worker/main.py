@@ -54,7 +54,16 @@ def run(settings: WorkerSettings, *, burst: bool = False) -> None:
 class Worker(SimpleWorker):
     """RQ's SimpleWorker without its command channel: a pubsub thread that listens for the ``rq`` CLI's
     commands (shutdown, kill-horse, stop-job), which this service never sends, holds one more Redis
-    connection, and makes every warm stop wait a second for it."""
+    connection, and makes every warm stop wait a second for it.
+
+    An idle worker waits for a job in a BLPOP of ``dequeue_timeout`` seconds. RQ's 405 s outlasted the
+    10 s socket timeout of connections the pool made before RQ raised it (``jobs.queue.connect``): the
+    BLPOP timed out, and RQ took that for a lost Redis and slept 1, 2, 4 ... 60 s between tries, so a
+    job enqueued meanwhile waited (seen in bench/chaos.py: a deletion idle for a minute)."""
+
+    @property
+    def dequeue_timeout(self) -> int:
+        return queue.SOCKET_TIMEOUT_S // 2
 
     def subscribe(self) -> None:
         pass

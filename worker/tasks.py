@@ -113,10 +113,10 @@ def retrain_shard(shard: int) -> dict[str, Any]:
         queue.clear_queued(ctx.redis, settings.redis_prefix, shard)
         with session_scope(settings.ledger_url) as session:
             snapshot = retrains.begin_retrain(session=session, shard=shard)
-        crash_point("retrain.snapshot")
         if snapshot is None:
             metrics.RETRAINS.labels(outcome="clean").inc()
             return {"shard": shard, "status": "clean"}
+        crash_point("retrain.snapshot")
         started = time.perf_counter()
         try:
             result = _retrain_once(ctx, snapshot)
