@@ -446,8 +446,9 @@ def stale_scheduler_locks(redis: Redis, prefix: str) -> dict[str, str]:
 def disk_agrees(ledger_url: str, run: Path) -> bool:
     with session_scope(ledger_url) as session:
         kept = catalog.kept_versions(session=session)
-    on_disk = {k: set(artifacts.versions(artifacts.shard_dir(run, k))) for k in kept}
-    return on_disk == kept and not artifacts.temp_paths(run)
+    shards = set(kept) | {int(p.name.removeprefix("shard-")) for p in (run / "adapters").glob("shard-*")}
+    on_disk = {k: set(artifacts.versions(artifacts.shard_dir(run, k))) for k in shards}
+    return {k: v for k, v in on_disk.items() if v} == kept and not artifacts.temp_paths(run)
 
 
 def traces(run: Path, deleted: dict[str, list[str]]) -> list[str]:
