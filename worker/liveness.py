@@ -31,16 +31,7 @@ from rq.job_lifecycle import record_job_failure
 from rq.registry import StartedJobRegistry
 
 from jobs.periodic import Periodic
-from jobs.queue import (
-    PREPARE_TASK,
-    RETRAIN_TASK,
-    Names,
-    clear_prepare,
-    clear_queued,
-    live_workers,
-    queue,
-    queues,
-)
+from jobs.queue import Names, delete_if_equal, live_workers, queue, queues
 from worker.scheduler import lock_key
 
 log = logging.getLogger(__name__)
@@ -87,18 +78,13 @@ class Heartbeat(Periodic):
             self.redis.delete(self.key)
 
 
-# Delete a key only if it still holds the value we judged (the lock may have changed hands meanwhile).
-_DELETE_IF_EQUAL = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
-
-
 def recover_orphans(redis: Redis, prefix: str) -> dict[str, list[str]]:
     """Fail the started jobs and free the locks (shard, purge, scheduler) of workers without a heartbeat.
 
     A job is judged by its own worker (``job.worker_name``); jobs of a worker without a name are left
     alone. The retrain itself is not lost: its shard is still dirty in the ledger, so the caller's
-    reconcile round enqueues it again once the lock is free. A job killed before it cleared its
-    de-duplication marker (between its dequeue and its lock) would leave the marker refusing that
-    enqueue for the marker's hour, so the marker goes with the job (a duplicate job finds its shard clean).
+    reconcile round enqueues it again once the lock is free (and the job's de-duplication marker, if
+    it had not cleared it yet, is dropped: ``jobs.queue.drop_lost_markers``).
     """
     alive = live_workers(redis, prefix)
     names = Names(prefix)
@@ -116,10 +102,6 @@ def recover_orphans(redis: Redis, prefix: str) -> dict[str, list[str]]:
             record_job_failure(job, f"worker {job.worker_name} died (no heartbeat)", pipeline)
             pipeline.zrem(registry.key, f"{job_id}:{execution_id}")
             pipeline.execute()
-        if job.func_name == RETRAIN_TASK:
-            clear_queued(redis, prefix, int(job.args[0]))
-        elif job.func_name == PREPARE_TASK:
-            clear_prepare(redis, prefix)
         log.warning("job %s (%s) failed: its worker %s has no heartbeat", job_id, job.description, job.worker_name)
         failed.append(job_id)
     freed: list[str] = []
@@ -128,7 +110,7 @@ def recover_orphans(redis: Redis, prefix: str) -> dict[str, list[str]]:
     for key, owner_of in held:
         token: Any = redis.get(key)
         owner = owner_of(token) if token is not None else ""
-        if owner and owner not in alive and redis.eval(_DELETE_IF_EQUAL, 1, key, token):
+        if owner and owner not in alive and delete_if_equal(redis, key, token):
             name = key.decode() if isinstance(key, bytes) else key
             log.warning("freed %s: its owner %s has no heartbeat", name, owner)
             freed.append(name)

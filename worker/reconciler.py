@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 def reconcile(settings: WorkerSettings, redis: Any, owner: str = "") -> dict[str, Any]:
     """One round; ``owner`` (the worker's name) is put in the tokens of the locks the sweep takes."""
     orphans = recover_orphans(redis, settings.redis_prefix)  # first: frees the locks dead workers held
+    lost = queue.drop_lost_markers(redis, settings.redis_prefix)  # after: the jobs of dead workers are failed
     with session_scope(settings.ledger_url) as session:
         try:
             run_dir: Path | None = Path(run_import.get_run(session=session).path)
@@ -50,10 +51,11 @@ def reconcile(settings: WorkerSettings, redis: Any, owner: str = "") -> dict[str
         queue.enqueue_prepare(redis, settings.redis_prefix)
     if to_purge:
         queue.enqueue_purge(redis, settings.redis_prefix)
-    if enqueued or to_purge or removed or orphans["failed_jobs"] or orphans["freed_locks"]:
-        log.info("reconciled: enqueued shards %s, %d purge(s) pending, %d stray path(s) removed, orphans %s",
-                 enqueued, len(to_purge), removed, orphans)
-    return {"dirty": dirty, "enqueued": enqueued, "purges": len(to_purge), "strays_removed": removed, **orphans}
+    if enqueued or to_purge or removed or lost or orphans["failed_jobs"] or orphans["freed_locks"]:
+        log.info("reconciled: enqueued shards %s, %d purge(s) pending, %d stray path(s) removed, markers of lost "
+                 "jobs dropped %s, orphans %s", enqueued, len(to_purge), removed, lost, orphans)
+    return {"dirty": dirty, "enqueued": enqueued, "purges": len(to_purge), "strays_removed": removed,
+            "lost_markers": lost, **orphans}
 
 
 def sweep(settings: WorkerSettings, redis: Any, run_dir: Path, owner: str = "") -> int:
