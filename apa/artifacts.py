@@ -16,7 +16,9 @@
     <run>/memory/valid.npz              validation memory (embeddings, labels, sample ids)
 
 A version folder is built in a temporary folder beside its final place and renamed into place, so it
-appears whole or not at all, and is never written again.
+appears whole or not at all, and is never written again. Every file rewritten in a run folder is
+written the same way (``replace_atomically``). Temporary files and folders are named ``.tmp-*``, so
+what a killed writer leaves is found by name (``clean_temp``).
 """
 
 import json
@@ -32,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 from apa.engines.base import AdapterRef
 from apa.errors import RunNotFound
+from apa.faults import crash_point
 from apa.hashing import sha256_json
 
 if TYPE_CHECKING:  # types only: the ledger reads manifests with this module and imports no ML stack
@@ -39,6 +42,7 @@ if TYPE_CHECKING:  # types only: the ledger reads manifests with this module and
 
 _VERSION = re.compile(r"^v(\d+)$")
 _GROUPED = re.compile(r"^([a-z]+)-(\d+)$")
+TEMP_PREFIX = ".tmp-"
 SINGLE = "single"
 MANIFEST_HASHED_FIELDS = ("samples", "config", "seed", "base_model_sha256")
 
@@ -123,15 +127,17 @@ def write_version(
     """
     parent = shard_dir(run_dir, shard)
     parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=parent))
+    tmp = Path(tempfile.mkdtemp(prefix=TEMP_PREFIX, dir=parent))
     try:
         fill(tmp)
         version = (versions(parent) or [0])[-1] + 1
         while True:
             doc = {**manifest_doc, "version": version, "created_at": datetime.now(UTC).isoformat()}
             (tmp / "manifest.json").write_text(json.dumps(doc, indent=1, ensure_ascii=False))
+            crash_point("version.temp-written")
             try:
                 os.rename(tmp, parent / f"v{version}")
+                crash_point("version.renamed")
                 return version, parent / f"v{version}"
             except OSError:
                 if not (parent / f"v{version}").exists():
@@ -142,19 +148,45 @@ def write_version(
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def clean_temp_dirs(run_dir: Path, *, older_than_s: float = 600.0) -> int:
-    """Remove ``.tmp-*`` folders a crashed writer left behind; returns how many.
+def temp_paths(folder: Path) -> list[Path]:
+    """The ``.tmp-*`` files and folders under ``folder``, at any depth."""
+    return sorted(folder.glob(f"**/{TEMP_PREFIX}*"))
 
-    A live writer holds its temp folder only while it copies finished files in (seconds), so a
-    folder older than ``older_than_s`` belongs to a writer that died; younger ones are left alone.
+
+def unchanged_for(paths: Sequence[Path], seconds: float) -> list[Path]:
+    """The paths not written for ``seconds`` (a folder's time changes when an entry is added or renamed in).
+
+    A live writer holds its temp file or folder only while it writes finished content in (seconds), so
+    one older than that belongs to a writer that died; younger ones are left alone.
     """
+    cutoff = time.time() - seconds
+    found = []
+    for path in paths:
+        try:
+            if path.lstat().st_mtime < cutoff:
+                found.append(path)
+        except FileNotFoundError:  # its writer finished meanwhile
+            continue
+    return found
+
+
+def remove(paths: Sequence[Path]) -> int:
+    """Remove files and folders (gone already is fine); returns how many were there."""
     removed = 0
-    cutoff = time.time() - older_than_s
-    for tmp in run_dir.glob("**/.tmp-*"):
-        if tmp.is_dir() and tmp.stat().st_mtime < cutoff:
-            shutil.rmtree(tmp, ignore_errors=True)
-            removed += 1
+    for path in paths:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        elif path.exists() or path.is_symlink():
+            path.unlink(missing_ok=True)
+        else:
+            continue
+        removed += 1
     return removed
+
+
+def clean_temp(folder: Path, *, older_than_s: float = 600.0) -> int:
+    """Remove the ``.tmp-*`` files and folders crashed writers left under ``folder``; returns how many."""
+    return remove(unchanged_for(temp_paths(folder), older_than_s))
 
 
 def private_dir(path: Path) -> Path:
@@ -173,12 +205,25 @@ def read_json(path: Path) -> Any:
     return json.loads(path.read_text())
 
 
-def write_json_atomic(path: Path, value: Any) -> None:
+def replace_atomically(path: Path, write: Callable[[Path], None]) -> None:
+    """(Re)write ``path`` whole or not at all: ``write(tmp)`` fills a ``.tmp-*`` file beside it (owner-only,
+    same suffix), then one rename. A writer killed half-way leaves the old file and a temp file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as handle:
-        json.dump(value, handle, indent=1, ensure_ascii=False)
-    os.replace(tmp, path)
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=TEMP_PREFIX, suffix=path.suffix)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_json_atomic(path: Path, value: Any) -> None:
+    def write(tmp: Path) -> None:
+        tmp.write_text(json.dumps(value, indent=1, ensure_ascii=False))
+
+    replace_atomically(path, write)
 
 
 def newest_run(runs_dir: Path) -> Path:

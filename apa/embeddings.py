@@ -9,15 +9,13 @@ Cache entries are one ``.npy`` file each (written atomically), so entries of del
 purged one by one.
 """
 
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from apa import prompts
+from apa import artifacts, prompts
 from apa.hashing import sha256_text
 from apa.model import (
     BaseModel,
@@ -42,12 +40,7 @@ class EmbeddingCache:
         return np.load(path) if path.is_file() else None
 
     def put(self, prompt: str, vector: np.ndarray) -> None:
-        path = self.path(prompt)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        with os.fdopen(fd, "wb") as handle:
-            np.save(handle, vector.astype(np.float32))
-        os.replace(tmp, path)
+        artifacts.replace_atomically(self.path(prompt), lambda tmp: np.save(tmp, vector.astype(np.float32)))
 
     def discard(self, prompt: str) -> bool:
         path = self.path(prompt)

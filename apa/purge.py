@@ -20,6 +20,7 @@ import pandas as pd
 
 from apa import artifacts, sisa
 from apa.embeddings import EmbeddingCache
+from apa.faults import crash_point
 
 
 @dataclass
@@ -56,11 +57,11 @@ def purge_run_files(run_dir: Path, sample_ids: set[str], superseded: list[Path],
     report.cache_entries += sum(cache.discard(text) for text in prompts)
     report.samples = int(gone.sum())
     if report.samples:
-        frame[~gone].to_parquet(run_dir / "samples.parquet", index=False)
-        artifacts.owner_only(run_dir / "samples.parquet")
+        artifacts.replace_atomically(run_dir / "samples.parquet", lambda tmp: frame[~gone].to_parquet(tmp, index=False))
     if any(s in doc["samples"] for s in sample_ids):
         doc["samples"] = {k: v for k, v in doc["samples"].items() if k not in sample_ids}
         artifacts.write_json_atomic(run_dir / "run.json", doc)
+    crash_point("purge.samples-removed")
     _purge_memory(run_dir / "memory" / "valid.npz", sample_ids)
     for path in run_dir.glob("**/v*/valid_predictions.json"):
         predictions = artifacts.read_json(path)
@@ -89,7 +90,5 @@ def _purge_memory(path: Path, sample_ids: set[str]) -> None:
     keep = np.array([str(s) not in sample_ids for s in stored["sample_ids"]], dtype=bool)
     if keep.all():
         return
-    tmp = path.with_suffix(".tmp.npz")
-    with tmp.open("wb") as handle:
-        np.savez(handle, **{name: value[keep] for name, value in stored.items()})
-    tmp.replace(path)
+    kept = {name: value[keep] for name, value in stored.items()}
+    artifacts.replace_atomically(path, lambda tmp: np.savez(tmp, **kept))

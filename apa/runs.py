@@ -326,7 +326,7 @@ def train_run(
     """Train (or resume) a whole run: the shards, then the baselines asked for. Returns what the run
     folder holds."""
     artifacts.private_dir(run_dir)
-    artifacts.clean_temp_dirs(run_dir)
+    artifacts.clean_temp(run_dir)
     if (run_dir / "run.json").is_file():
         run = read_run(run_dir)
         if run.config != cfg:

@@ -226,6 +226,7 @@ def _train_adapter(
             loss.backward()
             optimiser.step()
             stats.steps += 1
+            crash_point("training.step")
             losses.append(float(loss.detach()))
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
             bar.update(1)

@@ -3,9 +3,11 @@
 Imports no torch and neither ``service`` nor ``worker``: the gateway enqueues jobs by dotted name
 (``worker.tasks.retrain_shard``).
 
-De-duplication: enqueueing a shard's retrain sets ``<prefix>retrain:queued:<k>`` (SET NX); the job
-clears it when it starts, before it snapshots the shard. A deletion that finds the marker set is
-covered by the queued job; one that arrives after the snapshot enqueues the next retrain.
+De-duplication: enqueueing a shard's retrain sets ``<prefix>retrain:queued:<k>`` (SET NX) to the new
+job's id; the job clears it when it starts, before it snapshots the shard. A deletion that finds the
+marker set is covered by the queued job; one that arrives after the snapshot enqueues the next retrain.
+A marker whose job waits nowhere (a worker killed between popping the job and its first step) is
+dropped by the reconciler (``drop_lost_markers``).
 
 Priority: deletions' retrains go on ``<prefix>retrain``, which workers empty first; retrains for
 ingested data and the preparation of ingested samples go on ``<prefix>ingest``, with markers of their
@@ -15,6 +17,7 @@ covers both; the other finds nothing to do).
 
 import json
 import logging
+import uuid
 from typing import Any
 
 from redis import Redis
@@ -29,6 +32,7 @@ PURGE_TASK = "worker.tasks.purge_completed"
 PREPARE_TASK = "worker.ingest.prepare_ingested"
 DELETION, INGESTION = "deletion", "ingestion"  # retrain priorities
 MARKER_TTL_S = 3600  # a queued job lost without running frees its shard after this
+SOCKET_TIMEOUT_S = 10  # every Redis command answers within this, or raises (a worker's BLPOP waits less)
 
 
 class Names:
@@ -63,7 +67,7 @@ class Names:
 
 
 def connect(url: str) -> Redis:
-    return Redis.from_url(url, socket_connect_timeout=2, socket_timeout=10, health_check_interval=30)
+    return Redis.from_url(url, socket_connect_timeout=2, socket_timeout=SOCKET_TIMEOUT_S, health_check_interval=30)
 
 
 def queue(redis: Redis, prefix: str) -> Queue:
@@ -92,13 +96,14 @@ def enqueue_retrain(redis: Redis, settings: CoreSettings, shard: int, priority: 
     prefix = settings.redis_prefix
     names = Names(prefix)
     marker = names.queued(shard, priority)
-    if not redis.set(marker, "1", nx=True, ex=MARKER_TTL_S):
+    job_id = uuid.uuid4().hex
+    if not redis.set(marker, job_id, nx=True, ex=MARKER_TTL_S):
         return False
     target = queue(redis, prefix) if priority == DELETION else ingest_queue(redis, prefix)
     try:
         target.enqueue(RETRAIN_TASK, shard, job_timeout=settings.retrain_timeout_s, result_ttl=3600,
                        failure_ttl=7 * 86400, description=f"retrain shard {shard} ({priority})",
-                       retry=retry_policy(settings.max_attempts, settings.backoff_s))
+                       retry=retry_policy(settings.max_attempts, settings.backoff_s), job_id=job_id)
     except Exception:
         redis.delete(marker)
         raise
@@ -115,11 +120,12 @@ def clear_queued(redis: Redis, prefix: str, shard: int) -> None:
 def enqueue_prepare(redis: Redis, prefix: str) -> bool:
     """Enqueue the preparation of ingested samples (``worker.ingest``) unless one is waiting."""
     marker = Names(prefix).queued("prepare", INGESTION)
-    if not redis.set(marker, "1", nx=True, ex=MARKER_TTL_S):
+    job_id = uuid.uuid4().hex
+    if not redis.set(marker, job_id, nx=True, ex=MARKER_TTL_S):
         return False
     try:
         ingest_queue(redis, prefix).enqueue(PREPARE_TASK, job_timeout=3600, result_ttl=3600,
-                                            description="prepare ingested samples")
+                                            description="prepare ingested samples", job_id=job_id)
     except Exception:
         redis.delete(marker)
         raise
@@ -128,6 +134,33 @@ def enqueue_prepare(redis: Redis, prefix: str) -> bool:
 
 def clear_prepare(redis: Redis, prefix: str) -> None:
     redis.delete(Names(prefix).queued("prepare", INGESTION))
+
+
+# Delete a key only if it still holds the value judged (it may have changed hands meanwhile).
+_DELETE_IF_EQUAL = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
+
+
+def delete_if_equal(redis: Redis, key: str | bytes, value: str | bytes) -> bool:
+    return bool(redis.eval(_DELETE_IF_EQUAL, 1, key, value))
+
+
+def drop_lost_markers(redis: Redis, prefix: str) -> list[str]:
+    """Delete the de-duplication markers whose job waits nowhere: not queued, not scheduled (rq.Retry's
+    backoff), not started; returns their keys. RQ pops a job from several queues with a plain BLPOP, so
+    a worker killed before it registers the job loses it; killed before the job's first step, it leaves
+    the job failed (``worker.liveness``). Either way the marker would refuse the next enqueue for its
+    hour (a marker dropped while its job is in a worker's hands costs a duplicate job, which finds
+    nothing to do)."""
+    waiting: set[str] = set()
+    for q in queues(redis, prefix):
+        waiting |= {*q.get_job_ids(), *q.scheduled_job_registry.get_job_ids(),
+                    *q.started_job_registry.get_job_ids(cleanup=False)}
+    dropped = []
+    for key in redis.scan_iter(match=f"{prefix}*:queued:*", count=500):
+        job_id: Any = redis.get(key)
+        if job_id is not None and job_id.decode() not in waiting and delete_if_equal(redis, key, job_id):
+            dropped.append(key.decode() if isinstance(key, bytes) else key)
+    return dropped
 
 
 def enqueue_purge(redis: Redis, prefix: str) -> None:

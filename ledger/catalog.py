@@ -1,4 +1,5 @@
-"""Reads for /recommend and /admin/status: histories, titles, popularity, shards, live samples, counts.
+"""Reads for /recommend and /admin/status: histories, titles, popularity, shards, live samples, counts;
+and the versions whose folders may be on disk.
 
 Each function works inside the caller's session (one transaction); none commits. Imports no torch.
 """
@@ -14,6 +15,7 @@ from sqlalchemy.orm import Session
 from ledger.common import chunks, version_row
 from ledger.errors import UserNotFound
 from ledger.models import (
+    AdapterVersion,
     DeletionRequest,
     Interaction,
     Item,
@@ -86,6 +88,15 @@ def shard_views(*, session: Session) -> list[ShardView]:
             manifest_sha256=version.manifest_sha256 if version else None, dirty=shard.dirty,
         ))
     return out
+
+
+def kept_versions(*, session: Session) -> dict[int, set[int]]:
+    """Per shard, the version numbers whose folders belong on disk: every recorded version not purged."""
+    kept: dict[int, set[int]] = {}
+    for shard, version in session.execute(select(AdapterVersion.shard, AdapterVersion.version)
+                                          .where(AdapterVersion.purged_at.is_(None))):
+        kept.setdefault(shard, set()).add(version)
+    return kept
 
 
 def live_sample_ids(*, session: Session, split: str, shard: int | None = None) -> list[str]:

@@ -1,10 +1,12 @@
 """Real processes for fault tests: a gateway (``apa serve``) and workers (``apa worker``) on the tiny run,
-a Redis server of the test's own (so it may be flushed or killed), and a TCP proxy in front of
+started as subprocesses or forked from a zygote (``tests/zygote.py``) that paid the imports once, a
+Redis server of the test's own (so it may be flushed or killed), and a TCP proxy in front of
 PostgreSQL that can refuse or go silent. Everything on loopback, every wait bounded, every process
 killed in ``close()``."""
 
+import json
 import os
-import select
+import select as io_select
 import shutil
 import signal
 import socket
@@ -17,10 +19,20 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
+import pandas as pd
 from redis import Redis
 from redis.exceptions import RedisError
+from sqlalchemy import func, select
 
+from apa import artifacts
+from apa.embeddings import EmbeddingCache
+from jobs import queue
+from ledger import catalog
+from ledger.db import session_scope
+from ledger.models import AdapterVersion, DeletionRequest, Interaction, Sample, SampleInteraction, Shard
 from tests.conftest import ADMIN_TOKEN
+from worker.scheduler import lock_key
 
 AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 ROOT = Path(__file__).resolve().parents[1]
@@ -140,7 +152,7 @@ class Proxy(threading.Thread):
             if mode != "pass" or not sockets:
                 continue
             try:
-                ready, _, _ = select.select(sockets, [], [], 0.05)
+                ready, _, _ = io_select.select(sockets, [], [], 0.05)
             except (OSError, ValueError):
                 continue
             for sock in ready:
@@ -170,12 +182,111 @@ class Proxy(threading.Thread):
         self.join(timeout=5)
 
 
+class Forked:
+    """A process the zygote forked: the part of ``subprocess.Popen`` that a stack uses."""
+
+    def __init__(self, zygote: "Zygote", pid: int) -> None:
+        self.zygote, self.pid = zygote, pid
+
+    @property
+    def returncode(self) -> int | None:
+        return self.zygote.exit_code(self.pid)
+
+    def poll(self) -> int | None:
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        code = self.zygote.wait_exit(self.pid, timeout)
+        if code is None:
+            raise subprocess.TimeoutExpired(f"pid {self.pid}", timeout or 0)
+        return code
+
+    def send_signal(self, sig: int) -> None:
+        if self.returncode is None:  # not reaped yet: the pid is still this process's
+            os.kill(self.pid, sig)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+
+class Zygote:
+    """``python -m tests.zygote``: forks ``apa <args>`` processes on request (``spawn``), each in a
+    session of its own, and reports their exit codes."""
+
+    def __init__(self, env: dict[str, str], log: Path) -> None:
+        log.parent.mkdir(parents=True, exist_ok=True)
+        self._log = open(log, "wb")  # noqa: SIM115 - closed in close()
+        self.proc = subprocess.Popen([sys.executable, "-m", "tests.zygote"], env=env, cwd=ROOT,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log)
+        self.changed = threading.Condition()
+        self.pids: list[int] = []
+        self.exits: dict[int, int] = {}
+        self.reader = threading.Thread(target=self._read, name="zygote-reader", daemon=True)
+        self.reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for raw in self.proc.stdout:
+            kind, *values = raw.decode().split()
+            with self.changed:
+                if kind == "pid":
+                    self.pids.append(int(values[0]))
+                elif kind == "exit":
+                    self.exits[int(values[0])] = int(values[1])
+                self.changed.notify_all()
+
+    def spawn(self, args: list[str], env: dict[str, str], log: Path) -> Forked:
+        assert self.proc.stdin is not None and self.proc.poll() is None, "the zygote is gone"
+        with self.changed:
+            self.proc.stdin.write((json.dumps({"args": args, "env": env, "log": str(log)}) + "\n").encode())
+            self.proc.stdin.flush()
+            if not self.changed.wait_for(lambda: self.pids, timeout=60):
+                raise AssertionError("the zygote did not fork in 60 s")
+            return Forked(self, self.pids.pop(0))
+
+    def exit_code(self, pid: int) -> int | None:
+        with self.changed:
+            return self.exits.get(pid)
+
+    def wait_exit(self, pid: int, timeout: float | None) -> int | None:
+        with self.changed:
+            self.changed.wait_for(lambda: pid in self.exits, timeout=timeout)
+            return self.exits.get(pid)
+
+    def close(self) -> None:
+        self.proc.kill()  # its children live in sessions of their own; their stacks stop them
+        self.proc.wait(timeout=10)
+        self.reader.join(timeout=10)  # reads to the end of the pipe
+        for pipe in (self.proc.stdin, self.proc.stdout):
+            if pipe is not None:
+                pipe.close()
+        self._log.close()
+
+
+def session_processes(session_id: int) -> list[int]:
+    """Pids of the live processes in a session (``/proc``): what is left of a process started with
+    a session of its own, once it is dead, reparented children included."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # after "(comm)": state, ppid, pgrp, session
+        except OSError:
+            continue
+        if int(fields[3]) == session_id and fields[0] != "Z":
+            found.append(int(stat.parent.name))
+    return found
+
+
+Process = subprocess.Popen[bytes] | Forked
+
+
 class Stack:
-    """A gateway and workers as subprocesses sharing one ledger, one Redis and one run copy."""
+    """A gateway and workers sharing one ledger, one Redis and one run copy: subprocesses, or forked
+    from ``zygote``."""
 
     def __init__(self, home: Path, ledger_url: str, redis_url: str, model_dir: Path, logs: Path,
-                 **extra: object) -> None:
-        self.home, self.logs, self.port = home, logs, free_port()
+                 zygote: Zygote | None = None, **extra: object) -> None:
+        self.home, self.logs, self.port, self.zygote = home, logs, free_port(), zygote
         self.logs.mkdir(parents=True, exist_ok=True)
         self.env = {
             **os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
@@ -186,15 +297,18 @@ class Stack:
             "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
             **{f"APA_{k.upper()}": str(v) for k, v in extra.items()},
         }
-        self.gateway: subprocess.Popen[bytes] | None = None
-        self.workers: list[subprocess.Popen[bytes]] = []
+        self.gateway: Process | None = None
+        self.workers: list[Process] = []
         self.http = httpx.Client(base_url=f"http://127.0.0.1:{self.port}", timeout=30, trust_env=False)
         self._n = 0
         self._logs: list[Any] = []
 
-    def _spawn(self, args: list[str], name: str, **env: str) -> subprocess.Popen[bytes]:
+    def _spawn(self, args: list[str], name: str, **env: str) -> Process:
         self._n += 1
-        log = open(self.logs / f"{self._n:02d}-{name}.log", "wb")  # noqa: SIM115 - closed in close()
+        path = self.logs / f"{self._n:02d}-{name}.log"
+        if self.zygote is not None and args[:2] == ["-m", "cli"]:
+            return self.zygote.spawn(args[2:], {**self.env, **env}, path)
+        log = open(path, "wb")  # noqa: SIM115 - closed in close()
         self._logs.append(log)
         return subprocess.Popen([sys.executable, *args], env={**self.env, **env}, stdout=log,
                                 stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
@@ -213,16 +327,18 @@ class Stack:
             self.gateway.wait(timeout=30)
             self.gateway = None
 
-    def start_worker(self, slow_marker: Path | None = None) -> subprocess.Popen[bytes]:
+    def start_worker(self, slow_marker: Path | None = None, fault_point: str = "") -> Process:
+        """``fault_point``: the worker dies there (``apa.faults``)."""
         if slow_marker is None:
-            proc = self._spawn(["-m", "cli", "worker"], "worker")
+            proc = self._spawn(["-m", "cli", "worker"], f"worker-{fault_point}" if fault_point else "worker",
+                               **({"APA_FAULT_POINT": fault_point} if fault_point else {}))
         else:
             proc = self._spawn(["-m", "tests.slow_worker", "worker"], "slow-worker",
                                APA_FAULT_MARKER=str(slow_marker))
         self.workers.append(proc)
         return proc
 
-    def kill_worker(self, proc: subprocess.Popen[bytes]) -> None:
+    def kill_worker(self, proc: Process) -> None:
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=10)
         self.workers.remove(proc)
@@ -260,3 +376,99 @@ class Stack:
         self.http.close()
         for log in self._logs:
             log.close()
+
+
+# -- what must hold once a deletion completed, whatever was killed on the way (tests/test_crash_points.py,
+# bench/chaos.py) ----------
+
+def delete(stack: Stack, ledger_url: str, run: Path, user: str, item: str | None = None,
+           ) -> tuple[str, dict[str, list[str]]]:
+    """DELETE one interaction of ``user`` (all of them without ``item``); returns the request id and the
+    samples they are in, with their prompts (the run's in samples.parquet, ingested ones' in the ledger)."""
+    chosen = [Interaction.user_id == user, Interaction.deleted_at.is_(None)]
+    if item is not None:
+        chosen.append(Interaction.item_id == item)
+    with session_scope(ledger_url) as session:
+        rows = session.execute(select(Sample.sample_id, Sample.prompt, Sample.history_prompt).distinct()
+                               .join(SampleInteraction, SampleInteraction.sample_id == Sample.sample_id)
+                               .join(Interaction, Interaction.id == SampleInteraction.interaction_id)
+                               .where(*chosen)).all()
+    frame = pd.read_parquet(run / "samples.parquet").set_index("sample_id")
+    deleted = {str(i): [p for p in (prompt, history) if p] or
+               ([frame.at[i, "prompt"], frame.at[i, "history_prompt"]] if i in frame.index else [])
+               for i, prompt, history in rows}
+    assert deleted, "the interaction is in samples"
+    answer = stack.http.delete(f"/users/{user}/interactions", params={} if item is None else {"item_id": item},
+                               headers=AUTH)
+    assert answer.status_code == 202, answer.text
+    return str(answer.json()["request_id"]), deleted
+
+
+def ingested_done(ledger_url: str, sample_id: str) -> bool:
+    with session_scope(ledger_url) as session:
+        sample = session.get(Sample, sample_id)
+        return sample is not None and (sample.trained_version is not None if sample.split == "train"
+                                       else sample.prepared_at is not None)
+
+
+def purged(ledger_url: str, request_id: str) -> bool:
+    with session_scope(ledger_url) as session:
+        request = session.get(DeletionRequest, request_id)
+        return request is not None and request.purged_at is not None
+
+
+def serving_versions(ledger_url: str) -> dict[int, tuple[str, int]]:
+    """Per shard: its state and how many versions are serving (recorded served, not retired)."""
+    with session_scope(ledger_url) as session:
+        shards = session.scalars(select(Shard).order_by(Shard.shard)).all()
+        serving = dict(session.execute(select(AdapterVersion.shard, func.count()).where(
+            AdapterVersion.served_at.is_not(None), AdapterVersion.retired_at.is_(None))
+            .group_by(AdapterVersion.shard)).all())
+        return {s.shard: (s.state, int(serving.get(s.shard, 0))) for s in shards}
+
+
+def served_with(ledger_url: str, sample_ids: set[str]) -> list[str]:
+    """Serving versions whose manifest (read from disk) names one of ``sample_ids``: a deletion
+    completed on paper only."""
+    with session_scope(ledger_url) as session:
+        paths = [Path(v.path) for v in catalog.shard_views(session=session) if v.path is not None]
+    return [str(p) for p in paths
+            if sample_ids & {s["sample_id"] for s in artifacts.read_json(p / "manifest.json")["samples"]}]
+
+
+def stale_scheduler_locks(redis: Redis, prefix: str) -> dict[str, str]:
+    """The scheduler locks of the queues under ``prefix`` held by a worker without a heartbeat."""
+    alive = queue.live_workers(redis, prefix)
+    owners = {q.name: redis.get(lock_key(q.name)) for q in queue.queues(redis, prefix)}
+    return {name: owner.decode() for name, owner in owners.items() if owner is not None and owner.decode() not in alive}
+
+
+def disk_agrees(ledger_url: str, run: Path) -> bool:
+    with session_scope(ledger_url) as session:
+        kept = catalog.kept_versions(session=session)
+    shards = set(kept) | {int(p.name.removeprefix("shard-")) for p in (run / "adapters").glob("shard-*")}
+    on_disk = {k: set(artifacts.versions(artifacts.shard_dir(run, k))) for k in shards}
+    return {k: v for k, v in on_disk.items() if v} == kept and not artifacts.temp_paths(run)
+
+
+def traces(run: Path, deleted: dict[str, list[str]]) -> list[str]:
+    """Files under ``run`` that name a deleted sample: its id in a JSON file, in a parquet table's
+    ``sample_id`` column or in the validation memory's ids; its prompts as embedding-cache entries."""
+    ids = set(deleted)
+    found = []
+    for path in sorted(p for p in run.rglob("*") if p.is_file()):
+        if path.suffix == ".json":
+            hit = any(json.dumps(i) in path.read_text() for i in ids)
+        elif path.suffix == ".parquet":
+            hit = bool(ids & set(pd.read_parquet(path)["sample_id"].astype(str)))
+        elif path.suffix == ".npz":
+            with np.load(path) as data:
+                hit = "sample_ids" in data.files and bool(ids & {str(s) for s in data["sample_ids"]})
+        else:
+            hit = any(i.encode() in path.read_bytes() for i in ids)
+        if hit:
+            found.append(str(path.relative_to(run)))
+    cache = EmbeddingCache(run / "cache" / "embeddings", artifacts.read_json(run / "run.json")["base_model"]["sha256"])
+    found += [str(cache.path(p).relative_to(run)) for prompts in deleted.values() for p in prompts
+              if cache.path(p).is_file()]
+    return found

@@ -133,22 +133,28 @@ def test_concurrent_writers_get_distinct_versions(tmp_path: Path) -> None:
     assert contents == {str(i) for i in range(8)}
 
 
-def test_clean_temp_dirs(tmp_path: Path) -> None:
+def test_clean_temp(tmp_path: Path) -> None:
     artifacts.write_version(tmp_path, 0, _fill("keep"), {})
+    artifacts.write_json_atomic(tmp_path / "run.json", {"kept": True})
     leftovers = [artifacts.shard_dir(tmp_path, 0) / ".tmp-abc", artifacts.shard_dir(tmp_path, 1) / ".tmp-def"]
     for folder in leftovers:
         folder.mkdir(parents=True)
         (folder / "adapter_model.safetensors").write_text("half")
+    half_written = tmp_path / ".tmp-x1y2.parquet"  # a rewrite killed before its rename
+    half_written.write_text("half")
+    leftovers.append(half_written)
     fresh = artifacts.shard_dir(tmp_path, 0) / ".tmp-live"  # a writer still copying its files in
     fresh.mkdir()
-    for folder in leftovers:
-        os.utime(folder, (time.time() - 3600, time.time() - 3600))
-    assert artifacts.clean_temp_dirs(tmp_path) == 2
-    assert not any(folder.exists() for folder in leftovers)
+    for path in leftovers:
+        os.utime(path, (time.time() - 3600, time.time() - 3600))
+    assert artifacts.unchanged_for(artifacts.temp_paths(tmp_path), 60) == [half_written, *leftovers[:2]]
+    assert artifacts.clean_temp(tmp_path) == 3
+    assert not any(path.exists() for path in leftovers)
     assert fresh.is_dir()
     assert (artifacts.version_dir(tmp_path, 0, 1) / "adapter_model.safetensors").read_text() == "keep"
-    assert artifacts.clean_temp_dirs(tmp_path) == 0
-    assert artifacts.clean_temp_dirs(tmp_path, older_than_s=-1) == 1
+    assert artifacts.read_json(tmp_path / "run.json") == {"kept": True}
+    assert artifacts.clean_temp(tmp_path) == 0
+    assert artifacts.clean_temp(tmp_path, older_than_s=-1) == 1
 
 
 def test_write_json_atomic_and_runs(tmp_path: Path) -> None:

@@ -22,8 +22,6 @@ exist, and by each reconcile round while live ingested samples are in the ledger
 """
 
 import logging
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +31,7 @@ from apa import artifacts
 from apa.embeddings import embed, normalise_rows
 from apa.engines.base import AdapterRef
 from apa.engines.torch import TorchEngine
+from apa.faults import crash_point
 from apa.partition import Incoming, assign
 from apa.runs import embedding_cache, memory_path, read_run
 from jobs import queue
@@ -122,6 +121,7 @@ def fill_validation(ctx: WorkerContext) -> dict[str, int]:
                                                         hist.astype(stored["history_embeddings"].dtype)]),
                   "labels": np.concatenate([stored["labels"], labels])}
         _save_npz(path, stored)
+        crash_point("ingest.memory-written")
     files = {v.shard: v.path / "valid_predictions.json" for v in views if v.path is not None}
     stored_predictions = {k: artifacts.read_json(f) if f.is_file() else {} for k, f in files.items()}
     lacking = {k: [s for s in live_valid if s not in p and s in run.prompts] for k, p in stored_predictions.items()}
@@ -146,7 +146,4 @@ def fill_validation(ctx: WorkerContext) -> dict[str, int]:
 
 
 def _save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp.npz")
-    with os.fdopen(fd, "wb") as handle:
-        np.savez(handle, **arrays)  # type: ignore[arg-type]
-    os.replace(tmp, path)
+    artifacts.replace_atomically(path, lambda tmp: np.savez(tmp, **arrays))  # type: ignore[arg-type]

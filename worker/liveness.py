@@ -7,7 +7,9 @@ until its timeout (hours). So each worker process SETs ``<prefix>worker:<name>``
 from a thread of its own; SET re-creates the key after a flush, and the key vanishes ``ttl`` seconds
 after a SIGKILL. The gateway counts these keys; the reconciler fails the started jobs of workers
 whose key is gone and frees the shard locks they held (a lock's token names its owner), so the
-ledger's dirty shard is enqueued again at once instead of after the lock's TTL.
+ledger's dirty shard is enqueued again at once instead of after the lock's TTL; and it frees their
+scheduler locks (``worker.scheduler``: the lock holds the worker's name), so a live worker schedules
+the retries' backoff at once.
 
 Imports no torch: the gateway counts workers with ``queue.live_workers``.
 """
@@ -29,7 +31,8 @@ from rq.job_lifecycle import record_job_failure
 from rq.registry import StartedJobRegistry
 
 from jobs.periodic import Periodic
-from jobs.queue import Names, live_workers, queue
+from jobs.queue import Names, delete_if_equal, live_workers, queue, queues
+from worker.scheduler import lock_key
 
 log = logging.getLogger(__name__)
 
@@ -75,16 +78,13 @@ class Heartbeat(Periodic):
             self.redis.delete(self.key)
 
 
-# Delete a key only if it still holds the value we judged (the lock may have changed hands meanwhile).
-_DELETE_IF_EQUAL = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
-
-
 def recover_orphans(redis: Redis, prefix: str) -> dict[str, list[str]]:
-    """Fail the started jobs and free the locks of workers without a heartbeat.
+    """Fail the started jobs and free the locks (shard, purge, scheduler) of workers without a heartbeat.
 
     A job is judged by its own worker (``job.worker_name``); jobs of a worker without a name are left
     alone. The retrain itself is not lost: its shard is still dirty in the ledger, so the caller's
-    reconcile round enqueues it again once the lock is free.
+    reconcile round enqueues it again once the lock is free (and the job's de-duplication marker, if
+    it had not cleared it yet, is dropped: ``jobs.queue.drop_lost_markers``).
     """
     alive = live_workers(redis, prefix)
     names = Names(prefix)
@@ -105,11 +105,17 @@ def recover_orphans(redis: Redis, prefix: str) -> dict[str, list[str]]:
         log.warning("job %s (%s) failed: its worker %s has no heartbeat", job_id, job.description, job.worker_name)
         failed.append(job_id)
     freed: list[str] = []
-    for key in redis.scan_iter(match=names.lock("*"), count=500):
+    held = [(key, lock_owner) for key in redis.scan_iter(match=names.lock("*"), count=500)]
+    held += [(lock_key(q.name), _scheduler_owner) for q in queues(redis, prefix)]
+    for key, owner_of in held:
         token: Any = redis.get(key)
-        owner = lock_owner(token) if token is not None else ""
-        if owner and owner not in alive and redis.eval(_DELETE_IF_EQUAL, 1, key, token):
+        owner = owner_of(token) if token is not None else ""
+        if owner and owner not in alive and delete_if_equal(redis, key, token):
             name = key.decode() if isinstance(key, bytes) else key
             log.warning("freed %s: its owner %s has no heartbeat", name, owner)
             freed.append(name)
     return {"failed_jobs": failed, "freed_locks": freed}
+
+
+def _scheduler_owner(token: bytes | str) -> str:
+    return token.decode() if isinstance(token, bytes) else token

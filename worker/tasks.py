@@ -22,6 +22,7 @@ from rq import get_current_job
 
 from apa import artifacts, gate
 from apa.errors import APAError, GateFailed
+from apa.faults import crash_point
 from apa.model import BaseModel, load_base_model
 from apa.purge import purge_run_files
 from apa.runs import read_run, train_version
@@ -103,6 +104,9 @@ def retrain_shard(shard: int) -> dict[str, Any]:
     result: dict[str, Any]
     with held_lock(ctx.redis, names.lock(shard), settings.lock_ttl_s, ctx.name) as held:
         if not held:
+            # the holder (a retrain, or a reconciler's sweep) re-enqueues, or the next reconcile round does;
+            # this job's de-duplication marker would refuse that, so it goes with the job
+            queue.clear_queued(ctx.redis, settings.redis_prefix, shard)
             log.info("shard %d is being retrained by another worker; it re-enqueues if still dirty", shard)
             metrics.RETRAINS.labels(outcome="busy").inc()
             return {"shard": shard, "status": "busy"}
@@ -112,6 +116,7 @@ def retrain_shard(shard: int) -> dict[str, Any]:
         if snapshot is None:
             metrics.RETRAINS.labels(outcome="clean").inc()
             return {"shard": shard, "status": "clean"}
+        crash_point("retrain.snapshot")
         started = time.perf_counter()
         try:
             result = _retrain_once(ctx, snapshot)
@@ -121,6 +126,7 @@ def retrain_shard(shard: int) -> dict[str, Any]:
         metrics.RETRAIN_SECONDS.observe(time.perf_counter() - started)
         metrics.RETRAINS.labels(outcome=result["status"]).inc()
     if result["status"] == "published":
+        crash_point("retrain.published")
         purge_completed()
     _enqueue_if_dirty(ctx, shard)
     return result
@@ -168,6 +174,7 @@ def _retrain(ctx: WorkerContext, snapshot: retrains.RetrainSnapshot) -> dict[str
     with session_scope(settings.ledger_url) as session:
         completed = retrains.publish_version(session=session, snapshot=snapshot, record=record,
                                              key=settings.hmac_secret())
+    crash_point("retrain.recorded")
     seconds = time.perf_counter() - started
     queue.publish(ctx.redis, settings.redis_prefix, {"type": "swap", "shard": shard, "version": version})
     log.info("shard %d v%d serving (%d samples, %.1f s); completed %s", shard, version, len(samples), seconds,
@@ -214,6 +221,7 @@ def purge_completed() -> dict[str, Any]:
                     plan = purges.purge_plan(session=session, request_id=request_id)
                 report = purge_run_files(plan.run_path, set(plan.sample_ids), plan.superseded,
                                          set(plan.interaction_hmacs), plan.prompts)
+                crash_point("purge.files-removed")
                 members = centres.recompute(ctx.base, settings.ledger_url)  # fitted with the deleted samples
                 with session_scope(settings.ledger_url) as session:
                     purges.finish_purge(session=session, plan=plan, centre_members=members)

@@ -104,16 +104,34 @@ def test_a_job_run_twice_retrains_once_and_a_held_lock_waits(env: dict) -> None:
     assert artifacts.versions(artifacts.shard_dir(env["run_dir"], 0))[-1] == 2, "one new version, not two"
 
 
-def test_the_reconciler_cleans_old_temp_dirs(env: dict) -> None:
+def test_the_reconciler_sweeps_what_killed_writers_left_under_their_locks(env: dict) -> None:
+    """Old temp paths and versions the ledger does not know go; recorded versions, fresh paths (a live
+    writer's) and a shard whose lock is held stay."""
     import os
+    import shutil
     import time
 
-    tmp = artifacts.shard_dir(env["run_dir"], 0) / ".tmp-crashed"
-    tmp.mkdir()
-    old = time.time() - 3600
-    os.utime(tmp, (old, old))
-    assert reconcile(env["settings"], env["redis"])["temp_dirs_removed"] == 1
-    assert not tmp.exists()
+    run, names = env["run_dir"], queue.Names(env["settings"].redis_prefix)
+    v1 = artifacts.version_dir(run, 0, 1)
+    orphans = [artifacts.version_dir(run, k, 2) for k in (0, 1)]  # renamed into place, never recorded
+    temps = [artifacts.shard_dir(run, 0) / ".tmp-crashed", run / ".tmp-a1b2.parquet", v1 / ".tmp-c3d4.json"]
+    fresh = artifacts.version_dir(run, 0, 3)
+    for folder in [*orphans, fresh]:
+        shutil.copytree(v1, folder)
+    temps[0].mkdir()
+    temps[1].write_text("half")
+    temps[2].write_text("half")
+    os.utime(fresh)  # copytree gave it v1's time
+    old = time.time() - 60
+    for path in [*orphans, *temps]:
+        os.utime(path, (old, old))
+    with held_lock(env["redis"], names.lock(1), 30) as held:  # shard 1 is being written: its folder waits
+        assert held
+        assert reconcile(env["settings"], env["redis"])["strays_removed"] == 4
+    assert [p.exists() for p in [*orphans, *temps]] == [False, True, False, False, False]
+    assert v1.is_dir() and fresh.is_dir()
+    assert reconcile(env["settings"], env["redis"])["strays_removed"] == 1
+    assert not orphans[1].exists() and artifacts.versions(artifacts.shard_dir(run, 1)) == [1]
 
 
 def test_the_shard_lock_outlives_its_ttl_while_held(env: dict) -> None:
@@ -197,6 +215,31 @@ def test_the_reconciler_fails_a_dead_workers_job_frees_its_lock_and_requeues_the
     assert artifacts.versions(artifacts.shard_dir(env["run_dir"], 0)) in ([2], [1, 2])
     assert shard_state(env, 0).version == 2
     assert reconcile(settings, redis)["failed_jobs"] == []
+
+
+@pytest.mark.parametrize("registered", [False, True])
+def test_a_job_killed_before_it_cleared_its_marker_is_enqueued_again(env: dict, registered: bool) -> None:
+    """Killed after popping a retrain but before its first step, a worker leaves the job lost (not yet
+    registered: RQ pops from several queues with a plain BLPOP) or started, and its de-duplication marker
+    set: the reconciler drops the marker of a job that waits nowhere, so the shard is enqueued at once
+    (the marker alone refused that for an hour, this deletion's and the next; found by bench/chaos.py)."""
+    redis, prefix, settings = env["redis"], env["settings"].redis_prefix, env["settings"]
+    request = delete_user_of_shard(env, 0)
+    q = queue.queue(redis, prefix)
+    job = q.jobs[0]
+    q.remove(job)  # popped by a worker that dies before its first step
+    if registered:
+        dead = SimpleWorker([q], connection=redis, name="dead-worker")
+        dead.prepare_execution(job)
+        dead.prepare_job_execution(job)
+    marker = queue.Names(prefix).queued(0)
+    assert redis.get(marker) == job.id.encode(), "the marker names its job"
+    result = reconcile(settings, redis)
+    assert result["failed_jobs"] == ([job.id] if registered else [])
+    assert result["lost_markers"] == [marker] and result["enqueued"] == [0]
+    assert reconcile(settings, redis)["lost_markers"] == [], "the new job's marker waits with it"
+    work(env)
+    assert env["client"].get(f"/deletions/{request['request_id']}").json()["status"] == "completed"
 
 
 def test_the_worker_counts_its_retrains_and_serves_its_metrics(env: dict) -> None:
