@@ -3,7 +3,7 @@ processes: ``apa serve``, ``apa worker``, a Redis server of its own and the ledg
 PostgreSQL that ``--postgres`` names, dropped afterwards, or a SQLite file with ``--sqlite``).
 
 One world: a copy of the run, a fresh ledger, one gateway; one worker at a time, forked from a process
-that imported torch once (``tests/zygote.py``). Each deletion (all of one user's interactions, a user
+that imported torch once (``tests/support/zygote.py``). Each deletion (all of one user's interactions, a user
 with training samples) is a trial:
 
 * at a named point (``apa.faults.POINTS``, all the worker passes): the worker starts with
@@ -15,7 +15,7 @@ with training samples) is a trial:
   the deletion's status at the kill, so kills that came after it completed are counted apart);
 
 then a new worker starts, and the deletion must complete within ``--timeout`` s. Once it has, and has
-been purged, the invariants of ``tests/test_crash_points.py`` are checked: the certificate counts no
+been purged, the invariants of ``tests/worker/test_crash_points.py`` are checked: the certificate counts no
 violation, no serving version's manifest names a deleted sample, every shard serves exactly one version,
 the ledger and the disk agree (no unknown version folder, none missing, no temp path), no file under the
 run names a deleted sample, nothing of the killed worker runs on, and no dead worker holds a scheduler lock.
@@ -51,7 +51,7 @@ from bench.ingest import Catalog, ledger
 from bench.machine import describe
 from bench.quick import train_quick_run
 from tests.conftest import build_tiny_model, build_tokenizer
-from tests.faults import (
+from tests.support.faults import (
     AUTH,
     ROOT,
     Process,
@@ -70,7 +70,7 @@ from tests.faults import (
     wait_until,
 )
 
-PREFIX = "apa-fault:"  # tests.faults.Stack's
+PREFIX = "apa-fault:"  # tests.support.faults.Stack's
 INGEST_POINT = "ingest.memory-written"
 WORKER_POINTS = [p for p in POINTS if p != "training.epoch-saved"]  # that one is `apa train`'s resumable epochs
 TINY = {"shards": 2, "train": 128, "valid": 32, "test": 32}

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REDIS_URL
-from tests.faults import ROOT, free_port
+from tests.support.faults import ROOT, free_port
 
 pytestmark = pytest.mark.slow
 

@@ -9,7 +9,7 @@ from redis import Redis
 
 from jobs import queue
 from tests.conftest import REDIS_URL
-from tests.faults import wait_until
+from tests.support.faults import wait_until
 from worker.liveness import Heartbeat, recover_orphans
 from worker.scheduler import Scheduler, lock_key
 

@@ -1,4 +1,4 @@
-"""``python -m tests.slow_worker``: ``apa worker`` whose version writes stop half-way, for fault tests.
+"""``python -m tests.support.slow_worker``: ``apa worker`` whose version writes stop half-way, for fault tests.
 
 Each adapter version's files are written into its temp folder, then the worker touches
 ``$APA_FAULT_MARKER`` and sleeps ``$APA_FAULT_SLEEP_S`` before the atomic rename: a SIGKILL then

@@ -14,7 +14,7 @@ as a SIGKILL leaves it); then a new worker. Once the deletion has completed and 
 * no process of the dead worker is left (nothing in its session), and every scheduler lock is held by
   a live worker, if by anyone.
 
-Processes are forked from a zygote (``tests/zygote.py``) that imported torch once.
+Processes are forked from a zygote (``tests/support/zygote.py``) that imported torch once.
 """
 
 import os
@@ -30,7 +30,7 @@ from sqlalchemy.exc import OperationalError
 from apa.faults import EXIT_CODE, POINTS
 from ledger.db import dispose_engines
 from tests.conftest import POSTGRES_URL, record_run, service_settings
-from tests.faults import (
+from tests.support.faults import (
     AUTH,
     ROOT,
     RedisServer,

@@ -1,4 +1,4 @@
-"""``python -m tests.zygote``: a process that has imported what ``apa serve`` and ``apa worker`` import,
+"""``python -m tests.support.zygote``: a process that has imported what ``apa serve`` and ``apa worker`` import,
 and forks one of them per request, so a test that starts many processes pays the imports (seconds on
 a busy 2-core machine) once.
 

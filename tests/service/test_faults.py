@@ -20,7 +20,7 @@ from rq.registry import FailedJobRegistry, StartedJobRegistry
 from apa import artifacts
 from jobs import queue
 from tests.conftest import POSTGRES_URL, record_run, service_settings
-from tests.faults import AUTH, Proxy, RedisServer, Stack, wait_until
+from tests.support.faults import AUTH, Proxy, RedisServer, Stack, wait_until
 
 pytestmark = pytest.mark.slow
 PREFIX = "apa-fault:"

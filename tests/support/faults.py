@@ -1,5 +1,5 @@
 """Real processes for fault tests: a gateway (``apa serve``) and workers (``apa worker``) on the tiny run,
-started as subprocesses or forked from a zygote (``tests/zygote.py``) that paid the imports once, a
+started as subprocesses or forked from a zygote (``tests/support/zygote.py``) that paid the imports once, a
 Redis server of the test's own (so it may be flushed or killed), and a TCP proxy in front of
 PostgreSQL that can refuse or go silent. Everything on loopback, every wait bounded, every process
 killed in ``close()``."""
@@ -35,7 +35,7 @@ from tests.conftest import ADMIN_TOKEN
 from worker.scheduler import lock_key
 
 AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def free_port() -> int:
@@ -210,13 +210,13 @@ class Forked:
 
 
 class Zygote:
-    """``python -m tests.zygote``: forks ``apa <args>`` processes on request (``spawn``), each in a
+    """``python -m tests.support.zygote``: forks ``apa <args>`` processes on request (``spawn``), each in a
     session of its own, and reports their exit codes."""
 
     def __init__(self, env: dict[str, str], log: Path) -> None:
         log.parent.mkdir(parents=True, exist_ok=True)
         self._log = open(log, "wb")  # noqa: SIM115 - closed in close()
-        self.proc = subprocess.Popen([sys.executable, "-m", "tests.zygote"], env=env, cwd=ROOT,
+        self.proc = subprocess.Popen([sys.executable, "-m", "tests.support.zygote"], env=env, cwd=ROOT,
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log)
         self.changed = threading.Condition()
         self.pids: list[int] = []
@@ -333,7 +333,7 @@ class Stack:
             proc = self._spawn(["-m", "cli", "worker"], f"worker-{fault_point}" if fault_point else "worker",
                                **({"APA_FAULT_POINT": fault_point} if fault_point else {}))
         else:
-            proc = self._spawn(["-m", "tests.slow_worker", "worker"], "slow-worker",
+            proc = self._spawn(["-m", "tests.support.slow_worker", "worker"], "slow-worker",
                                APA_FAULT_MARKER=str(slow_marker))
         self.workers.append(proc)
         return proc
@@ -378,7 +378,7 @@ class Stack:
             log.close()
 
 
-# -- what must hold once a deletion completed, whatever was killed on the way (tests/test_crash_points.py,
+# -- what must hold once a deletion completed, whatever was killed on the way (tests/worker/test_crash_points.py,
 # bench/chaos.py) ----------
 
 def delete(stack: Stack, ledger_url: str, run: Path, user: str, item: str | None = None,
