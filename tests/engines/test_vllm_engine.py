@@ -270,7 +270,7 @@ def test_a_deletion_end_to_end_on_the_vllm_engine(vllm_gateway: dict, server: St
     client, run_dir, settings = vllm_gateway["client"], vllm_gateway["run_dir"], vllm_gateway["settings"]
     adapter_dir = settings.home / "vllm-adapters"
     r = TINY_RUN.train.r
-    user, shards = user_with_train_samples(run_dir)
+    user, _ = user_with_train_samples(run_dir)
     other = next(u for u in ("u1", "u2", "u3", "u4") if u != user)
     before = client.post("/recommend", json={"user_id": other, "candidates": ["1", "2"]})
     assert before.status_code == 200, before.text
@@ -280,6 +280,7 @@ def test_a_deletion_end_to_end_on_the_vllm_engine(vllm_gateway: dict, server: St
 
     deleted = client.delete(f"/users/{user}/interactions", headers=AUTH)
     assert deleted.status_code == 202, deleted.text
+    shards = set(deleted.json()["affected_shards"])  # trained on the user, or chose its epoch on them
     assert not mixed & set(server.adapters)  # the mixtures holding the shard left the server at once
     assert not any((adapter_dir / name).exists() for name in mixed)  # and the disk
     seen = len(server.events)

@@ -187,7 +187,7 @@ def test_a_deletion_end_to_end_through_the_gateway(real_run_home: Path, model_di
                                 engine="vllm", vllm_url=server_url, vllm_max_adapters=4)
     with gateway_with_worker(settings, model_dir) as env:
         client, run_dir = env["client"], env["run_dir"]
-        user, shards = user_with_train_samples(run_dir)
+        user, _ = user_with_train_samples(run_dir)
         other = next(u for u in ("u1", "u2", "u3", "u4") if u != user)
         ask = {"user_id": other, "candidates": ["1", "2", "3"]}
         before = client.post("/recommend", json=ask)
@@ -199,6 +199,7 @@ def test_a_deletion_end_to_end_through_the_gateway(real_run_home: Path, model_di
 
         deleted = client.delete(f"/users/{user}/interactions", headers=AUTH)
         assert deleted.status_code == 202, deleted.text
+        shards = set(deleted.json()["affected_shards"])  # trained on the user, or chose its epoch on them
         assert not mixed & server_adapters(server_url)  # every adapter holding the shard left the server
 
         during = client.post("/recommend", json=ask).json()

@@ -295,6 +295,8 @@ class Stack:
             "APA_REDIS_PREFIX": "apa-fault:", "APA_POLL_INTERVAL_S": "0.5", "APA_RECONCILE_INTERVAL_S": "1",
             "APA_HEARTBEAT_TTL_S": "2", "APA_LOCK_TTL_S": "20", "APA_BACKOFF_S": "0", "APA_NICE": "0",
             "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+            # the harness polls /admin/status as fast as it waits; the admin rate limit has its own tests
+            "APA_ADMIN_RATE_PER_S": "1000", "APA_ADMIN_BURST": "10000",
             **{f"APA_{k.upper()}": str(v) for k, v in extra.items()},
         }
         self.gateway: Process | None = None

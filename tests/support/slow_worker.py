@@ -11,7 +11,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from apa import artifacts, cli
+from apa import artifacts
+from cli.main import main
 
 _write_version = artifacts.write_version
 
@@ -28,4 +29,4 @@ def slow_write_version(run_dir: Path, shard: int | str, fill: Callable[[Path], N
 
 if __name__ == "__main__":
     artifacts.write_version = slow_write_version  # type: ignore[assignment]
-    cli.main()
+    main()
