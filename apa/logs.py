@@ -53,3 +53,4 @@ def configure(log_format: str | None = None, level: str | None = None) -> None:
         logger = logging.getLogger(name)
         logger.handlers.clear()
         logger.propagate = True
+        logger.disabled = False  # a logging.config.dictConfig elsewhere (uvicorn's default) may have disabled it

@@ -51,6 +51,18 @@ def test_json_lines_parse_and_uvicorn_and_rq_write_through_the_same_handler(
     assert all(e["time"].endswith("Z") for e in entries)
 
 
+def test_configure_takes_back_loggers_another_configuration_disabled(root_logger: logging.Logger,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    access = logging.getLogger("uvicorn.access")
+    access.disabled, access.propagate = True, False  # as uvicorn's own dictConfig leaves it
+    try:
+        logs.configure("text", "INFO")
+        access.info("GET /healthz")
+        assert "uvicorn.access: GET /healthz" in capsys.readouterr().err
+    finally:
+        access.disabled = False
+
+
 @pytest.mark.parametrize(("log_format", "level"), [("xml", "INFO"), ("text", "LOUD")])
 def test_an_unknown_format_or_level_is_an_error(log_format: str, level: str) -> None:
     with pytest.raises(ValueError, match="APA_LOG_"):
