@@ -25,8 +25,9 @@ still names a deleted sample, or with violations on its certificate), invariant 
 checks, each named in its trial), seconds from the DELETE to ``completed``. The validation gate is off
 (``APA_GATE_MAX_AUC_DROP=1``): a refused version is a verdict on the model, not a crash.
 
-    python bench/chaos.py --tiny --random 8 --out docs/results/chaos.json
-    python bench/chaos.py --run var/runs/small --random 4   # the real base model: minutes per retrain
+    python -m bench.chaos --tiny --random 8 --out docs/results/chaos.json   (from the repository root: it
+                                                                            reuses the tests' fault harness)
+    python -m bench.chaos --run var/runs/small --random 4   # the real base model: minutes per retrain
 """
 
 import argparse
@@ -293,7 +294,7 @@ def main() -> None:
                                                "APA_BASE_MODEL_PATH", "APA_REDIS_URL")}},
               "machine": {**describe(), "load_average_at_start": load,
                           "load_average_at_end": [round(x, 2) for x in os.getloadavg()]},
-              "note": args.note, "command": "python bench/chaos.py " + " ".join(sys.argv[1:])}
+              "note": args.note, "command": "python -m bench.chaos " + " ".join(sys.argv[1:])}
     print(json.dumps(report["totals"], indent=1))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
