@@ -78,19 +78,46 @@ def request_deletion(
     The request's first status is ``quarantined``, or ``completed`` when no shard is affected.
     """
     common.lock_user(session=session, user_id=user_id)  # no ingestion builds samples on what this tombstones
+    now = utcnow()
+    request, created = _claim_request(session=session, user_id=user_id, item_ids=item_ids, key=key,
+                                      idempotency_key=idempotency_key, token_hmac=token_hmac, now=now)
+    if not created:
+        return DeletionOutcome(request=request, created=False, valid_sample_ids=[])
+    interactions, samples = _tombstone(session=session, request=request, user_id=user_id, item_ids=item_ids, now=now)
+    affected = _quarantine(session=session, request=request, samples=samples, key=key)
+    request.affected_shards = affected
+    request.interactions_removed = len(interactions)
+    request.samples_removed = len(samples)
+    request.deleted_hmacs = sorted(hmac_hex(key, "interaction", i.key) for i in interactions)
+    session.add(DeletionEvent(request_id=request.id, status=QUARANTINED,
+                              detail=f"{len(interactions)} interactions, {len(samples)} samples, shards {affected}"))
+    write_audit(session=session, actor=actor, action="deletion.request", subject=request.id,
+                detail={"affected_shards": affected, "interactions": len(interactions), "samples": len(samples)})
+    session.flush()
+    if not affected:
+        complete(session=session, request=request, key=key)
+    valid = sorted(s.sample_id for s in samples if s.split == "valid")
+    return DeletionOutcome(request=request, created=True, valid_sample_ids=valid)
+
+
+def _claim_request(
+    *, session: Session, user_id: str, item_ids: Sequence[str] | None, key: bytes, idempotency_key: str | None,
+    token_hmac: str | None, now: datetime,
+) -> tuple[DeletionRequest, bool]:
+    """The new request, its Idempotency-Key claimed before any interaction is locked (True); or the earlier
+    request this token made under that key, which answers this one (False)."""
     binding: str | None = None
     if idempotency_key and token_hmac:
         binding = idempotency_hmac(key=key, user_id=user_id, item_ids=item_ids)
         earlier = find_idempotent(session=session, token_hmac=token_hmac, idempotency_key=idempotency_key,
                                   binding=binding)
         if earlier is not None:
-            return DeletionOutcome(request=earlier, created=False, valid_sample_ids=[])
-    now = utcnow()
+            return earlier, False
     request = DeletionRequest(id=uuid.uuid4().hex, subject_hmac=hmac_hex(key, "user", user_id),
                               idempotency_key=idempotency_key if binding else None, token_hmac=token_hmac,
                               idempotency_hmac=binding, status=QUARANTINED, created_at=now)
     try:
-        with session.begin_nested():  # claims the key before any interaction is locked
+        with session.begin_nested():
             session.add(request)
             session.flush()
     except IntegrityError:
@@ -101,7 +128,15 @@ def request_deletion(
                                  binding=binding)
         if winner is None:
             raise
-        return DeletionOutcome(request=winner, created=False, valid_sample_ids=[])
+        return winner, False
+    return request, True
+
+
+def _tombstone(
+    *, session: Session, request: DeletionRequest, user_id: str, item_ids: Sequence[str] | None, now: datetime,
+) -> tuple[list[Interaction], list[Sample]]:
+    """Mark the user's live interactions (those items, or all) and every live sample containing one deleted
+    by ``request``; a user with none is a ``UserNotFound``."""
     query = select(Interaction).where(Interaction.user_id == user_id, Interaction.deleted_at.is_(None))
     if item_ids is not None:
         query = query.where(Interaction.item_id.in_(list(item_ids)))
@@ -122,10 +157,14 @@ def request_deletion(
         samples.update((s.sample_id, s) for s in found)
     for sample in samples.values():
         sample.deleted_at, sample.deletion_id = now, request.id
-    # an ingested sample no version has trained on (nor a retrain claimed) leaves without a retrain
-    affected = sorted({s.shard for s in samples.values()
-                       if s.split == "train" and s.shard is not None and not untrained(s)}
-                      | chose_epoch_on(session=session, sample_ids={s.sample_id for s in samples.values()
+    return interactions, list(samples.values())
+
+
+def _quarantine(*, session: Session, request: DeletionRequest, samples: Sequence[Sample], key: bytes) -> list[int]:
+    """Quarantine every shard a deleted sample trained, or whose serving version chose its epoch on one;
+    returns them. An ingested sample no version has trained on (nor a retrain claimed) needs no retrain."""
+    affected = sorted({s.shard for s in samples if s.split == "train" and s.shard is not None and not untrained(s)}
+                      | chose_epoch_on(session=session, sample_ids={s.sample_id for s in samples
                                                                     if s.split == "valid"}))
     for k in affected:
         shard = session.get(Shard, k, with_for_update=True)
@@ -138,19 +177,7 @@ def request_deletion(
         session.add(DeletionShard(request_id=request.id, shard=k, seq=shard.dirty_seq,
                                   old_version=shard.serving_version,
                                   old_manifest_hmac=manifest_hmac(key=key, version=old)))
-    request.affected_shards = affected
-    request.interactions_removed = len(interactions)
-    request.samples_removed = len(samples)
-    request.deleted_hmacs = sorted(hmac_hex(key, "interaction", i.key) for i in interactions)
-    session.add(DeletionEvent(request_id=request.id, status=QUARANTINED,
-                              detail=f"{len(interactions)} interactions, {len(samples)} samples, shards {affected}"))
-    write_audit(session=session, actor=actor, action="deletion.request", subject=request.id,
-                detail={"affected_shards": affected, "interactions": len(interactions), "samples": len(samples)})
-    session.flush()
-    if not affected:
-        complete(session=session, request=request, key=key)
-    valid = sorted(s.sample_id for s in samples.values() if s.split == "valid")
-    return DeletionOutcome(request=request, created=True, valid_sample_ids=valid)
+    return affected
 
 
 def manifest_hmac(*, key: bytes, version: AdapterVersion | None) -> str | None:

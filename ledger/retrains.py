@@ -9,7 +9,7 @@ from pathlib import Path
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from ledger import ingest
+from ledger import backlog
 from ledger.catalog import live_sample_ids
 from ledger.common import record_event, version_row, write_audit
 from ledger.deletions import complete
@@ -38,7 +38,7 @@ class RetrainSnapshot:
     old_version: int | None
     run_path: Path
     # the ingested samples among them (train and valid): the run folder knows nothing of these
-    ingested: list[ingest.IngestedRecord] = field(default_factory=list)
+    ingested: list[backlog.IngestedRecord] = field(default_factory=list)
     claimed: list[str] = field(default_factory=list)  # its pending samples, trained once it publishes
 
 
@@ -59,21 +59,21 @@ def begin_retrain(*, session: Session, shard: int) -> RetrainSnapshot | None:
         raise ShardNotFound(f"no shard {shard}")
     if row.state == FAILED:
         return None
-    if not row.dirty and (shard not in ingest.pending(session=session) or ingest.deletions_open(session=session)):
+    if not row.dirty and (shard not in backlog.pending(session=session) or backlog.deletions_open(session=session)):
         return None
     if row.dirty:
         row.state = RETRAINING
     for request in pending_requests(session=session, shard=shard, up_to=row.dirty_seq):
         if request.status == QUARANTINED:
             record_event(session=session, request=request, status=RETRAINING, detail=f"shard {shard}")
-    claimed = ingest.claim(session=session, shard=shard)
+    claimed = backlog.claim(session=session, shard=shard)
     write_audit(session=session, actor="worker", action="shard.retrain.start", subject=f"shard-{shard}",
                 detail={"seq": row.dirty_seq, "pending_samples": len(claimed)})
     sample_ids = live_sample_ids(session=session, split="train", shard=shard)
     valid_ids = live_sample_ids(session=session, split="valid")
     return RetrainSnapshot(shard=shard, seq=row.dirty_seq, sample_ids=sample_ids, valid_ids=valid_ids,
                            old_version=row.serving_version, run_path=Path(get_run(session=session).path),
-                           ingested=ingest.records(session=session, sample_ids=[*sample_ids, *valid_ids]),
+                           ingested=backlog.records(session=session, sample_ids=[*sample_ids, *valid_ids]),
                            claimed=claimed)
 
 
@@ -117,7 +117,7 @@ def publish_version(
     row.clean_seq = max(row.clean_seq, snapshot.seq)
     row.state = QUARANTINED if row.dirty else SERVING
     row.ingest_error = None
-    ingest.mark_trained(session=session, sample_ids=snapshot.claimed, version=record.version)
+    backlog.mark_trained(session=session, sample_ids=snapshot.claimed, version=record.version)
     session.flush()
     completed = []
     touched = session.scalars(select(DeletionShard).where(DeletionShard.shard == row.shard,
@@ -152,7 +152,7 @@ def fail_retrain(*, session: Session, shard: int, error: str) -> list[str]:
     row = session.get(Shard, shard, with_for_update=True)
     if row is None:
         raise ShardNotFound(f"no shard {shard}")
-    ingest.release_claims(session=session, shard=shard)
+    backlog.release_claims(session=session, shard=shard)
     if not row.dirty:
         # a retrain for ingested data alone: the serving version holds no deleted data and stays; the
         # shard's ingestion triggers wait for an admin's retry
@@ -176,7 +176,7 @@ def request_retrain(*, session: Session, shard: int, actor: str = "admin") -> No
     row = session.get(Shard, shard, with_for_update=True)
     if row is None:
         raise ShardNotFound(f"no shard {shard}")
-    if not row.dirty and shard not in ingest.pending(session=session):
+    if not row.dirty and shard not in backlog.pending(session=session):
         raise NothingToRetrain(f"shard {shard} holds neither deleted data nor pending samples; nothing to retrain")
     row.ingest_error = None
     if row.state == FAILED:

@@ -19,7 +19,7 @@ from apa.embeddings import embed, normalise_rows
 from apa.model import BaseModel
 from apa.partition import member_centres
 from apa.runs import RunData, embedding_cache, read_run, write_centres
-from ledger import ingest, run_import
+from ledger import backlog, run_import
 from ledger.db import session_scope
 
 
@@ -44,8 +44,8 @@ def live_centres(base: BaseModel, ledger_url: str) -> LiveCentres | None:
     (random or user partition)."""
     with session_scope(ledger_url) as session:
         run_dir = Path(run_import.get_run(session=session).path)
-        members = ingest.train_members(session=session)
-        ingested = {r.sample_id: r for r in ingest.records(session=session, sample_ids=[i for i, _ in members])}
+        members = backlog.train_members(session=session)
+        ingested = {r.sample_id: r for r in backlog.records(session=session, sample_ids=[i for i, _ in members])}
     run = read_run(run_dir)
     if run.centres is None:
         return None
@@ -63,5 +63,5 @@ def recompute(base: BaseModel, ledger_url: str) -> int | None:
         return None
     write_centres(live.run_dir, live.centres)
     with session_scope(ledger_url) as session:
-        ingest.store_centres(session=session, centres=live.centres.tolist())
+        backlog.store_centres(session=session, centres=live.centres.tolist())
     return live.members

@@ -35,7 +35,7 @@ from apa.faults import crash_point
 from apa.partition import Incoming, assign
 from apa.runs import embedding_cache, memory_path, read_run
 from jobs import queue
-from ledger import catalog, ingest, run_import
+from ledger import backlog, catalog, ingest, run_import
 from ledger.db import session_scope
 from worker.centres import live_centres, unit_embeddings
 from worker.record import extra_samples
@@ -66,7 +66,7 @@ def enqueue_due(ctx: WorkerContext) -> list[int]:
     """Enqueue the retrains whose pending samples are due (count or age), on the ingestion queue."""
     settings = ctx.settings
     with session_scope(settings.ledger_url) as session:
-        due = ingest.due_shards(session=session, min_samples=settings.ingest_min_samples,
+        due = backlog.due_shards(session=session, min_samples=settings.ingest_min_samples,
                                 max_delay_s=settings.ingest_max_delay_s)
     return [k for k in due if queue.enqueue_retrain(ctx.redis, settings, k, queue.INGESTION)]
 
@@ -74,7 +74,7 @@ def enqueue_due(ctx: WorkerContext) -> list[int]:
 def place_samples(ctx: WorkerContext) -> int:
     settings, base = ctx.settings, ctx.base
     with session_scope(settings.ledger_url) as session:
-        waiting = [r for r in ingest.records(session=session, unprepared=True) if r.split == "train"]
+        waiting = [r for r in backlog.records(session=session, unprepared=True) if r.split == "train"]
         if not waiting:
             return 0
         sizes = np.array(ingest.shard_sizes(session=session, shards=run_import.get_run(session=session).shards))
@@ -87,7 +87,7 @@ def place_samples(ctx: WorkerContext) -> int:
                                             user_ids=[r.user_id for r in waiting], sizes=sizes, seed=cfg.seed,
                                             unit=new_unit, centres=live.centres, balance=settings.ingest_balance))
     with session_scope(settings.ledger_url) as session:
-        return ingest.place(session=session, centres=live.centres.tolist(),
+        return backlog.place(session=session, centres=live.centres.tolist(),
                             shards={r.sample_id: int(k) for r, k in zip(waiting, shards, strict=True)})
 
 
@@ -97,7 +97,7 @@ def fill_validation(ctx: WorkerContext) -> dict[str, int]:
     with session_scope(settings.ledger_url) as session:
         run_dir = Path(run_import.get_run(session=session).path)
         live_valid = catalog.live_sample_ids(session=session, split="valid")
-        records = {r.sample_id: r for r in ingest.records(session=session, sample_ids=live_valid)}
+        records = {r.sample_id: r for r in backlog.records(session=session, sample_ids=live_valid)}
         views = [v for v in catalog.shard_views(session=session) if v.path is not None]
     if not live_valid:
         return {"memory_added": 0, "predictions_added": 0}
@@ -141,7 +141,7 @@ def fill_validation(ctx: WorkerContext) -> dict[str, int]:
                                                        **{s: float(p) for s, p in zip(todo, scores, strict=True)}})
             added += len(todo)
     with session_scope(settings.ledger_url) as session:
-        ingest.mark_prepared(session=session, sample_ids=[s for s in live_valid if s in records])
+        backlog.mark_prepared(session=session, sample_ids=[s for s in live_valid if s in records])
     return {"memory_added": len(missing), "predictions_added": added}
 
 

@@ -14,7 +14,7 @@ from typing import Any
 from apa import artifacts
 from jobs import queue
 from jobs.periodic import Periodic
-from ledger import catalog, ingest, purges, retrains, run_import
+from ledger import backlog, catalog, purges, retrains, run_import
 from ledger.db import session_scope
 from ledger.errors import LedgerError
 from worker.liveness import recover_orphans
@@ -38,9 +38,9 @@ def reconcile(settings: WorkerSettings, redis: Any, owner: str = "") -> dict[str
     with session_scope(settings.ledger_url) as session:
         dirty = retrains.dirty_shards(session=session)
         to_purge = purges.pending_purges(session=session)
-        due = ingest.due_shards(session=session, min_samples=settings.ingest_min_samples,
+        due = backlog.due_shards(session=session, min_samples=settings.ingest_min_samples,
                                 max_delay_s=settings.ingest_max_delay_s)
-        prepare = ingest.any_ingested(session=session, live=True)  # placements, memory, new versions' predictions
+        prepare = backlog.any_ingested(session=session, live=True)  # placements, memory, new versions' predictions
     names = queue.Names(settings.redis_prefix)
     busy = [k for k in dirty if redis.exists(names.lock(k))]  # being retrained: that job re-enqueues if needed
     enqueued = [k for k in dirty if k not in busy

@@ -16,7 +16,7 @@ from apa.purge import forgotten_hmacs
 from apa.runs import ExtraSample, read_run
 from apa.samples import from_content
 from apa.settings import CoreSettings
-from ledger import ingest, run_import
+from ledger import backlog, run_import
 
 
 def version_record(run_dir: Path, shard: int, version: int, metrics: dict[str, Any] | None = None,
@@ -50,7 +50,7 @@ def import_run(session: Session, run_dir: Path, settings: CoreSettings) -> run_i
     )
 
 
-def extra_samples(records: list[ingest.IngestedRecord]) -> list[ExtraSample]:
+def extra_samples(records: list[backlog.IngestedRecord]) -> list[ExtraSample]:
     """Ingested samples as the ledger keeps them, for ``RunData.with_samples``."""
     return [ExtraSample(split=r.split, shard=r.shard, sample=from_content(r.content), prompt=r.prompt,
                         history_prompt=r.history_prompt) for r in records]

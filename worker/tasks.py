@@ -28,7 +28,7 @@ from apa.purge import purge_run_files
 from apa.runs import read_run, train_version
 from jobs import queue
 from jobs.periodic import Periodic
-from ledger import db, ingest, purges, retrains
+from ledger import backlog, db, purges, retrains
 from ledger.db import session_scope
 from worker import centres, metrics
 from worker.liveness import lock_token
@@ -196,7 +196,7 @@ def _enqueue_if_dirty(ctx: WorkerContext, shard: int) -> None:
     settings = ctx.settings
     with session_scope(settings.ledger_url) as session:
         dirty = shard in retrains.dirty_shards(session=session)
-        ingested = ingest.any_ingested(session=session)
+        ingested = backlog.any_ingested(session=session)
     if dirty:
         queue.enqueue_retrain(ctx.redis, settings, shard)
     if ingested:  # the new version's validation predictions, and the ingestion retrains now due

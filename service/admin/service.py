@@ -7,7 +7,7 @@ from redis import Redis
 from sqlalchemy.orm import Session
 
 from jobs import queue
-from ledger import catalog, ingest, retrains
+from ledger import backlog, catalog, retrains
 from service.admin.schemas import (
     AdminStatus,
     AttentionSetting,
@@ -27,9 +27,9 @@ log = logging.getLogger(__name__)
 
 def status(*, session: Session, replica: Replica, redis: Redis) -> AdminStatus:
     settings = replica.settings
-    waiting = ingest.pending(session=session)
-    errors = ingest.ingest_errors(session=session)
-    due = {k: ingest.due_at(item, min_samples=settings.ingest_min_samples, max_delay_s=settings.ingest_max_delay_s)
+    waiting = backlog.pending(session=session)
+    errors = backlog.ingest_errors(session=session)
+    due = {k: backlog.due_at(item, min_samples=settings.ingest_min_samples, max_delay_s=settings.ingest_max_delay_s)
            for k, item in waiting.items()}
     shards = [ShardStatus(shard=v.shard, state=v.state, version=v.version,  # type: ignore[arg-type]
                           n_samples=v.n_samples, trained_at=v.trained_at, manifest_sha256=v.manifest_sha256,
@@ -46,7 +46,7 @@ def status(*, session: Session, replica: Replica, redis: Redis) -> AdminStatus:
                        attention=attention_status(replica), forget=forget_status(replica),
                        ingest=IngestStatus(min_samples=settings.ingest_min_samples,
                                            max_delay_s=settings.ingest_max_delay_s,
-                                           unplaced_samples=ingest.unplaced_count(session=session)))
+                                           unplaced_samples=backlog.unplaced_count(session=session)))
 
 
 def attention_status(replica: Replica) -> AttentionStatus:

@@ -24,7 +24,7 @@ from sqlalchemy.orm import Session
 from apa.partition import NEEDS_EMBEDDINGS, Incoming, assign
 from apa.samples import ingested_split, user_samples
 from jobs import queue
-from ledger import catalog, common, ingest
+from ledger import backlog, catalog, common, ingest
 from service.errors import InteractionKeyTooLong, ItemsNotFound
 from service.ingest.schemas import IngestAccepted
 from service.metrics import Metrics
@@ -129,7 +129,7 @@ class IngestionService:
             if any(s.shard is None for s in samples):
                 queue.enqueue_prepare(self.redis, settings.redis_prefix)
             if any(s.shard is not None for s in samples):
-                due = ingest.due_shards(session=session, min_samples=settings.ingest_min_samples,
+                due = backlog.due_shards(session=session, min_samples=settings.ingest_min_samples,
                                         max_delay_s=settings.ingest_max_delay_s)
                 session.rollback()  # the read's transaction: nothing to keep
                 for shard in due:

@@ -6,7 +6,7 @@ from datetime import timedelta
 from sqlalchemy import inspect, select, text
 from sqlalchemy.orm import Session
 
-from ledger import db, deletions, ingest, retrains
+from ledger import backlog, db, deletions, ingest, retrains
 from ledger.models import Interaction, Sample, Shard, utcnow
 from service.settings import ServiceSettings
 
@@ -27,7 +27,7 @@ def test_the_migration_upgrades_a_ledger_of_today_with_data_in_it(settings: Serv
                 for t in ("interactions", "samples", "sample_interactions", "adapter_versions", "shards")] == counts
         assert session.scalar(select(Sample).where(Sample.ingested_at.is_not(None))) is None
         assert all(s.centre is None and s.ingest_error is None for s in session.scalars(select(Shard)))
-        assert ingest.pending(session=session) == {}
+        assert backlog.pending(session=session) == {}
 
 
 def _ingested(session: Session, sample_id: str, shard: int, *, at_s_ago: float = 0.0) -> None:
@@ -50,15 +50,15 @@ def test_a_shard_is_due_by_count_or_by_age(session: Session) -> None:
     _ingested(session, "u1:6:1000", 0)
     _ingested(session, "u1:7:1001", 0)
     _ingested(session, "u2:3:1002", 1, at_s_ago=120)
-    pending = ingest.pending(session=session)
+    pending = backlog.pending(session=session)
     assert {k: p.samples for k, p in pending.items()} == {0: 2, 1: 1}
-    assert ingest.due_shards(session=session, min_samples=2, max_delay_s=3600) == [0]
-    assert ingest.due_shards(session=session, min_samples=3, max_delay_s=60) == [1]
-    assert ingest.due_shards(session=session, min_samples=3, max_delay_s=3600) == []
-    due = ingest.due_at(pending[1], min_samples=3, max_delay_s=3600)
+    assert backlog.due_shards(session=session, min_samples=2, max_delay_s=3600) == [0]
+    assert backlog.due_shards(session=session, min_samples=3, max_delay_s=60) == [1]
+    assert backlog.due_shards(session=session, min_samples=3, max_delay_s=3600) == []
+    due = backlog.due_at(pending[1], min_samples=3, max_delay_s=3600)
     assert due is not None and pending[1].oldest is not None and due == pending[1].oldest + timedelta(hours=1)
     session.get(Shard, 0).ingest_error = "gate"  # type: ignore[union-attr]
-    assert ingest.due_shards(session=session, min_samples=1, max_delay_s=3600) == [1], "waits for an admin"
+    assert backlog.due_shards(session=session, min_samples=1, max_delay_s=3600) == [1], "waits for an admin"
 
 
 def test_a_retrain_claims_pending_samples_and_its_publication_trains_them(session: Session) -> None:
@@ -68,8 +68,8 @@ def test_a_retrain_claims_pending_samples_and_its_publication_trains_them(sessio
     assert "u1:6:1000" in snapshot.sample_ids and [r.sample_id for r in snapshot.ingested] == ["u1:6:1000"]
     assert session.get(Shard, 0).state == "serving", "ingestion alone: the old version serves on"  # type: ignore[union-attr]
     assert retrains.begin_retrain(session=session, shard=1) is None, "nothing pending, nothing deleted"
-    ingest.mark_trained(session=session, sample_ids=snapshot.claimed, version=2)
-    assert ingest.pending(session=session) == {}
+    backlog.mark_trained(session=session, sample_ids=snapshot.claimed, version=2)
+    assert backlog.pending(session=session) == {}
 
 
 def test_ingestion_retrains_give_way_to_an_open_deletion(session: Session, key: bytes) -> None:

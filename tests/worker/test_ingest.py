@@ -12,7 +12,7 @@ from rq import SimpleWorker
 
 from apa import artifacts
 from jobs import queue
-from ledger import catalog, ingest
+from ledger import backlog, catalog
 from ledger.db import session_scope
 from ledger.models import Sample, Shard
 from tests.conftest import ADMIN_TOKEN, gateway_with_worker, service_settings
@@ -121,7 +121,7 @@ def test_an_ingestion_and_a_deletion_of_one_shard_coalesce_into_one_retrain(make
     with session_scope(env["settings"].ledger_url) as session:
         view = catalog.shard_views(session=session)[shard]
         assert view.version == 2, "one retrain covered the deletion and the pending sample"
-        assert ingest.pending(session=session) == {}
+        assert backlog.pending(session=session) == {}
     named = {s["sample_id"]: s["user_id"] for s in manifest(env, shard, 2)["samples"]}
     assert sample.sample_id in named and other not in named.values()
     assert client.get(f"/deletions/{deleted['request_id']}").json()["status"] == "completed"

@@ -22,7 +22,7 @@ from apa.hashing import sha256_json, sha256_text
 from apa.replay import all_versions, verify_version
 from apa.runs import read_run
 from jobs import queue
-from ledger import db, ingest
+from ledger import backlog, db
 from ledger.db import session_scope
 from ledger.models import Interaction
 from tests.conftest import gateway_with_worker, load_tiny, service_settings
@@ -63,7 +63,7 @@ def _terms(env: dict, user: str) -> dict[str, re.Pattern[str]]:
     with session_scope(env["settings"].ledger_url) as session:
         interactions = session.execute(select(Interaction.key, Interaction.id)
                                        .where(Interaction.user_id == user)).all()
-        ingested = [r for r in ingest.records(session=session) if r.user_id == user]
+        ingested = [r for r in backlog.records(session=session) if r.user_id == user]
     run = read_run(run_dir).with_samples(extra_samples(ingested))
     samples = [s for split in run.splits.values() for s in split if s.user_id == user]
     assert ingested and {r.sample_id for r in ingested} <= {s.sample_id for s in samples}
