@@ -53,4 +53,5 @@ def configure(log_format: str | None = None, level: str | None = None) -> None:
         logger = logging.getLogger(name)
         logger.handlers.clear()
         logger.propagate = True
-        logger.disabled = False  # a logging.config.dictConfig elsewhere (uvicorn's default) may have disabled it
+        logger.disabled = False  # uvicorn's own logging config (an in-process uvicorn.Config) disables them,
+        logger.setLevel(logging.NOTSET)  # or sets their level: ours decides

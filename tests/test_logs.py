@@ -54,13 +54,15 @@ def test_json_lines_parse_and_uvicorn_and_rq_write_through_the_same_handler(
 def test_configure_takes_back_loggers_another_configuration_disabled(root_logger: logging.Logger,
                                                                      capsys: pytest.CaptureFixture[str]) -> None:
     access = logging.getLogger("uvicorn.access")
-    access.disabled, access.propagate = True, False  # as uvicorn's own dictConfig leaves it
+    access.disabled, access.propagate = True, False  # as uvicorn's own logging config can leave it
+    access.setLevel(logging.WARNING)  # uvicorn.Config(log_level="warning")
     try:
         logs.configure("text", "INFO")
         access.info("GET /healthz")
         assert "uvicorn.access: GET /healthz" in capsys.readouterr().err
     finally:
         access.disabled = False
+        access.setLevel(logging.NOTSET)
 
 
 @pytest.mark.parametrize(("log_format", "level"), [("xml", "INFO"), ("text", "LOUD")])
