@@ -19,17 +19,13 @@ Processes are forked from a zygote (``tests/support/zygote.py``) that imported t
 
 import os
 import shutil
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from sqlalchemy import create_engine, text
-from sqlalchemy.exc import OperationalError
 
 from apa.faults import EXIT_CODE, POINTS
-from ledger.db import dispose_engines
-from tests.conftest import POSTGRES_URL, record_run, service_settings
+from tests.conftest import record_run, service_settings
 from tests.support.faults import (
     AUTH,
     ROOT,
@@ -76,30 +72,9 @@ def processes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Zygote
         redis_server.stop()
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """A fresh ledger URL; PostgreSQL is skipped where the machine has none."""
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'apa.db'}"
-        return
-    schema = f"t_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(POSTGRES_URL)
-    try:
-        with admin.begin() as connection:
-            connection.execute(text(f"CREATE SCHEMA {schema}"))
-    except OperationalError:
-        admin.dispose()
-        pytest.skip(f"no PostgreSQL at {POSTGRES_URL}")
-    yield f"{POSTGRES_URL}?options=-csearch_path%3D{schema}"
-    dispose_engines()
-    with admin.begin() as connection:
-        connection.execute(text(f"DROP SCHEMA {schema} CASCADE"))
-    admin.dispose()
-
-
 @pytest.mark.parametrize(("point", "case"), CASES)
 def test_a_worker_killed_at_a_crash_point_leaves_nothing_behind(
-    point: str, case: str, backend: str, processes: tuple[Zygote, RedisServer], tiny_run_template: Path,
+    point: str, case: str, ledger_url: str, processes: tuple[Zygote, RedisServer], tiny_run_template: Path,
     tiny_model_dir: Path, tmp_path: Path,
 ) -> None:
     zygote, redis_server = processes
@@ -109,8 +84,8 @@ def test_a_worker_killed_at_a_crash_point_leaves_nothing_behind(
     shutil.copytree(tiny_run_template, home)
     run = home / "runs" / "tiny"
     extra = INGESTED[case][2] if case in INGESTED else {}
-    record_run(service_settings(home, backend, PREFIX, tiny_model_dir))
-    stack = Stack(home, backend, redis_server.url, tiny_model_dir, tmp_path / "logs", zygote=zygote,
+    record_run(service_settings(home, ledger_url, PREFIX, tiny_model_dir))
+    stack = Stack(home, ledger_url, redis_server.url, tiny_model_dir, tmp_path / "logs", zygote=zygote,
                   gate_max_auc_drop=1.0, stray_age_s=1, **extra)
     try:
         stack.start_gateway()
@@ -122,19 +97,19 @@ def test_a_worker_killed_at_a_crash_point_leaves_nothing_behind(
                                      json={"interactions": [{"item_id": item, "rating": 5, "timestamp": T}]})
             assert answer.status_code == 202, answer.text
         else:
-            request_id, deleted = delete(stack, backend, run, user, item)
+            request_id, deleted = delete(stack, ledger_url, run, user, item)
         assert dying.wait(timeout=120) == EXIT_CODE, f"the worker never reached {point}\n{stack.log_tail()}"
         stack.workers.remove(dying)
         stack.start_worker()
         if case in INGESTED:
-            wait_until(lambda: ingested_done(backend, f"{user}:{item}:{T}"), 120, "the ingested sample trained "
+            wait_until(lambda: ingested_done(ledger_url, f"{user}:{item}:{T}"), 120, "the ingested sample trained "
                        "or in the memory", poll_s=0.25)
-            request_id, deleted = delete(stack, backend, run, user, item)
+            request_id, deleted = delete(stack, ledger_url, run, user, item)
         done = stack.wait_completed(request_id, timeout_s=120)
         assert done["certificate"]["violations"] == 0
-        wait_until(lambda: purged(backend, request_id), 60, "the deletion purged", poll_s=0.25)
-        wait_until(lambda: disk_agrees(backend, run), 30, "the ledger and the disk agree", poll_s=0.25)
-        assert set(serving_versions(backend).values()) == {("serving", 1)}, serving_versions(backend)
+        wait_until(lambda: purged(ledger_url, request_id), 60, "the deletion purged", poll_s=0.25)
+        wait_until(lambda: disk_agrees(ledger_url, run), 30, "the ledger and the disk agree", poll_s=0.25)
+        assert set(serving_versions(ledger_url).values()) == {("serving", 1)}, serving_versions(ledger_url)
         assert traces(run, deleted) == [], "files naming a deleted sample"
         assert session_processes(dying.pid) == [], "a process of the dead worker outlived it"
         # freed by the reconciler once the dead worker's heartbeat has expired (2 s TTL, 1 s rounds here)
