@@ -1,8 +1,8 @@
 """Fault injection with real processes (issue 13): one gateway and its workers as subprocesses on the tiny
 run, a Redis server of this module's own (flushed and killed at will), and PostgreSQL behind a local
-proxy that refuses or goes silent. The faults run in sequence on one stack (process starts dominate
-the time); after each: the deletion completes, none is lost or faked, and the worker count in
-/admin/status is the truth."""
+proxy that refuses or goes silent. The faults share one stack (process starts dominate the time), and
+each test first brings it to what it needs (``ready``), so each also runs alone; after each: the
+deletion completes, none is lost or faked, and the worker count in /admin/status is the truth."""
 
 import shutil
 import signal
@@ -52,6 +52,21 @@ def world(tiny_run_template: Path, tiny_model_dir: Path, tmp_path_factory: pytes
         redis_server.stop()
 
 
+def ready(world: dict[str, Any], workers: int) -> Stack:
+    """The gateway up and exactly ``workers`` workers counted, whatever the tests before left running."""
+    stack = world["stack"]
+    if stack.gateway is None:
+        stack.start_gateway()
+    while len(stack.workers) > workers:
+        proc = stack.workers.pop()
+        proc.send_signal(signal.SIGTERM)  # a clean stop: its heartbeat key goes at once
+        proc.wait(timeout=30)
+    while len(stack.workers) < workers:
+        stack.start_worker()
+    wait_until(lambda: stack.workers_alive() == workers, 180, f"{workers} worker(s) counted")
+    return stack
+
+
 def delete_next(world: dict[str, Any]) -> tuple[str, tuple[int, ...]]:
     """DELETE the next target interaction; returns the request id and the shards it quarantines."""
     user, item, shards = world["targets"].pop(0)
@@ -79,11 +94,9 @@ def clean(world: dict[str, Any]) -> None:
 def test_worker_sigkilled_mid_retrain_then_two_racing_workers_recover_it(world: dict[str, Any]) -> None:
     """Killed with the new version's files half-written: its job fails (not left 'started'), its lock
     and temp folder go, and of two new workers racing for it one retrains: exactly one new version."""
-    stack, root = world["stack"], world["root"]
+    stack, root = ready(world, workers=0), world["root"]
     marker = root / "writing"
-    stack.start_gateway(ready=False)
     slow = stack.start_worker(slow_marker=marker)
-    stack.wait_ready()
     wait_until(lambda: stack.workers_alive() == 1, 180, "slow worker alive")
     request_id, (shard,) = delete_next(world)
     wait_until(marker.exists, 120, "the retrain is writing its version")
@@ -112,7 +125,7 @@ def test_worker_sigkilled_mid_retrain_then_two_racing_workers_recover_it(world: 
 def test_redis_flushed_after_a_delete(world: dict[str, Any]) -> None:
     """The job and the quarantine event are lost in Redis; the reconciler finds the dirty shards in the
     ledger. The worker, stopped meanwhile, is not counted, and is counted again after the flush."""
-    stack, redis_server = world["stack"], world["redis_server"]
+    stack, redis_server = ready(world, workers=2), world["redis_server"]
     spare = stack.workers[1]
     spare.send_signal(signal.SIGTERM)  # a clean stop: its heartbeat key goes at once
     spare.wait(timeout=30)
@@ -134,7 +147,7 @@ def test_redis_flushed_after_a_delete(world: dict[str, Any]) -> None:
 
 
 def test_redis_down_during_a_delete(world: dict[str, Any]) -> None:
-    stack, redis_server = world["stack"], world["redis_server"]
+    stack, redis_server = ready(world, workers=1), world["redis_server"]
     redis_server.stop()
     try:
         started = time.monotonic()
@@ -152,7 +165,7 @@ def test_redis_down_during_a_delete(world: dict[str, Any]) -> None:
 
 
 def test_gateway_restarted_while_quarantined(world: dict[str, Any]) -> None:
-    stack = world["stack"]
+    stack = ready(world, workers=1)
     [worker] = stack.workers
     worker.send_signal(signal.SIGTERM)
     worker.wait(timeout=30)
@@ -178,7 +191,7 @@ def test_a_deletion_under_load_completes_within_its_deadline(world: dict[str, An
     """Four clients keep /recommend busy; the deletion's retrain still completes within
     APA_FORGET_DEADLINE_S (the model thread yields from 2% of it on), no answer is an error, and no
     request sent after the 202 was answered with the quarantined shard."""
-    stack = world["stack"]
+    stack = ready(world, workers=1)
     stop = threading.Event()
     answers: list[tuple[float, int, set[tuple[int, int]]]] = []  # (sent at, status, (shard, version) used)
 
