@@ -33,6 +33,7 @@ from apa.metrics import selection_score
 from apa.model import BaseModel
 from apa.partition import NEEDS_EMBEDDINGS, partition
 from apa.samples import Sample, build_samples, from_frame, labels, split_samples, to_frame
+from apa.selection import selection_samples
 
 log = logging.getLogger(__name__)
 
@@ -161,34 +162,6 @@ def write_centres(run_dir: Path, centres: np.ndarray) -> None:
     artifacts.write_json_atomic(path, {**artifacts.read_json(path), "centres": _centres_json(centres)})
 
 
-def valid_clusters(run_dir: Path, run: RunData) -> dict[str, int]:
-    """Validation sample id -> its nearest K-means centre (cosine), for semantic runs; else empty."""
-    if run.centres is None:
-        return {}
-    with np.load(memory_path(run_dir)) as data:
-        ids = [str(s) for s in data["sample_ids"]]
-        nearest = np.argmax(data["embeddings"] @ run.centres.T, axis=1)  # [m]
-    return dict(zip(ids, nearest.tolist(), strict=True))
-
-
-MIN_PER_CLASS = 2  # a cluster's validation samples judge its shard only with this many of each label
-
-
-def selection_samples(run_dir: Path, run: RunData, adapter: int | str, valid: list[Sample]) -> tuple[list[Sample], str]:
-    """The validation samples that pick an adapter's epoch, and which they are (``cluster`` or ``all``).
-
-    A semantic shard is a specialist of its cluster: it is judged on the validation samples nearest
-    its centre, unless they lack ``MIN_PER_CLASS`` of a label. Everything else is judged on all.
-    """
-    if isinstance(adapter, int) and run.centres is not None:
-        clusters = valid_clusters(run_dir, run)
-        own = [s for s in valid if clusters.get(s.sample_id) == adapter]
-        liked = sum(s.label for s in own)
-        if min(liked, len(own) - liked) >= MIN_PER_CLASS:
-            return own, "cluster"
-    return list(valid), "all"
-
-
 def _prepare(cfg: RunConfig, run_dir: Path, base: BaseModel, dataset: data.Dataset) -> RunData:
     """Samples, split, embeddings, partition and the validation memory; written once per run."""
     samples = build_samples(dataset, max_history=cfg.max_history, min_history=cfg.min_history,
@@ -289,7 +262,7 @@ def train_version(
     k = sisa.shard_of(shard)
     name = {artifacts.SINGLE: "single"}.get(str(shard), f"shard {shard}" if k is None else f"SISA shard {k}")
     valid = run.splits["valid"] if valid is None else valid
-    select, judged_on = selection_samples(run_dir, run, shard, valid)
+    select, judged_on = selection_samples(memory_path(run_dir), run.centres, shard, valid)
     doc = artifacts.manifest(shard=shard, samples=samples, config=cfg.train.as_dict(), seed=adapter_seed(run, shard),
                              base_model_sha256=base.sha256)
     checkpoint = run_dir / "cache" / "train" / f"{shard}-{doc['manifest_sha256'][:16]}" if resumable else None

@@ -19,7 +19,8 @@ from apa.errors import ConfigError
 from apa.evaluation import METHODS, evaluate, load_memory, recompute_auc, serving_refs
 from apa.integrity import check_run
 from apa.model import BaseModel
-from apa.runs import RunConfig, RunData, read_run, selection_samples, train_run, valid_clusters
+from apa.runs import RunConfig, RunData, memory_path, read_run, train_run
+from apa.selection import selection_samples, valid_clusters
 from apa.settings import get_settings
 from cli.main import app
 from tests.conftest import TINY_RUN, TITLES, load_tiny, raw_frames
@@ -205,10 +206,10 @@ def test_no_attention_choice_looks_at_test_labels(trained: TrainedRun, tmp_path:
 
 def test_shards_are_judged_on_their_cluster_and_baselines_on_all(trained: TrainedRun) -> None:
     run, valid = trained.run, trained.run.splits["valid"]
-    clusters = valid_clusters(trained.run_dir, run)
+    clusters = valid_clusters(memory_path(trained.run_dir), run.centres)
     assert set(clusters) == {s.sample_id for s in valid} and set(clusters.values()) <= set(range(K))
     for adapter in ADAPTERS:
-        chosen, on = selection_samples(trained.run_dir, run, adapter, valid)
+        chosen, on = selection_samples(memory_path(trained.run_dir), run.centres, adapter, valid)
         if on == "cluster":
             assert isinstance(adapter, int)
             assert {s.sample_id for s in chosen} == {i for i, c in clusters.items() if c == adapter}
@@ -219,7 +220,7 @@ def test_shards_are_judged_on_their_cluster_and_baselines_on_all(trained: Traine
         assert doc["epoch_kept"] == 1 and doc["curve"][0]["epoch"] == 1
     # a cluster without two samples of each label is no judge: its shard falls back to all
     one_label = [s for s in valid if s.label == 1]
-    assert selection_samples(trained.run_dir, run, 0, one_label)[1] == "all"
+    assert selection_samples(memory_path(trained.run_dir), run.centres, 0, one_label)[1] == "all"
 
 
 def test_samples_carry_ten_earlier_items_by_default(dataset: data.Dataset) -> None:
