@@ -51,6 +51,7 @@ from apa.settings import get_settings
 from bench.ingest import Catalog, ledger
 from bench.machine import describe
 from bench.quick import train_quick_run
+from bench.stack import served_copy
 from tests.conftest import build_tiny_model, build_tokenizer
 from tests.support.faults import (
     AUTH,
@@ -248,8 +249,7 @@ def main() -> None:
         source, model = tiny_run(work, home)
     else:
         source = train_quick_run(work / "quick") if args.quick else args.run
-    run = home / "runs" / "chaos"
-    shutil.copytree(source, run, ignore=shutil.ignore_patterns("*.db", "*.db-*", "logs"))
+    run = served_copy(source, home / "runs" / "chaos")
     users = users_with_training_samples(run)
     plan: list[str | None] = [*args.points, *[None] * args.random]
     if len(users) < len(plan):

@@ -19,8 +19,6 @@ Every wait is bounded (``--timeout``); every request count is bounded (``--max-p
 
 import argparse
 import json
-import os
-import secrets
 import shutil
 import sys
 import tempfile
@@ -33,7 +31,7 @@ import pandas as pd
 from bench.client import Client
 from bench.machine import describe
 from bench.quick import train_quick_run
-from bench.stack import gateway_and_worker
+from bench.stack import gateway_and_worker, served_copy, service_env
 from service.settings import ServiceSettings
 
 
@@ -77,11 +75,8 @@ def main() -> None:
     source = train_quick_run(work / "quick") if args.quick else args.run
     if source is None:
         parser.error("--run is required without --quick")
-    run = work / "served"
-    shutil.copytree(source, run, ignore=shutil.ignore_patterns("*.db", "*.db-*", "logs"))
-    env = {**os.environ, "APA_DATABASE_URL": f"sqlite:///{work / 'ledger.db'}",
-           "APA_ADMIN_TOKEN": secrets.token_urlsafe(16), "APA_HMAC_KEY": secrets.token_hex(32),
-           "APA_REDIS_PREFIX": f"apa-bench-{secrets.token_hex(4)}:"}
+    run = served_copy(source, work / "served")
+    env = service_env(f"sqlite:///{work / 'ledger.db'}")
     if args.history_cache is not None:
         env["APA_HISTORY_CACHE_SIZE"] = str(args.history_cache)
     with gateway_and_worker(run, env, work, args.port):

@@ -23,8 +23,6 @@ without the data, exactly), and no serving manifest may name a deleted sample.
 
 import argparse
 import json
-import os
-import secrets
 import shutil
 import sys
 import tempfile
@@ -50,7 +48,7 @@ from bench.forget import wait_status
 from bench.machine import describe
 from bench.plots import forget_audit as plot_audit
 from bench.quick import train_quick_run
-from bench.stack import gateway_and_worker
+from bench.stack import gateway_and_worker, served_copy, service_env
 
 
 def pick_users(frame: pd.DataFrame, n: int) -> tuple[int, list[str]]:
@@ -163,11 +161,8 @@ def main() -> int:
     source = train_quick_run(work / "quick") if args.quick else args.run
     if source is None:
         parser.error("--run is required without --quick")
-    run = work / "served"
-    shutil.copytree(source, run, ignore=shutil.ignore_patterns("*.db", "*.db-*", "logs"))
-    env = {**os.environ, "APA_DATABASE_URL": f"sqlite:///{work / 'ledger.db'}",
-           "APA_ADMIN_TOKEN": secrets.token_urlsafe(16), "APA_HMAC_KEY": secrets.token_hex(32),
-           "APA_REDIS_PREFIX": f"apa-bench-{secrets.token_hex(4)}:"}
+    run = served_copy(source, work / "served")
+    env = service_env(f"sqlite:///{work / 'ledger.db'}")
     base = load_base_model(get_settings().base_model_dir)
     with gateway_and_worker(run, env, work, args.port):
         client = Client(f"http://127.0.0.1:{args.port}", env["APA_ADMIN_TOKEN"])

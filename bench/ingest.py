@@ -40,7 +40,7 @@ from sqlalchemy import create_engine, text
 from bench.client import APIError, Client
 from bench.machine import describe
 from bench.quick import train_quick_run
-from bench.stack import gateway_and_worker
+from bench.stack import gateway_and_worker, served_copy, service_env
 
 T0 = 900_000_000  # 1998-07-09: after MovieLens-100K's last rating, accepted by the API
 SENDERS = 8  # concurrent ingestion clients beside /recommend
@@ -75,13 +75,11 @@ def free_port() -> int:
 def stack(args: argparse.Namespace, source: Path, work: Path, name: str,
           **extra: str) -> Iterator[tuple[Client, Path]]:
     port = args.port or free_port()
-    run = work / name / "run"
-    shutil.copytree(source, run, ignore=shutil.ignore_patterns("*.db", "*.db-*", "logs"))
+    run = served_copy(source, work / name / "run")
     with ledger(args, work, name) as url:
-        env = {**os.environ, "APA_DATABASE_URL": url, "APA_ADMIN_TOKEN": secrets.token_urlsafe(16),
-               "APA_HMAC_KEY": secrets.token_hex(32), "APA_REDIS_PREFIX": f"apa-bench-{secrets.token_hex(4)}:",
-               "APA_INGEST_RATE_PER_S": "1000", "APA_INGEST_BURST": "1000",
-               "APA_REQUEST_TIMEOUT_S": "900", **extra}  # a busy 2-core machine: a cold first /recommend is slow
+        # a busy 2-core machine: a cold first /recommend is slow
+        env = service_env(url, APA_INGEST_RATE_PER_S="1000", APA_INGEST_BURST="1000",
+                          APA_REQUEST_TIMEOUT_S="900", **extra)
         with gateway_and_worker(run, env, work / name, port):
             client = Client(f"http://127.0.0.1:{port}", env["APA_ADMIN_TOKEN"])
             try:

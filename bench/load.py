@@ -21,7 +21,6 @@ Every wait is bounded (``--timeout``).
 import argparse
 import json
 import os
-import secrets
 import shutil
 import sys
 import tempfile
@@ -36,7 +35,7 @@ import pandas as pd
 
 from bench.client import Client
 from bench.machine import describe
-from bench.stack import gateway_and_worker
+from bench.stack import gateway_and_worker, served_copy, service_env
 
 
 def one_shard_target(run: Path) -> tuple[str, str, int]:
@@ -73,11 +72,9 @@ def main() -> None:
     if args.quick:
         args.requests, args.concurrency = 200, 8
     work = Path(tempfile.mkdtemp(prefix="apa-load-"))
-    run = work / "served"
-    shutil.copytree(args.run, run, ignore=shutil.ignore_patterns("*.db", "*.db-*", "logs"))
-    env = {**os.environ, "APA_DATABASE_URL": f"sqlite:///{work / 'ledger.db'}",
-           "APA_ADMIN_TOKEN": secrets.token_urlsafe(16), "APA_HMAC_KEY": secrets.token_hex(32),
-           "APA_REDIS_PREFIX": os.environ.get("APA_REDIS_PREFIX", f"apa-load-{secrets.token_hex(4)}:")}
+    run = served_copy(args.run, work / "served")
+    env = service_env(f"sqlite:///{work / 'ledger.db'}", prefix="apa-load",
+                      **{k: v for k, v in os.environ.items() if k == "APA_REDIS_PREFIX"})  # a test's own prefix
     if args.base_model:
         env["APA_BASE_MODEL_PATH"] = str(args.base_model)
     if args.home:

@@ -20,8 +20,6 @@ concurrency 16 is measured, not shed).
 
 import argparse
 import json
-import os
-import secrets
 import shutil
 import subprocess
 import sys
@@ -39,7 +37,7 @@ from bench import load as hot_swap_load
 from bench.client import Client
 from bench.machine import describe
 from bench.quick import train_quick_run
-from bench.stack import gateway_and_worker
+from bench.stack import gateway_and_worker, served_copy, service_env
 
 ASSETS = Path("var/assets")
 
@@ -175,13 +173,10 @@ def main() -> None:
     home = work / "home"
     (home / "runs").mkdir(parents=True)
     (home / "assets").symlink_to(ASSETS.resolve())
-    run = home / "runs" / "served"
-    shutil.copytree(source, run, ignore=shutil.ignore_patterns("*.db", "*.db-*", "logs"))
-    env = {**os.environ, "APA_HOME": str(home), "APA_DATABASE_URL": f"sqlite:///{home / 'apa.db'}",
-           "APA_ADMIN_TOKEN": secrets.token_urlsafe(16), "APA_HMAC_KEY": secrets.token_hex(32),
-           "APA_REDIS_PREFIX": f"apa-bench-{secrets.token_hex(4)}:",
-           # throughput, not the overload policy: neither the request timeout nor admission sheds here
-           "APA_REQUEST_TIMEOUT_S": str(args.timeout), "APA_MAX_MODEL_WAITING": "1024"}
+    run = served_copy(source, home / "runs" / "served")
+    env = service_env(f"sqlite:///{home / 'apa.db'}", APA_HOME=str(home),
+                      # throughput, not the overload policy: neither the request timeout nor admission sheds here
+                      APA_REQUEST_TIMEOUT_S=str(args.timeout), APA_MAX_MODEL_WAITING="1024")
     subprocess.run([sys.executable, "-m", "cli", "ledger", "import", str(run)], env=env, check=True)
     frame = pd.read_parquet(run / "samples.parquet")
     users = sorted({str(u) for u in frame["user_id"]}, key=lambda u: (len(u), u))

@@ -1,12 +1,31 @@
-"""The service as the benchmarks run it: the run imported into a ledger, then `apa serve` and `apa worker`
-as subprocesses, stopped (and killed if they hang) whatever happens."""
+"""The service as the benchmarks run it: a copy of the run, an environment of its own, the run imported into
+a ledger, then `apa serve` and `apa worker` as subprocesses, stopped (and killed if they hang) whatever
+happens."""
 
+import os
+import secrets
+import shutil
 import socket
 import subprocess
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+
+def served_copy(source: Path, run: Path) -> Path:
+    """``source`` copied to ``run`` without its ledger files and logs: the copy is what a benchmark serves
+    (and deletes from), the source stays as it was."""
+    shutil.copytree(source, run, ignore=shutil.ignore_patterns("*.db", "*.db-*", "logs"))
+    return run
+
+
+def service_env(ledger_url: str, *, prefix: str = "apa-bench", **settings: str) -> dict[str, str]:
+    """The environment of a benchmark's own gateway and worker: this process's, the ledger, an admin token and
+    HMAC key of their own, a Redis prefix of their own (``<prefix>-<random>:``), then ``settings``."""
+    return {**os.environ, "APA_DATABASE_URL": ledger_url, "APA_ADMIN_TOKEN": secrets.token_urlsafe(16),
+            "APA_HMAC_KEY": secrets.token_hex(32), "APA_REDIS_PREFIX": f"{prefix}-{secrets.token_hex(4)}:",
+            **settings}
 
 
 @contextmanager

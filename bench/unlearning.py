@@ -33,6 +33,7 @@ from apa.runs import read_run
 from apa.settings import get_settings
 from bench import quick
 from bench.machine import describe
+from bench.stack import served_copy
 from ledger import db, deletions
 from worker.record import import_run
 
@@ -48,8 +49,7 @@ def whole_job(run_src: Path, base: Any, work: Path) -> dict[str, Any]:
     from worker.settings import WorkerSettings
     from worker.tasks import WorkerContext, retrain_shard, set_context
 
-    run = work / "job-run"
-    shutil.copytree(run_src, run, ignore=shutil.ignore_patterns("*.db", "*.db-*", "logs"))
+    run = served_copy(run_src, work / "job-run")
     core = get_settings()
     settings = WorkerSettings(home=core.home, database_url=f"sqlite:///{work / 'ledger.db'}",
                               hmac_key=SecretStr(secrets.token_hex(16)), base_model_path=core.base_model_path,
