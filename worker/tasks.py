@@ -215,6 +215,8 @@ def purge_completed() -> dict[str, Any]:
             return {"status": "busy"}
         with session_scope(settings.ledger_url) as session:
             pending = purges.pending_purges(session=session)
+        members: int | None = None
+        recomputed = False  # the live members are the same for every request of the round: once is enough
         for request_id in pending:
             try:
                 with session_scope(settings.ledger_url) as session:
@@ -222,7 +224,8 @@ def purge_completed() -> dict[str, Any]:
                 report = purge_run_files(plan.run_path, set(plan.sample_ids), plan.superseded,
                                          set(plan.interaction_hmacs), plan.prompts)
                 crash_point("purge.files-removed")
-                members = centres.recompute(ctx.base, settings.ledger_url)  # fitted with the deleted samples
+                if not recomputed:  # fitted with the deleted samples
+                    members, recomputed = centres.recompute(ctx.base, settings.ledger_url), True
                 with session_scope(settings.ledger_url) as session:
                     purges.finish_purge(session=session, plan=plan, centre_members=members)
             except (APAError, OSError):
