@@ -205,7 +205,7 @@ def read_json(path: Path) -> Any:
     return json.loads(path.read_text())
 
 
-def replace_atomically(path: Path, write: Callable[[Path], None]) -> None:
+def replace_atomically(path: Path, write: Callable[[Path], object]) -> None:
     """(Re)write ``path`` whole or not at all: ``write(tmp)`` fills a ``.tmp-*`` file beside it (owner-only,
     same suffix), then one rename. A writer killed half-way leaves the old file and a temp file."""
     path.parent.mkdir(parents=True, exist_ok=True)

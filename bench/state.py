@@ -50,12 +50,8 @@ class StateError(APAError):
 
 
 def _copy_file(source: Path, target: Path) -> None:
-    """``source`` to ``target`` whole or not at all (a temporary file beside it, then a rename)."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-")
-    os.close(fd)
-    shutil.copyfile(source, tmp)
-    os.replace(tmp, target)
+    """``source`` to ``target`` whole or not at all (``artifacts.replace_atomically``)."""
+    artifacts.replace_atomically(target, lambda tmp: shutil.copyfile(source, tmp))
 
 
 def _copy_dir(source: Path, target: Path) -> None:
