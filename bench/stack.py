@@ -12,6 +12,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from apa.settings import CoreSettings
+
 
 def served_copy(source: Path, run: Path) -> Path:
     """``source`` copied to ``run`` without its ledger files and logs: the copy is what a benchmark serves
@@ -21,11 +23,14 @@ def served_copy(source: Path, run: Path) -> Path:
 
 
 def service_env(ledger_url: str, *, prefix: str = "apa-bench", **settings: str) -> dict[str, str]:
-    """The environment of a benchmark's own gateway and worker: this process's, the ledger, an admin token and
-    HMAC key of their own, a Redis prefix of their own (``<prefix>-<random>:``), then ``settings``."""
+    """The environment of a benchmark's own gateway and worker: this process's, the ledger, an admin token of
+    their own, a Redis prefix of their own (``<prefix>-<random>:``), then ``settings``. The HMAC key stays this
+    environment's (``APA_HMAC_KEY`` or ``<APA_HOME>/hmac.key``): a copied run's ``forgotten.json`` holds its
+    deleted interactions' HMACs under that key, and importing the copy under another key would bring them
+    back into the benchmark's ledger."""
     return {**os.environ, "APA_DATABASE_URL": ledger_url, "APA_ADMIN_TOKEN": secrets.token_urlsafe(16),
-            "APA_HMAC_KEY": secrets.token_hex(32), "APA_REDIS_PREFIX": f"{prefix}-{secrets.token_hex(4)}:",
-            **settings}
+            "APA_HMAC_KEY": CoreSettings().hmac_secret().decode(),
+            "APA_REDIS_PREFIX": f"{prefix}-{secrets.token_hex(4)}:", **settings}
 
 
 @contextmanager
