@@ -49,7 +49,7 @@ import pandas as pd
 from apa.faults import EXIT_CODE, POINTS
 from apa.settings import get_settings
 from bench.ingest import Catalog, ledger
-from bench.machine import describe
+from bench.machine import command_line, describe, write_report
 from bench.quick import train_quick_run
 from bench.stack import served_copy
 from tests.conftest import build_tiny_model, build_tokenizer
@@ -294,11 +294,9 @@ def main() -> None:
                                                "APA_BASE_MODEL_PATH", "APA_REDIS_URL")}},
               "machine": {**describe(), "load_average_at_start": load,
                           "load_average_at_end": [round(x, 2) for x in os.getloadavg()]},
-              "note": args.note, "command": "python -m bench.chaos " + " ".join(sys.argv[1:])}
+              "note": args.note, "command": command_line("-m bench.chaos")}
     print(json.dumps(report["totals"], indent=1))
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=1) + "\n")
+    write_report(report, args.out)
     if report["totals"]["invariant_violations"] or report["totals"]["lost"]:
         print(f"kept {work} (every process's log is in logs/, the run in home/runs/chaos)", flush=True)
     else:

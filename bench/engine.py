@@ -19,7 +19,6 @@ over batch sizes) and every measurement. Times are medians of ``--reps`` runs af
 
 import argparse
 import copy
-import json
 import statistics
 import tempfile
 import time
@@ -36,7 +35,7 @@ from apa.engines.torch import TorchEngine
 from apa.model import BaseModel, forward_last_hidden, load_base_model, score_hidden
 from apa.settings import get_settings
 from apa.training import TrainConfig, lora_config
-from bench.machine import describe
+from bench.machine import describe, write_report
 
 
 def real_prompts(n: int) -> list[str]:
@@ -177,9 +176,7 @@ def main() -> None:
     print("\n| K | mix / single | K forwards / mix |\n|---|---|---|")
     for key, ratios in summary.items():
         print(f"| {key} | {ratios['mix_over_single']:.3f} | {ratios['ensemble_over_mix']:.2f} |")
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=1))
+    write_report(report, args.out)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,6 @@ import signal
 import socket
 import statistics
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -54,7 +53,7 @@ from apa.engines.vllm import VllmEngine
 from apa.model import load_base_model
 from apa.settings import get_settings
 from bench.engine import random_adapters
-from bench.machine import describe
+from bench.machine import command_line, describe, write_report
 
 ROOT = Path(__file__).parents[1]
 CANDIDATES = 20
@@ -292,7 +291,7 @@ def main() -> None:
     load = Load(requests=requests, weights=weights, levels=levels, per_level=args.requests, mode=args.mode)
 
     report: dict[str, Any] = {"benchmark": "engines", "machine": describe(args.device),
-                              "command": "python bench/engines.py " + " ".join(sys.argv[1:]),
+                              "command": command_line("bench/engines.py"),
                               "load": {"candidates_per_request": CANDIDATES, "shards": args.shards, "rank": 8,
                                        "mode": args.mode, "requests_per_level": args.requests,
                                        "weights": "a Dirichlet(1) draw per request: one adapter per request"},
@@ -320,9 +319,7 @@ def main() -> None:
             vllm.close()
         report["vllm"] = entry
     print(json.dumps({k: report[k] for k in ("torch", "vllm")}, indent=1))
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=1) + "\n")
+    write_report(report, args.out)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ Every wait is bounded (``--timeout``); every request count is bounded (``--max-p
 import argparse
 import json
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -29,7 +28,7 @@ from typing import Any
 import pandas as pd
 
 from bench.client import Client
-from bench.machine import describe
+from bench.machine import command_line, describe, write_report
 from bench.quick import train_quick_run
 from bench.stack import gateway_and_worker, served_copy, service_env
 from service.settings import ServiceSettings
@@ -88,11 +87,9 @@ def main() -> None:
             client.close()
     report["history_cache_size"] = int(env.get("APA_HISTORY_CACHE_SIZE", ServiceSettings().history_cache_size))
     report["machine"] = describe()
-    report["command"] = "python bench/forget.py " + " ".join(sys.argv[1:])
+    report["command"] = command_line("bench/forget.py")
     print(json.dumps({k: v for k, v in report.items() if k != "forgets"}, indent=1))
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=1))
+    write_report(report, args.out)
     shutil.rmtree(work, ignore_errors=True)
 
 

@@ -45,7 +45,7 @@ from apa.runs import embedding_cache
 from apa.settings import get_settings
 from bench.client import Client
 from bench.forget import wait_status
-from bench.machine import describe
+from bench.machine import command_line, describe, write_report
 from bench.plots import forget_audit as plot_audit
 from bench.quick import train_quick_run
 from bench.stack import gateway_and_worker, served_copy, service_env
@@ -172,11 +172,10 @@ def main() -> int:
         finally:
             client.close()
     report["machine"] = describe()
-    report["command"] = "python bench/forget_audit.py " + " ".join(sys.argv[1:])
+    report["command"] = command_line("bench/forget_audit.py")
     print(json.dumps(report, indent=1))
+    write_report(report, args.out)
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=1))
         plot_audit(report, args.out.with_suffix(".png"))
     shutil.rmtree(work, ignore_errors=True)
     ok = all(v["equal"] for v in report["new_versions_verified"]) and not report["deleted_samples_in_serving_manifests"]

@@ -25,7 +25,6 @@ import secrets
 import shutil
 import socket
 import statistics
-import sys
 import tempfile
 import threading
 import time
@@ -38,7 +37,7 @@ import pandas as pd
 from sqlalchemy import create_engine, text
 
 from bench.client import APIError, Client
-from bench.machine import describe
+from bench.machine import command_line, describe, write_report
 from bench.quick import train_quick_run
 from bench.stack import gateway_and_worker, served_copy, service_env
 
@@ -270,11 +269,9 @@ def main() -> None:
     except APIError as exc:
         raise SystemExit(f"the service refused: {exc}") from exc
     report["machine"] = describe()
-    report["command"] = "python bench/ingest.py " + " ".join(sys.argv[1:])
+    report["command"] = command_line("bench/ingest.py")
     print(json.dumps(report, indent=1))
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=1))
+    write_report(report, args.out)
     shutil.rmtree(work, ignore_errors=True)
 
 

@@ -22,7 +22,6 @@ import argparse
 import json
 import os
 import shutil
-import sys
 import tempfile
 import threading
 import time
@@ -34,7 +33,7 @@ import numpy as np
 import pandas as pd
 
 from bench.client import Client
-from bench.machine import describe
+from bench.machine import command_line, describe, write_report
 from bench.stack import gateway_and_worker, served_copy, service_env
 
 
@@ -87,11 +86,9 @@ def main() -> None:
         finally:
             client.close()
     report["machine"] = describe()
-    report["command"] = "python -m bench.load " + " ".join(sys.argv[1:])
+    report["command"] = command_line("-m bench.load")
     print(json.dumps(report, indent=1))
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=1))
+    write_report(report, args.out)
     shutil.rmtree(work, ignore_errors=True)
 
 

@@ -44,7 +44,7 @@ from apa.evaluation import METHODS, predictions_path, recompute_auc
 from apa.runs import RunData, adapter_seed, read_run
 from apa.settings import get_settings
 from bench import quick
-from bench.machine import describe
+from bench.machine import command_line, describe, write_report
 from bench.state import RunState
 from bench.state import describe as describe_state
 
@@ -277,14 +277,13 @@ def main() -> int:
                                   state=None if state_root is None else state_root / cfg.name))
     first = results[0]["eval"]["per-sample"]
     report = {"benchmark": "quality", "preset": preset, "machine": describe(args.device),
-              "command": "python bench/quality.py " + " ".join(sys.argv[1:]),
+              "command": command_line("bench/quality.py"),
               "auc": first["auc"], "ci95": first["ci95"], "paired": first["paired"], "results": results}
     print(table(results))
+    write_report(report, args.out)
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(predictions_path(root / results[0]["config"]["name"] / "eval-per-sample.json"),
                         predictions_path(args.out))
-        args.out.write_text(json.dumps(report, indent=1))
         print(f"wrote {args.out} and {predictions_path(args.out)}")
     return 0
 

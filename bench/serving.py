@@ -35,7 +35,7 @@ import pandas as pd
 
 from bench import load as hot_swap_load
 from bench.client import Client
-from bench.machine import describe
+from bench.machine import command_line, describe, write_report
 from bench.quick import train_quick_run
 from bench.stack import gateway_and_worker, served_copy, service_env
 
@@ -190,7 +190,7 @@ def main() -> None:
         raise
     report["machine"] = describe()
     report["note"] = args.note
-    report["command"] = "python bench/serving.py " + " ".join(sys.argv[1:])
+    report["command"] = command_line("bench/serving.py")
     print(json.dumps(report, indent=1))
     print("sharing on vs off: " + ", ".join(
         f"c={c[1:]} p50 {s['p50']}x faster, throughput {s['throughput']}x" for c, s in report["speedup"].items()))
@@ -199,9 +199,7 @@ def main() -> None:
         print(f"during a hot-swap: {swap['errors']} errors in {swap['requests']} requests, "
               f"{swap['quarantined_uses_after_202']} quarantined uses after the 202, "
               f"time to forget {swap['deletion']['time_to_forget_s']} s")
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=1) + "\n")
+    write_report(report, args.out)
     shutil.rmtree(work, ignore_errors=True)
 
 

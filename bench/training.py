@@ -46,7 +46,7 @@ from apa.model import (
 )
 from apa.samples import build_samples, split_samples
 from apa.settings import get_settings
-from bench.machine import describe
+from bench.machine import command_line, describe, write_report
 
 
 def real_prompts(n: int, seed: int) -> tuple[list[str], list[int]]:
@@ -140,7 +140,7 @@ def main() -> int:
               "train_median_of_batches": round(float(np.median(steps["batch_ratios"])), 3),
               "valid": round(valid["seconds"]["before"] / valid["seconds"]["after"], 3)}
     report = {"benchmark": "training", "machine": describe(args.device),
-              "command": "python bench/training.py " + " ".join(sys.argv[1:]),
+              "command": command_line("bench/training.py"),
               "n_train": n_train, "n_valid": n_valid, "batch_size": args.batch_size, **per, "speedup": ratios,
               "train_batch_ratios": steps["batch_ratios"],
               "head_tokens": steps["head_tokens"], "mean_prompt_tokens": round(steps["mean_prompt_tokens"], 1),
@@ -150,9 +150,7 @@ def main() -> int:
     print(f"training: {per['train_s_per_sample_epoch']['before']} -> {per['train_s_per_sample_epoch']['after']} "
           f"s per sample-epoch ({ratios['train']}x); validation: {per['valid_s_per_sample']['before']} -> "
           f"{per['valid_s_per_sample']['after']} s per sample ({ratios['valid']}x)")
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=1))
+    write_report(report, args.out)
     return 0
 
 

@@ -14,11 +14,9 @@ Target: one-shard training ≤ 1.2 / K × full retraining.
 """
 
 import argparse
-import json
 import math
 import secrets
 import shutil
-import sys
 import tempfile
 import time
 from dataclasses import replace
@@ -32,7 +30,7 @@ from apa.model import load_base_model
 from apa.runs import read_run
 from apa.settings import get_settings
 from bench import quick
-from bench.machine import describe
+from bench.machine import command_line, describe, write_report
 from bench.stack import served_copy
 from ledger import db, deletions
 from worker.record import import_run
@@ -112,10 +110,8 @@ def main() -> None:
     print(f"whole retrain job, K={run.config.shards}, shard {job['shard']} ({job['samples']} samples): "
           f"{job['seconds']:.1f} s ({job['status']})")
     report = {"benchmark": "unlearning", "machine": describe(), "epochs": cfg.max_epochs, "n_train": len(train),
-              "command": "python bench/unlearning.py " + " ".join(sys.argv[1:]), "training": rows, "whole_job": job}
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=1))
+              "command": command_line("bench/unlearning.py"), "training": rows, "whole_job": job}
+    write_report(report, args.out)
     shutil.rmtree(work, ignore_errors=True)
 
 
