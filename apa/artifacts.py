@@ -219,6 +219,41 @@ def replace_atomically(path: Path, write: Callable[[Path], object]) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def _old_dir(path: Path) -> Path:
+    return path.with_name(f".old-{path.name}")
+
+
+def replace_dir(path: Path, fill: Callable[[Path], object]) -> None:
+    """(Re)write the folder ``path`` whole or not at all: ``fill(tmp)`` fills a ``.tmp-*`` folder beside it,
+    the old folder is renamed aside (``.old-<name>``), the new one into place, the old one removed. A writer
+    killed between the two renames leaves no ``path``, only the old folder aside: ``recover_dir`` puts it back."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=TEMP_PREFIX, dir=path.parent))
+    try:
+        fill(tmp)
+        recover_dir(path)
+        old = _old_dir(path)
+        if path.exists():
+            os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def recover_dir(path: Path) -> Path:
+    """``path`` as ``replace_dir`` left it, whenever it was stopped: the old folder back in place if the
+    writer died between its renames, a leftover old folder removed if it died after them."""
+    old = _old_dir(path)
+    if old.exists():
+        if path.exists():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(old, path)
+    return path
+
+
 def write_json_atomic(path: Path, value: Any) -> None:
     def write(tmp: Path) -> None:
         tmp.write_text(json.dumps(value, indent=1, ensure_ascii=False))

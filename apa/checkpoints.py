@@ -1,18 +1,18 @@
 """The state of an unfinished adapter after an epoch, so a stopped training resumes with the same result
 as one that never stopped: ``state.safetensors`` (current and best LoRA tensors, AdamW moments, both
 random generators) and ``state.json`` (the epoch and the trainer's statistics). Safetensors and JSON, no
-pickle. Written to a temporary folder and renamed over the old one, so a crash leaves one whole state.
+pickle. Written with ``artifacts.replace_dir``, so a crash leaves one whole state.
 """
 
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from apa import artifacts
 
 
 def lora_state(model: Any) -> dict[str, torch.Tensor]:
@@ -44,24 +44,18 @@ class Checkpoint:
                             for slot, value in slots.items()})
         tensors["rng.torch"] = torch.get_rng_state()
         tensors["rng.batches"] = generator.get_state()
-        self.folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=self.folder.parent))
-        save_file(tensors, str(tmp / "state.safetensors"))
-        (tmp / "state.json").write_text(json.dumps({**doc, "param_groups": opt["param_groups"]}))
-        old = self.folder.with_name(self.folder.name + ".old")
-        if self.folder.exists():
-            os.replace(self.folder, old)
-        os.replace(tmp, self.folder)
-        shutil.rmtree(old, ignore_errors=True)
+
+        def fill(tmp: Path) -> None:
+            save_file(tensors, str(tmp / "state.safetensors"))
+            (tmp / "state.json").write_text(json.dumps({**doc, "param_groups": opt["param_groups"]}))
+
+        artifacts.replace_dir(self.folder, fill)
 
     def restore(self, *, model: Any, optimiser: torch.optim.Optimizer,
                 generator: torch.Generator) -> tuple[dict[str, Any] | None, dict[str, torch.Tensor] | None]:
         """Load the saved state into the given objects; returns (the saved ``doc``, the best LoRA state),
         (None, None) when nothing was saved."""
-        old = self.folder.with_name(self.folder.name + ".old")
-        if not self.folder.exists() and old.exists():  # crashed between the two renames
-            os.replace(old, self.folder)
-        if not (self.folder / "state.json").is_file():
+        if not (artifacts.recover_dir(self.folder) / "state.json").is_file():
             return None, None
         doc: dict[str, Any] = json.loads((self.folder / "state.json").read_text())
         tensors = load_file(str(self.folder / "state.safetensors"))
@@ -78,4 +72,4 @@ class Checkpoint:
         return doc, best
 
     def discard(self) -> None:
-        shutil.rmtree(self.folder, ignore_errors=True)
+        shutil.rmtree(artifacts.recover_dir(self.folder), ignore_errors=True)  # an old folder aside too

@@ -55,15 +55,8 @@ def _copy_file(source: Path, target: Path) -> None:
 
 
 def _copy_dir(source: Path, target: Path) -> None:
-    """A folder whole or not at all: copied beside its place, then renamed over it."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
-    shutil.copytree(source, tmp, dirs_exist_ok=True)
-    old = target.with_name(f".old-{target.name}")
-    if target.exists():
-        os.replace(target, old)
-    os.replace(tmp, target)
-    shutil.rmtree(old, ignore_errors=True)
+    """A folder whole or not at all (``artifacts.replace_dir``)."""
+    artifacts.replace_dir(target, lambda tmp: shutil.copytree(source, tmp, dirs_exist_ok=True))
 
 
 def _checkpoint_adapter(name: str) -> int | str:
@@ -211,7 +204,8 @@ class RunState:
         """Check every recorded file against its sha256; returns how many were checked."""
         checked = 0
         for unit, doc in self.units.items():
-            base = self.state_dir if doc["kind"] in ("prepare", "embeddings", "eval") else self.state_dir / unit
+            folder_unit = doc["kind"] not in ("prepare", "embeddings", "eval")
+            base = artifacts.recover_dir(self.state_dir / unit) if folder_unit else self.state_dir
             for rel, digest in doc["files"].items():
                 path = base / rel
                 if not path.is_file():

@@ -169,3 +169,41 @@ def test_write_json_atomic_and_runs(tmp_path: Path) -> None:
         artifacts.require_run(tmp_path / "runs" / "c")
     with pytest.raises(RunNotFound):
         artifacts.newest_run(tmp_path / "nothing")
+
+
+def test_replace_dir_leaves_one_whole_folder_wherever_it_stops(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """Killed while filling: the old folder stays, only a temp folder beside it. Killed between the two
+    renames: no folder in place, the old one aside, and ``recover_dir`` puts it back. Killed after both: a
+    leftover old folder, which ``recover_dir`` (and the next write) removes."""
+    folder = tmp_path / "state"
+
+    def text(value: str) -> Callable[[Path], None]:
+        return lambda tmp: (tmp / "f").write_text(value)
+
+    artifacts.replace_dir(folder, text("one"))
+    with pytest.raises(OSError, match="killed"):
+        artifacts.replace_dir(folder, lambda tmp: (_ for _ in ()).throw(OSError("killed")))
+    assert (folder / "f").read_text() == "one" and sorted(p.name for p in tmp_path.iterdir()) == ["state"]
+
+    real = os.replace
+    calls = []
+
+    def second_rename_dies(src: Path, dst: Path) -> None:
+        calls.append(dst)
+        if len(calls) == 2:
+            raise OSError("killed between the renames")
+        real(src, dst)
+
+    monkeypatch.setattr(artifacts.os, "replace", second_rename_dies)
+    with pytest.raises(OSError, match="between"):
+        artifacts.replace_dir(folder, text("two"))
+    monkeypatch.setattr(artifacts.os, "replace", real)
+    assert not folder.exists() and (tmp_path / ".old-state").is_dir()
+    assert (artifacts.recover_dir(folder) / "f").read_text() == "one"
+
+    (tmp_path / ".old-state").mkdir()  # died after both renames, before removing the old one
+    assert (artifacts.recover_dir(folder) / "f").read_text() == "one"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["state"]
+    artifacts.replace_dir(folder, text("three"))
+    assert (folder / "f").read_text() == "three" and sorted(p.name for p in tmp_path.iterdir()) == ["state"]
