@@ -201,7 +201,8 @@ class RunState:
 
     # -- state -> work folder -------------------------------------------------------------------
     def verify(self) -> int:
-        """Check every recorded file against its sha256; returns how many were checked."""
+        """Check every recorded file against its sha256 (a folder unit a kill left aside between its renames is
+        put back first: ``artifacts.recover_dir``); returns how many were checked."""
         checked = 0
         for unit, doc in self.units.items():
             folder_unit = doc["kind"] not in ("prepare", "embeddings", "eval")
