@@ -12,7 +12,9 @@ never-seen test samples (lower loss = member), with a 95% stratified bootstrap i
   the 202 until the retrain is live;
 * ``after``: the served model once the deletion completed (the shard retrained from scratch);
 * references: never-seen against never-seen (two halves of the test samples: 0.5 by construction) and
-  kept training samples against never-seen (members throughout).
+  kept training samples against never-seen (members throughout);
+* ``own_test_before`` / ``own_test_after``: the deleted training samples against the same users' own test
+  samples (never trained), where there are any: outsiders from the same population.
 
 Then ``apa verify`` replays every new version from its manifest (same bytes = the from-scratch retrain
 without the data, exactly), and no serving manifest may name a deleted sample.
@@ -61,6 +63,18 @@ def pick_users(frame: pd.DataFrame, n: int) -> tuple[int, list[str]]:
     return shard, [str(u) for u in counts.index[:n]]
 
 
+def audit_sets(frame: pd.DataFrame, users: list[str]) -> dict[str, pd.DataFrame]:
+    """The samples the audit scores: ``deleted`` (the users' training samples), ``never`` (everyone else's
+    test samples), ``kept`` (as many of everyone else's training samples) and ``own_test`` (the deleted
+    users' own test samples: never trained, and from the deleted samples' population, so an attack against
+    them shows membership without the gap between heavy users of one cluster and random test samples)."""
+    mine = frame["user_id"].astype(str).isin(users)
+    train, test = frame["split"] == "train", frame["split"] == "test"
+    never, others = frame[test & ~mine], frame[train & ~mine]
+    return {"deleted": frame[train & mine], "never": never,
+            "kept": others.sample(n=min(len(never), len(others)), random_state=0), "own_test": frame[test & mine]}
+
+
 def losses(base: BaseModel, run: Path, refs: list[AdapterRef], rows: pd.DataFrame,
            active: set[int] | None = None) -> np.ndarray:
     """Each row's cross-entropy under the served mixture (per-user weights, the attention the run's
@@ -95,19 +109,17 @@ def serving_refs(run: Path, status: dict[str, Any]) -> list[AdapterRef]:
 def measure(client: Client, run: Path, base: BaseModel, args: argparse.Namespace) -> dict[str, Any]:
     frame = pd.read_parquet(run / "samples.parquet")  # read before the purge removes the deleted samples
     shard, users = pick_users(frame, args.users)
-    deleted = frame[(frame["split"] == "train") & frame["user_id"].isin(users)]
-    never = frame[(frame["split"] == "test") & ~frame["user_id"].isin(users)]
-    others = frame[(frame["split"] == "train") & ~frame["user_id"].isin(users)]
-    kept = others.sample(n=min(len(never), len(others)), random_state=0)
+    sets = audit_sets(frame, users)
+    deleted, never = sets["deleted"], sets["never"]
     halves = never.sample(frac=1.0, random_state=0)
     first, second = halves.iloc[: len(halves) // 2], halves.iloc[len(halves) // 2:]
     print(f"deleting {len(users)} users of shard {shard}: {len(deleted)} training samples; "
-          f"{len(never)} never-seen, {len(kept)} kept training samples", flush=True)
+          f"{len(never)} never-seen, {len(sets['kept'])} kept training samples, "
+          f"{len(sets['own_test'])} test samples of the deleted users", flush=True)
 
     before_refs = serving_refs(run, client.status())
     k = len(before_refs)
-    before = {name: losses(base, run, before_refs, rows) for name, rows in
-              (("deleted", deleted), ("never", never), ("kept", kept))}
+    before = {name: losses(base, run, before_refs, rows) for name, rows in sets.items() if len(rows)}
     quarantined = {name: losses(base, run, before_refs, rows, active=set(range(k)) - {shard})
                    for name, rows in (("deleted", deleted), ("never", never))}
 
@@ -117,8 +129,7 @@ def measure(client: Client, run: Path, base: BaseModel, args: argparse.Namespace
     seconds = round(time.monotonic() - started, 1)
     status = client.status()
     after_refs = serving_refs(run, status)
-    after = {name: losses(base, run, after_refs, rows) for name, rows in
-             (("deleted", deleted), ("never", never), ("kept", kept))}
+    after = {name: losses(base, run, after_refs, rows) for name, rows in sets.items() if len(rows)}
 
     new_versions = [r for r, old in zip(after_refs, before_refs, strict=True) if r.version != old.version]
     verified = []
@@ -140,6 +151,8 @@ def measure(client: Client, run: Path, base: BaseModel, args: argparse.Namespace
                                                losses(base, run, after_refs, second)),
             "reference_kept_vs_never_before": attack(before["kept"], before["never"]),
             "reference_kept_vs_never_after": attack(after["kept"], after["never"]),
+            **({"own_test_before": attack(before["deleted"], before["own_test"]),
+                "own_test_after": attack(after["deleted"], after["own_test"])} if "own_test" in before else {}),
         },
         "mean_loss": {phase: {name: round(float(v.mean()), 4) for name, v in values.items()}
                       for phase, values in (("before", before), ("quarantine_only", quarantined), ("after", after))},

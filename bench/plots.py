@@ -98,7 +98,8 @@ AUDIT_PHASES = (("before", "deleted vs never-seen,\nbefore the deletion"),
                 ("quarantine_only", "deleted vs never-seen,\nquarantine only"),
                 ("after", "deleted vs never-seen,\nafter the retrain"),
                 ("reference_never_vs_never", "never-seen vs never-seen\n(0.5 reference)"),
-                ("reference_kept_vs_never_after", "kept training vs never-seen,\nafter"))
+                ("reference_kept_vs_never_after", "kept training vs never-seen,\nafter"),
+                ("own_test_after", "deleted vs the same users'\ntest samples, after"))
 
 
 def forget_audit(report: dict, out: Path) -> None:
@@ -107,8 +108,8 @@ def forget_audit(report: dict, out: Path) -> None:
     values = [report["attack"][key]["auc"] for key, _ in phases]
     errors = [[v - report["attack"][key]["ci95"][0] for v, (key, _) in zip(values, phases, strict=True)],
               [report["attack"][key]["ci95"][1] - v for v, (key, _) in zip(values, phases, strict=True)]]
-    fig, ax = plt.subplots(figsize=(9, 4))
-    colours = ["tab:red", "tab:orange", "tab:green", "tab:grey", "tab:blue"][: len(phases)]
+    fig, ax = plt.subplots(figsize=(1.9 * len(phases), 4))
+    colours = ["tab:red", "tab:orange", "tab:green", "tab:grey", "tab:blue", "tab:purple"][: len(phases)]
     ax.bar(range(len(phases)), values, 0.6, yerr=errors, capsize=4, color=colours)
     ax.set_xticks(range(len(phases)), [label for _, label in phases], fontsize=8)
     ax.axhline(0.5, color="grey", lw=0.8, ls="--")
