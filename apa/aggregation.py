@@ -32,7 +32,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from apa.embeddings import normalise_rows
+from apa.embeddings import cosine, normalise_rows
 from apa.errors import AllShardsQuarantined, ConfigError
 from apa.metrics import auc
 
@@ -175,7 +175,7 @@ def _mean_over(errors: np.ndarray, order: np.ndarray, knn: int | None) -> np.nda
 def shard_errors(memory: ValidationMemory, queries: np.ndarray, *, mode: WeightsMode,
                  attention: Attention = PAPER) -> np.ndarray:
     """Mean error of each shard on each query's nearest validation samples: [n, K]."""
-    order = _nearest_first(normalise_rows(queries) @ _bank(memory, mode).T)  # [n, m]
+    order = _nearest_first(cosine(normalise_rows(queries), _bank(memory, mode)))  # [n, m]
     return _mean_over(memory.errors(attention.error), order, attention.knn)
 
 
@@ -184,7 +184,7 @@ def _loo_order(memory: ValidationMemory, mode: WeightsMode) -> np.ndarray:
     bank = _bank(memory, mode)
     if bank.shape[0] < 2:
         raise ConfigError("leaving one out needs at least two validation samples")
-    sims = bank @ bank.T  # [m, m], unit rows
+    sims = cosine(bank, bank)  # [m, m], unit rows
     np.fill_diagonal(sims, -np.inf)  # never its own neighbour: it sorts last and is cut off
     return _nearest_first(sims)[:, :-1]
 

@@ -35,7 +35,7 @@ import torch
 
 from apa import aggregation, artifacts, sisa
 from apa.aggregation import PAPER, AttentionChoice, AttentionGrid, ValidationMemory, WeightsMode
-from apa.embeddings import embed, normalise_rows
+from apa.embeddings import cosine, embed, normalise_rows
 from apa.engines.base import AdapterRef, Mode
 from apa.engines.torch import TorchEngine
 from apa.errors import ConfigError
@@ -157,7 +157,8 @@ def evaluate(
     if run.base_model_sha256 != base.sha256:
         raise ConfigError("the loaded base model is not the one this run was trained on")
     scored = _score_methods(run_dir, run, base, weights_mode, grid, batch_size)
-    clusters = None if run.centres is None else np.argmax(normalise_rows(scored.test_hidden) @ run.centres.T, axis=1)
+    clusters = (None if run.centres is None
+                else np.argmax(cosine(normalise_rows(scored.test_hidden), run.centres), axis=1))
     config = {"run": str(run_dir), "weights": weights_mode, "batch_size": batch_size, "n_test": len(scored.test),
               "test_positive_rate": round(float(scored.labels.mean()), 4), **run.config.as_dict()}
     report = _report(run, scored, clusters, config=config, grid=grid or AttentionGrid(), resamples=resamples,

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from apa.embeddings import normalise_rows
+from apa.embeddings import cosine, normalise_rows
 from apa.errors import ConfigError
 from apa.samples import Sample
 
@@ -47,13 +47,13 @@ def spherical_kmeans(
     for _ in range(restarts):
         centres = [unit[rng.integers(len(unit))]]
         for _ in range(1, k):
-            dist = 1.0 - np.max(unit @ np.stack(centres).T, axis=1)  # [n]
+            dist = 1.0 - np.max(cosine(unit, np.stack(centres)), axis=1)  # [n]
             dist = np.clip(dist, 0.0, None)
             probs = dist / dist.sum() if dist.sum() > 0 else np.full(len(unit), 1 / len(unit))
             centres.append(unit[rng.choice(len(unit), p=probs)])
         c = np.stack(centres)  # [k, dim]
         for _ in range(iterations):
-            labels = np.argmax(unit @ c.T, axis=1)  # [n]
+            labels = np.argmax(cosine(unit, c), axis=1)  # [n]
             new = np.stack([
                 unit[labels == j].sum(axis=0) if np.any(labels == j) else c[j] for j in range(k)
             ])
@@ -61,7 +61,7 @@ def spherical_kmeans(
             if np.allclose(new, c):
                 break
             c = new
-        cost = float(np.sum(1.0 - np.max(unit @ c.T, axis=1)))
+        cost = float(np.sum(1.0 - np.max(cosine(unit, c), axis=1)))
         if cost < best_cost:
             best, best_cost = c, cost
     assert best is not None
@@ -92,7 +92,7 @@ def balanced_assignment(distance: np.ndarray) -> np.ndarray:
 def semantic(samples: Sequence[Sample], embeddings: np.ndarray, k: int, seed: int) -> Partition:
     unit = normalise_rows(embeddings)
     centres = spherical_kmeans(unit, k, seed=seed)
-    distance = 1.0 - unit @ centres.T  # [n, K] cosine distance
+    distance = 1.0 - cosine(unit, centres)  # [n, K] cosine distance
     return Partition(assignment=balanced_assignment(distance), centres=centres)
 
 
@@ -165,7 +165,7 @@ def assign_semantic(new: Incoming) -> np.ndarray:
     n, k = len(new.sample_ids), len(new.sizes)
     cap = math.ceil((int(new.sizes.sum()) + n) / k * max(1.0, new.balance))
     room = np.maximum(cap - new.sizes, 0)  # sums to >= n: every sample finds a shard
-    distance = 1.0 - new.unit @ new.centres.T  # [n, K]
+    distance = 1.0 - cosine(new.unit, new.centres)  # [n, K]
     pairs = sorted((float(distance[i, j]), int(new.sizes[j]), j, i) for i in range(n) for j in range(k))
     assignment = np.full(n, -1, dtype=np.int64)
     for _, _, shard, sample in pairs:

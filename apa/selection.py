@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from apa.embeddings import cosine
 from apa.samples import Sample
 
 MIN_PER_CLASS = 2  # a cluster's validation samples judge its shard only with this many of each label
@@ -22,7 +23,7 @@ def valid_clusters(memory_file: Path, centres: np.ndarray | None) -> dict[str, i
         return {}
     with np.load(memory_file) as data:
         ids = [str(s) for s in data["sample_ids"]]
-        nearest = np.argmax(data["embeddings"] @ centres.T, axis=1)  # [m]
+        nearest = np.argmax(cosine(data["embeddings"], centres), axis=1)  # [m]
     return dict(zip(ids, nearest.tolist(), strict=True))
 
 

@@ -29,6 +29,7 @@ from apa.aggregation import (
 from apa.embeddings import normalise_rows
 from apa.errors import AllShardsQuarantined, ConfigError
 from apa.metrics import auc
+from tests.support import near_tie
 
 
 @pytest.fixture
@@ -223,3 +224,12 @@ def test_choose_attention_rejects_what_it_cannot_use(memory: ValidationMemory) -
         choose_attention(memory.without({"v1", "v2", "v3"}))  # one sample has no other to learn from
     with pytest.raises(ConfigError):
         choose_attention(memory.without({"v1", "v3"}))  # both left are liked: no AUC
+
+
+def test_neighbours_follow_the_exact_similarity_not_float32_rounding() -> None:
+    memory = ValidationMemory(  # row 1 is nearer by half a float32 step; its shard 0 error is 0.5, row 0's 0.1
+        sample_ids=("v0", "v1"), embeddings=near_tie.ROWS, history_embeddings=near_tie.ROWS,
+        labels=np.array([1, 1]), predictions=np.array([[0.9, 0.9], [0.5, 0.9]]),
+    )
+    errors = shard_errors(memory, near_tie.QUERY, mode="per-sample", attention=Attention(knn=1))
+    np.testing.assert_allclose(errors, [[0.5, 0.1]], atol=1e-12)

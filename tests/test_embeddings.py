@@ -8,9 +8,10 @@ import pytest
 
 import apa.model
 from apa import prompts
-from apa.embeddings import EmbeddingCache, embed
+from apa.embeddings import EmbeddingCache, cosine, embed
 from apa.model import BaseModel
 from tests.conftest import TITLES
+from tests.support import near_tie
 
 
 def test_an_interrupted_embedding_keeps_the_batches_it_finished(tiny_base: BaseModel, tmp_path: Path,
@@ -40,3 +41,11 @@ def test_an_interrupted_embedding_keeps_the_batches_it_finished(tiny_base: BaseM
         again = embed(tiny_base, texts, cache=cache, batch_size=4)
     assert len(calls) == -(-(len(texts) - 4) // 4)  # only what was missing ran
     np.testing.assert_allclose(again, embed(tiny_base, texts, batch_size=4), atol=1e-5)  # other batches
+
+
+def test_cosine_keeps_a_gap_float32_rounds_away() -> None:
+    float32 = near_tie.QUERY @ near_tie.ROWS.T
+    assert float32[0, 0] == float32[0, 1]  # the tie the machine would break its own way
+    sims = cosine(near_tie.QUERY, near_tie.ROWS)
+    assert sims.dtype == np.float64
+    assert sims[0, 1] - sims[0, 0] == 2.0**-24  # exact: every product of float32 inputs fits a float64
