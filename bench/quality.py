@@ -21,6 +21,9 @@ The paper presets keep their state in a committed folder, ``docs/results/runs/<c
 (``bench.state``; ``--state DIR`` elsewhere, ``--no-state`` to skip): every finished unit is copied there as
 soon as it is finished, and a run whose work folder is gone (a new machine) restores from it, checked
 against the recorded sha256, and goes on where it stood. Commit that folder before the machine goes.
+``--re-evaluate`` evaluates a finished run again after a change to the evaluation code: the reports are
+rewritten, and only the forward passes whose adapters, weights or prompts changed run again (the others
+come from the pass cache, which keeps the superseded passes too).
 
 The report's top-level ``auc``, ``ci95`` and ``paired`` are the first configuration's, per-sample
 weights; ``<out>-predictions.csv.gz`` holds its per-sample predictions and weights, from which the
@@ -152,23 +155,24 @@ def adapter_seconds(run: Path, data: RunData) -> dict[str, dict[str, Any]]:
 
 
 def run_config(cfg: Config, root: Path, device: str, donors: list[Path], state: Path | None = None,
-               ) -> dict[str, Any]:
+               re_evaluate: bool = False) -> dict[str, Any]:
     """Train (resuming) and evaluate one configuration, copying a donor's baseline where it is the
     same adapter (``donor_version``). With a ``state`` folder, first restore what it holds that the work
-    folder lacks, and copy every unit into it as soon as it is finished."""
+    folder lacks, and copy every unit into it as soon as it is finished. ``re_evaluate``: run ``apa eval``
+even where its report exists."""
     if state is None:
-        return _run_config(cfg, root, device, donors)
+        return _run_config(cfg, root, device, donors, re_evaluate)
     saved = RunState(state, root / cfg.name)
     restored = saved.restore()
     print(f"{cfg.name}: state {state}: {len(saved.units)} units, {len(restored)} restored into the work folder",
           flush=True)
     with saved.syncing():
-        result = _run_config(cfg, root, device, donors)
+        result = _run_config(cfg, root, device, donors, re_evaluate)
     result["state"] = {"folder": str(state), **json.loads(describe_state(saved))}
     return result
 
 
-def _run_config(cfg: Config, root: Path, device: str, donors: list[Path]) -> dict[str, Any]:
+def _run_config(cfg: Config, root: Path, device: str, donors: list[Path], re_evaluate: bool) -> dict[str, Any]:
     run = root / cfg.name
     started = time.perf_counter()
     apa("train", *cfg.train_args(), "--no-single", "--no-sisa", "--no-ledger", "--device", device, "--out", str(run))
@@ -191,7 +195,7 @@ def _run_config(cfg: Config, root: Path, device: str, donors: list[Path]) -> dic
                               "adapters": adapter_seconds(run, data), "copied_from": copied, "eval": {}}
     for weights in WEIGHTS:
         out = run / f"eval-{weights}.json"
-        if not out.is_file():
+        if re_evaluate or not out.is_file():
             apa("eval", "--run", str(run), "--weights", weights, "--device", device, "--out", str(out))
         result["eval"][weights] = json.loads(out.read_text())
     result["checks"] = checks(result["eval"]["per-sample"])
@@ -258,6 +262,8 @@ def main() -> int:
                         help=f"keep each configuration's state under DIR/<config> (default {STATE_ROOT} for "
                              f"{', '.join(sorted(STATEFUL))})")
     parser.add_argument("--no-state", action="store_true", help="keep no state folder")
+    parser.add_argument("--re-evaluate", action="store_true",
+                        help="evaluate again where a report exists (after a change to the evaluation code)")
     parser.add_argument("--check-predictions", type=Path, metavar="REPORT",
                         help="only recompute REPORT's AUCs from its predictions file")
     args = parser.parse_args()
@@ -274,7 +280,8 @@ def main() -> int:
     for cfg in PRESETS[preset]:
         results.append(run_config(cfg, root, args.device, donors=donors + [root / r["config"]["name"]
                                                                           for r in results],
-                                  state=None if state_root is None else state_root / cfg.name))
+                                  state=None if state_root is None else state_root / cfg.name,
+                                  re_evaluate=args.re_evaluate))
     first = results[0]["eval"]["per-sample"]
     report = {"benchmark": "quality", "preset": preset, "machine": describe(args.device),
               "command": command_line("bench/quality.py"),

@@ -56,6 +56,15 @@ def test_a_run_restored_from_its_state_folder_ends_as_one_never_stopped(
     assert {"adapters/shard-1/v1", "single/v1", "sisa/shard-0/v1", "eval-per-sample.json"} <= set(units)
     assert resumed["state"]["units"]["adapter"] == 2 + 1 + 2
 
+    # evaluating again rewrites a stale report from the cached passes, and the state folder takes it
+    passes = sorted((work / "tiny" / "cache" / "eval").glob("*.json"))
+    stale = work / "tiny" / "eval-per-sample.json"
+    stale.write_text(json.dumps({**json.loads(stale.read_text()), "auc": {}}))
+    again = run_config(TINY, work, "cpu", [], state=state, re_evaluate=True)
+    assert again["eval"]["per-sample"]["auc"] == straight["eval"]["per-sample"]["auc"]
+    assert sorted((work / "tiny" / "cache" / "eval").glob("*.json")) == passes  # no pass ran again
+    assert json.loads((state / "eval-per-sample.json").read_text())["auc"] == again["eval"]["per-sample"]["auc"]
+
     # what the state folder holds is checked before anything is copied back
     shutil.rmtree(work)
     weights_file = state / "single/v1/adapter_model.safetensors"
