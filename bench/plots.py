@@ -32,8 +32,8 @@ def auc_by_method(report: dict, out: Path) -> None:
                   [ev["ci95"][n][1] - v for v, n in zip(values, names, strict=True)]]
         ax.bar(xs, values, width, yerr=errors, capsize=2, label=result["config"]["name"])
         lowest = min([lowest, *(ev["ci95"][n][0] for n in names)])
-    ax.set_xticks([m + 0.4 - width / 2 for m in range(len(methods))], [m.replace("_", "\n", 1) for m in methods],
-                  fontsize=8)
+    ticks = [name if len(name) <= 6 else "\n".join(name.rsplit("_", 1)) for name in methods]  # apa_nd\npaper
+    ax.set_xticks([m + 0.4 - width / 2 for m in range(len(methods))], ticks, fontsize=8)
     ax.axhline(0.5, color="grey", lw=0.8, ls="--")
     ax.set_ylabel("test AUC, per-sample weights\n(bars: 95% bootstrap CI)")
     ax.set_ylim(min(0.4, lowest - 0.02), max(0.8, ax.get_ylim()[1]))
