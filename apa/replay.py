@@ -33,10 +33,32 @@ class Replay:
     replayed_sha256: str
     first_difference: str | None  # "<tensor>: max |diff| <x>" against the file, None when equal
     seconds: float
+    trained_on: dict[str, str] | None  # training.cpu_identity() of the training (older manifests: None)
+    replayed_on: dict[str, str]
 
     @property
     def equal(self) -> bool:
         return self.published_sha256 == self.file_sha256 == self.replayed_sha256
+
+    def verdict(self) -> str:
+        """"same bytes", or what differs and, where it ran on another CPU model, that it did."""
+        if self.equal:
+            return "same bytes"
+        text = f"DIFFERENT: {self.first_difference or 'manifest sha256'}"
+        if self.trained_on is None:
+            return f"{text} (the manifest does not record its CPU; on another CPU model the last bits may differ)"
+        if any(self.trained_on.get(k) != self.replayed_on.get(k) for k in CPU_KEYS):
+            return (f"{text} (trained on {_cpu_label(self.trained_on)}, replayed on {_cpu_label(self.replayed_on)}:"
+                    " across CPU models the last bits may differ; replay on the model it was trained on)")
+        return text
+
+
+CPU_KEYS = ("vendor", "family", "model", "capability")  # what picks the kernels' code paths
+
+
+def _cpu_label(cpu: dict[str, str]) -> str:
+    return f"{cpu.get('name', '?')} family {cpu.get('family', '?')} model {cpu.get('model', '?')}, " \
+           f"{cpu.get('capability', '?')}"
 
 
 def _samples(run: RunData, ids: list[str], split: str, manifest: dict[str, Any] | None = None) -> list[Any]:
@@ -105,7 +127,8 @@ def verify_version(run_dir: Path, base: BaseModel, adapter: int | str, version: 
         difference = None if digest == on_disk else _first_difference(published, replayed)
     return Replay(adapter=adapter, version=version, published_sha256=doc.get("adapter_sha256") or on_disk,
                   file_sha256=on_disk, replayed_sha256=digest, first_difference=difference,
-                  seconds=round(time.perf_counter() - started, 1))
+                  seconds=round(time.perf_counter() - started, 1),
+                  trained_on=None if replay is None else replay.get("cpu"), replayed_on=training.cpu_identity())
 
 
 def all_versions(run_dir: Path) -> list[tuple[int | str, int]]:

@@ -125,12 +125,36 @@ class TrainStats:
 ADAPTER_WEIGHTS = "adapter_model.safetensors"  # PEFT's file name; its sha256 identifies a version's weights
 
 
+def cpu_identity() -> dict[str, str]:
+    """The CPU this process runs on: its name, vendor, family and model (from ``/proc/cpuinfo`` where there
+    is one) and the instruction set torch's kernels use."""
+    import platform
+
+    fields = {"model name": "name", "vendor_id": "vendor", "cpu family": "family", "model": "model"}
+    out = {"name": platform.processor() or platform.machine()}
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if not line.strip():
+                    break  # the first processor's block is enough
+                key, _, value = line.partition(":")
+                if key.strip() in fields:
+                    out[fields[key.strip()]] = value.strip()
+    except OSError:
+        pass
+    out["capability"] = torch.backends.cpu.get_cpu_capability()
+    return out
+
+
 def replay_record(*, order: Sequence[str], selection: Sequence[str]) -> dict[str, Any]:
     """What decides an adapter's bytes beyond its manifest's hashed fields (samples, config, seed, base
     model): the order the samples were given in (the seeded permutation indexes it), the validation
-    samples that chose the epoch, the thread count, and the versions of the code. ``apa verify`` reads it.
-    Measured on 2-core CPUs: the same bytes with 1 or 2 threads and with deterministic algorithms on or
-    off; the count is kept so a replay runs as the original did."""
+    samples that chose the epoch, the thread count, the versions of the code and the CPU. ``apa verify``
+    reads it. Measured on 2-core CPUs: the same bytes with 1 or 2 threads and with deterministic algorithms
+    on or off; the count is kept so a replay runs as the original did. Across CPU models the kernels round
+    differently: the paper run's shard 3, trained on other machines of this fleet, replayed on an AMD EPYC
+    of family 26 to within 2.05e-6, not to the byte; so the CPU is recorded, and a replay that differs says
+    whether it ran on another one."""
     import peft
     import transformers
 
@@ -140,7 +164,8 @@ def replay_record(*, order: Sequence[str], selection: Sequence[str]) -> dict[str
             "deterministic_algorithms": True,
             "batch_order": "torch.randperm(n, generator=torch.Generator().manual_seed(seed)) per epoch",
             "versions": {"apa": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
-                         "peft": peft.__version__}}
+                         "peft": peft.__version__},
+            "cpu": cpu_identity()}
 
 
 def derive_seed(seed: int, shard: int | str) -> int:

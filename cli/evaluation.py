@@ -120,10 +120,9 @@ def verify(
         failed = 0
         for which, number in targets:
             result = verify_version(run_dir, base, which, number)
-            verdict = "same bytes" if result.equal else f"DIFFERENT: {result.first_difference or 'manifest sha256'}"
             typer.echo(f"{which} v{number}: published {result.published_sha256[:16]}, on disk "
                        f"{result.file_sha256[:16]}, replayed {result.replayed_sha256[:16]} ({result.seconds} s): "
-                       f"{verdict}")
+                       f"{result.verdict()}")
             failed += not result.equal
     except APAError as exc:
         typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)

@@ -5,6 +5,7 @@ import json
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ from apa.artifacts import verify_command
 from apa.errors import ConfigError
 from apa.hashing import sha256_file
 from apa.replay import all_versions, verify_version
+from apa.training import cpu_identity
 from tests.conftest import load_tiny
 
 TRAIN = ["--shards", "2", "--train-samples", "8", "--valid-samples", "8", "--test-samples", "8", "--max-epochs", "2",
@@ -64,6 +66,13 @@ def test_a_changed_weight_is_named_and_fails(tiny_run_template: Path, tiny_model
     result = verify_version(run, base, 1, 1)
     assert not result.equal and result.replayed_sha256 == result.published_sha256 != result.file_sha256
     assert result.first_difference == f"{name}: max |diff| 0.5"
+    assert result.trained_on == result.replayed_on == cpu_identity()  # the template was trained here
+    assert result.verdict() == f"DIFFERENT: {name}: max |diff| 0.5"
+    elsewhere = replace(result, trained_on={**cpu_identity(), "family": "0", "name": "Elsewhere CPU"})
+    assert "trained on Elsewhere CPU family 0" in elsewhere.verdict() and "last bits may differ" in elsewhere.verdict()
+    assert "does not record its CPU" in replace(result, trained_on=None).verdict()
+    assert replace(result, file_sha256=result.published_sha256, replayed_sha256=result.published_sha256,
+                   trained_on=None).verdict() == "same bytes"
     assert verify_command(run, 1, 1) == f"apa verify {run} --shard 1 --version 1"
     assert verify_command(run, "single", 1) == f"apa verify {run} --adapter single --version 1"
 
