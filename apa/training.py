@@ -151,10 +151,10 @@ def replay_record(*, order: Sequence[str], selection: Sequence[str]) -> dict[str
     model): the order the samples were given in (the seeded permutation indexes it), the validation
     samples that chose the epoch, the thread count, the versions of the code and the CPU. ``apa verify``
     reads it. Measured on 2-core CPUs: the same bytes with 1 or 2 threads and with deterministic algorithms
-    on or off; the count is kept so a replay runs as the original did. Across CPU models the kernels round
-    differently: the paper run's shard 3, trained on other machines of this fleet, replayed on an AMD EPYC
-    of family 26 to within 2.05e-6, not to the byte; so the CPU is recorded, and a replay that differs says
-    whether it ran on another one."""
+    on or off; the count is kept so a replay runs as the original did. Another CPU model's kernels may
+    round differently (the paper run's shard 2 replayed on another machine to the same bytes, its shard 3,
+    finished on a third, to within 2.05e-6), so the CPU is recorded, and a replay that differs says whether
+    it ran on another one."""
     import peft
     import transformers
 
