@@ -159,7 +159,7 @@ def run_config(cfg: Config, root: Path, device: str, donors: list[Path], state: 
     """Train (resuming) and evaluate one configuration, copying a donor's baseline where it is the
     same adapter (``donor_version``). With a ``state`` folder, first restore what it holds that the work
     folder lacks, and copy every unit into it as soon as it is finished. ``re_evaluate``: run ``apa eval``
-even where its report exists."""
+    even where its report exists."""
     if state is None:
         return _run_config(cfg, root, device, donors, re_evaluate)
     saved = RunState(state, root / cfg.name)
